@@ -1,0 +1,1 @@
+"""circuits: edge attribution patching (EAP, EAP-IG) over a networkx-exportable circuit graph."""
