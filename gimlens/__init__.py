@@ -1,6 +1,13 @@
-"""gimlens: faithful gradient-based interpretability for TransformerLens models."""
+"""gimlens: faithful gradient-based interpretability for TransformerLens models.
+
+Example:
+    >>> import gimlens
+    >>> sorted(gimlens.__all__)[:3]
+    ['GIM', 'GIMConfig', 'GimlensError']
+"""
 
 from .errors import GimlensError
+from .gim import GIM, GIMConfig, gim_hooks
 
-__all__ = ["GimlensError"]
+__all__ = ["GIM", "GIMConfig", "GimlensError", "gim_hooks"]
 __version__ = "0.1.0"

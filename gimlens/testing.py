@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["tiny_model", "tiny_tokenizer", "TINY_NAMES"]
+__all__ = ["tiny_model", "tiny_hf_model", "tiny_tokenizer", "TINY_NAMES"]
 
 Arch = Literal["gpt2", "llama", "qwen2"]
 
@@ -98,7 +98,7 @@ def _hf_model(arch: Arch, n_layers: int, d_model: int, n_heads: int, n_kv_heads:
             bos_token_id=0,
             eos_token_id=0,
         )
-        return GPT2LMHeadModel(cfg), "GPT2LMHeadModel"
+        return GPT2LMHeadModel(cfg)
     common = dict(
         vocab_size=_VOCAB_SIZE,
         hidden_size=d_model,
@@ -114,17 +114,17 @@ def _hf_model(arch: Arch, n_layers: int, d_model: int, n_heads: int, n_kv_heads:
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(**common)), "LlamaForCausalLM"
+        return LlamaForCausalLM(LlamaConfig(**common))
     if arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        return Qwen2ForCausalLM(Qwen2Config(**common)), "Qwen2ForCausalLM"
+        return Qwen2ForCausalLM(Qwen2Config(**common))
     from .errors import GimlensError
 
     raise GimlensError(f"unknown tiny architecture {arch!r}; expected 'gpt2', 'llama' or 'qwen2'")
 
 
-def tiny_model(
+def tiny_hf_model(
     arch: Arch = "llama",
     *,
     n_layers: int = 2,
@@ -136,38 +136,42 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
 ):
+    """The HuggingFace model that :func:`tiny_model` boots with the same arguments (eval mode)."""
+    d_mlp = d_mlp if d_mlp is not None else 4 * d_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = _hf_model(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp)
+        if scale != 1.0:
+            with torch.no_grad():
+                for p in hf.parameters():
+                    if p.ndim == 2:
+                        p.mul_(scale)
+                    else:
+                        # randomise norm gains and biases so nothing is trivially 1 or 0
+                        p.add_(0.1 * torch.randn_like(p))
+    return hf.to(dtype).eval()
+
+
+def tiny_model(arch: Arch = "llama", **kwargs):
     """A randomly initialised TransformerBridge with the tiny tokenizer, booted offline.
 
     Args:
         arch: ``"gpt2"`` (LayerNorm), ``"llama"`` (RMSNorm, RoPE, GQA, gated MLP) or ``"qwen2"``.
-        n_layers, d_model, n_heads, n_kv_heads, d_mlp: sizes (``n_kv_heads`` is ignored for GPT-2).
-        seed: the torch seed used for the weights.
-        dtype: parameter dtype.
-        scale: multiplies every initial weight matrix, to make attention patterns and norms less
-            uniform than the default initialisation (useful where a test must see a rule act).
+        **kwargs: ``n_layers``, ``d_model``, ``n_heads``, ``n_kv_heads`` (ignored for GPT-2),
+            ``d_mlp``, ``seed``, ``dtype``, and ``scale``, which multiplies every weight matrix
+            (and jitters norm gains and biases) so that attention patterns and norms are far from
+            uniform and every GIM rule visibly acts.
 
     Returns:
         A ``TransformerBridge`` in eval mode.
     """
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    d_mlp = d_mlp if d_mlp is not None else 4 * d_model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf, architecture = _hf_model(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp)
-        if scale != 1.0:
-            with torch.no_grad():
-                for p in hf.parameters():
-                    if p.ndim == 2:
-                        p.mul_(scale)
-                    elif p.ndim == 1:
-                        # randomise norm gains and biases so nothing is trivially 1 or 0
-                        p.add_(0.1 * torch.randn_like(p))
-    hf = hf.to(dtype).eval()
+    hf = tiny_hf_model(arch, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = build_bridge_from_module(
-            hf, architecture, hf_config=hf.config, tokenizer=tiny_tokenizer()
+            hf, type(hf).__name__, hf_config=hf.config, tokenizer=tiny_tokenizer()
         )
     bridge.eval()
     return bridge

@@ -1,0 +1,43 @@
+import warnings
+
+import pytest
+import torch
+
+from gimlens.testing import tiny_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+#: Arguments of the session's tiny models; ``tiny_hf_model(**TINY[name])`` rebuilds the same weights.
+TINY = {
+    "gpt2": dict(arch="gpt2", scale=3.0, seed=1),
+    "llama": dict(arch="llama", scale=3.0, seed=2),
+    "qwen2": dict(arch="qwen2", scale=3.0, seed=3),
+}
+
+
+def _warmed(model):
+    # The bridge adds hooks of its own on first use: run once so state snapshots are stable.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(model.to_tokens("When Mary and John went to the store"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_model():
+    return _warmed(tiny_model(**TINY["gpt2"]))
+
+
+@pytest.fixture(scope="session")
+def llama_model():
+    return _warmed(tiny_model(**TINY["llama"]))
+
+
+@pytest.fixture(scope="session")
+def qwen2_model():
+    return _warmed(tiny_model(**TINY["qwen2"]))
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2"])
+def any_model(request):
+    return request.getfixturevalue(f"{request.param}_model")

@@ -1,0 +1,181 @@
+"""GIM on tiny bridges against the independent reference in tests/reference.py."""
+
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import TINY
+from gimlens import GIM, GIMConfig, GimlensError
+from gimlens.testing import tiny_hf_model
+from helpers import assert_state_equal, model_state
+from reference import Rules, reference_forward, token_embeddings
+
+PROMPTS = ["When Mary and John went to the store, John gave", "The capital of France is Paris and the"]
+
+# (GIMConfig overrides on top of everything-off, reference rules) for each rule alone and all on
+CASES = {
+    "freeze_norm": (dict(freeze_norm=True), dict(freeze_norm=True)),
+    "softmax_temperature": (dict(softmax_temperature=2.0), dict(temperature=2.0)),
+    "q_scale": (dict(q_scale=0.25), dict(q=0.25)),
+    "k_scale": (dict(k_scale=0.25), dict(k=0.25)),
+    "v_scale": (dict(v_scale=0.5), dict(v=0.5)),
+    "gate_scale": (dict(gate_scale=0.5), dict(gate=0.5)),
+    "up_scale": (dict(up_scale=0.5), dict(up=0.5)),
+    "all_defaults": (None, dict(freeze_norm=True, temperature=2.0, q=0.25, k=0.25, v=0.5, gate=0.5, up=0.5)),
+}
+
+
+def _tokens(model):
+    toks = model.to_tokens(PROMPTS, padding_side="right")
+    return toks[:, :9]
+
+
+def _bridge_grad(model, tokens, emb, weights, config):
+    leaf = emb.clone().requires_grad_()
+    with GIM(model, config):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda t, hook: leaf)])
+    (grad,) = torch.autograd.grad((logits[:, -1] @ weights).sum(), leaf)
+    return logits.detach(), grad
+
+
+def _reference_grad(hf, emb, weights, rules):
+    leaf = emb.clone().requires_grad_()
+    logits = reference_forward(hf, leaf, rules)
+    (grad,) = torch.autograd.grad((logits[:, -1] @ weights).sum(), leaf)
+    return logits.detach(), grad
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+def setup(request):
+    model = request.getfixturevalue(f"{request.param}_model")
+    hf = tiny_hf_model(**TINY[request.param])
+    tokens = _tokens(model)
+    emb = token_embeddings(hf, tokens).detach()
+    weights = torch.randn(model.cfg.d_vocab, generator=torch.Generator().manual_seed(0))
+    return request.param, model, hf, tokens, emb, weights
+
+
+def test_reference_reproduces_the_bridge_forward(setup):
+    _, model, hf, tokens, emb, _ = setup
+    assert_close(reference_forward(hf, emb, Rules()), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_all_rules_off_equals_plain_autograd_exactly(setup):
+    _, model, _, tokens, emb, weights = setup
+    leaf = emb.clone().requires_grad_()
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda t, hook: leaf)])
+    (plain,) = torch.autograd.grad((logits[:, -1] @ weights).sum(), leaf)
+    _, gim_off = _bridge_grad(model, tokens, emb, weights, GIMConfig.off())
+    assert torch.equal(gim_off, plain)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rule_matches_the_reference(setup, case):
+    arch, model, hf, tokens, emb, weights = setup
+    overrides, rules = CASES[case]
+    if arch == "gpt2":  # plain GELU MLPs are never scaled
+        rules = {k: v for k, v in rules.items() if k not in ("gate", "up")}
+    config = GIMConfig() if overrides is None else GIMConfig.off().with_overrides(**overrides)
+    _, got = _bridge_grad(model, tokens, emb, weights, config)
+    _, expected = _reference_grad(hf, emb, weights, Rules(**rules))
+    _, plain = _reference_grad(hf, emb, weights, Rules())
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error <= 1e-5
+    effect = ((expected - plain).norm() / plain.norm()).item()
+    if arch == "gpt2" and case in ("gate_scale", "up_scale"):
+        assert torch.equal(got, plain.to(got.dtype)) or effect == 0.0
+    else:
+        assert effect > 100 * max(error, 1e-7), f"{case} does not visibly act on {arch}"
+
+
+def test_forward_is_unchanged(setup):
+    arch, model, _, tokens, _, _ = setup
+    plain = model(tokens)
+    with GIM(model):
+        hooked = model(tokens)
+    if arch == "gpt2":
+        assert torch.equal(hooked, plain)
+    else:  # RMSNorm bridges rebuild the norm once hook_scale is edited
+        assert (hooked - plain).abs().max().item() <= 1e-5
+        assert_close(hooked, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_after_the_block_still_follows_gim(llama_model):
+    hf = tiny_hf_model(**TINY["llama"])
+    tokens = _tokens(llama_model)
+    emb = token_embeddings(hf, tokens).detach()
+    w = torch.randn(llama_model.cfg.d_vocab)
+    leaf = emb.clone().requires_grad_()
+    with GIM(llama_model):
+        logits = llama_model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda t, hook: leaf)])
+    (after,) = torch.autograd.grad((logits[:, -1] @ w).sum(), leaf)  # outside the block
+    _, inside = _bridge_grad(llama_model, tokens, emb, w, GIMConfig())
+    assert_close(after, inside)
+    # and a forward pass run outside the block is plain, wherever its backward runs
+    leaf2 = emb.clone().requires_grad_()
+    logits = llama_model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda t, hook: leaf2)])
+    with GIM(llama_model):
+        (outside,) = torch.autograd.grad((logits[:, -1] @ w).sum(), leaf2)
+    _, plain = _bridge_grad(llama_model, tokens, emb, w, GIMConfig.off())
+    assert torch.equal(outside, plain)
+
+
+def test_nothing_left_on_the_model_after_normal_exit_and_after_an_exception(any_model):
+    tokens = any_model.to_tokens("When Mary and John went")
+    before = model_state(any_model)
+    with GIM(any_model):
+        any_model(tokens).sum()
+    assert_state_equal(before, model_state(any_model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with GIM(any_model):
+            any_model(tokens)
+            raise RuntimeError("boom")
+    assert_state_equal(before, model_state(any_model))
+
+
+def test_hooks_are_removed_when_the_forward_itself_fails(llama_model):
+    before = model_state(llama_model)
+    with pytest.raises(Exception):
+        with GIM(llama_model):
+            llama_model(torch.tensor([[10_000]]))  # token id outside the vocabulary
+    assert_state_equal(before, model_state(llama_model))
+
+
+def test_missing_hook_points_are_named_and_nothing_is_added(llama_model):
+    class Shrunk:
+        """A model view that lacks the attention-score hooks."""
+
+        cfg = llama_model.cfg
+        hook_dict = {k: v for k, v in llama_model.hook_dict.items() if "hook_attn_scores" not in k}
+
+        def hooks(self, **kw):  # pragma: no cover - must not be reached
+            raise AssertionError("hooks added to a model that lacks hook points")
+
+    with pytest.raises(GimlensError, match="blocks.0.attn.hook_attn_scores"):
+        GIM(Shrunk())
+    # switching the rule off makes the same model acceptable
+    GIM(Shrunk(), softmax_temperature=None)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(softmax_temperature=0), dict(softmax_temperature=-1.0), dict(q_scale=float("nan")),
+            dict(freeze_norm="yes"), dict(v_scale="half")],
+)
+def test_bad_config_is_a_gimlens_error(bad):
+    with pytest.raises(GimlensError):
+        GIMConfig.off().with_overrides(**bad)
+
+
+def test_unknown_option_is_a_gimlens_error(llama_model):
+    with pytest.raises(GimlensError, match="unknown GIM option"):
+        GIM(llama_model, temprature=2.0)
+
+
+def test_gim_config_coercion():
+    assert GIMConfig.coerce(True) == GIMConfig()
+    assert GIMConfig.coerce(None).is_off and GIMConfig.coerce(False).is_off
+    assert GIMConfig.coerce({"q_scale": 0.1}).q_scale == 0.1
+    assert not GIMConfig().is_off
+    assert GIMConfig.off().with_overrides(q_scale=1.0).is_off  # a scale of 1 is off
