@@ -7,7 +7,8 @@ Example:
 """
 
 from .errors import GimlensError
+from .attribution import explain
 from .gim import GIM, GIMConfig, gim_hooks
 
-__all__ = ["GIM", "GIMConfig", "GimlensError", "gim_hooks"]
+__all__ = ["GIM", "GIMConfig", "GimlensError", "explain", "gim_hooks"]
 __version__ = "0.1.0"

@@ -1,0 +1,203 @@
+"""Shared machinery of the attribution methods: model preparation, the embedding leaf, targets."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from typing import Callable, Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import GimlensError
+from ..gim import GIMConfig, _NORM_REBUILD_WARNING, gim_hooks
+
+#: Bridges booted around HuggingFace models passed in directly, so each is booted once.
+_BOOTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def as_bridge(model, tokenizer=None):
+    """A TransformerLens model for ``model``: returned as is, or booted around an HF model.
+
+    Booting a ``TransformerBridge`` around a HuggingFace ``PreTrainedModel`` wraps it in place
+    (TransformerLens swaps its submodules for bridge components); the bridge is cached per HF
+    object, so later calls reuse it. Keep using the returned bridge rather than the HF object.
+    """
+    if hasattr(model, "hook_dict") and hasattr(model, "cfg"):
+        return model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of transformer-lens
+        PreTrainedModel = ()
+    if isinstance(model, PreTrainedModel):
+        bridge = _BOOTED.get(model)
+        if bridge is None:
+            from ..models import load_model
+
+            bridge = load_model(model, tokenizer=tokenizer)
+            _BOOTED[model] = bridge
+        return bridge
+    raise GimlensError(
+        f"expected a TransformerLens model (TransformerBridge or HookedTransformer) or a "
+        f"HuggingFace PreTrainedModel, got {type(model).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def attribution_mode(model) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; both restored exactly afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        for m, training in modes:
+            m.training = training
+
+
+def check_tokens(tokens, model, name: str = "input_ids") -> Int[Tensor, "batch pos"]:
+    """Validate integer token ids; 1-D becomes a batch of one."""
+    if not isinstance(tokens, torch.Tensor):
+        raise GimlensError(f"{name} must be an integer torch.Tensor, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise GimlensError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise GimlensError(f"{name} must have shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+    vocab = int(model.cfg.d_vocab)
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+        raise GimlensError(
+            f"{name} holds ids outside the vocabulary [0, {vocab}): "
+            f"min {int(tokens.min())}, max {int(tokens.max())}"
+        )
+    return tokens
+
+
+def check_mask(mask, tokens: Tensor) -> Int[Tensor, "batch pos"] | None:
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.ndim == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise GimlensError(
+            f"attention_mask must have the shape of input_ids {tuple(tokens.shape)}, got {tuple(mask.shape)}"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise GimlensError("attention_mask must hold only 0 and 1")
+    if bool((mask.sum(-1) == 0).any()):
+        raise GimlensError("every row of attention_mask needs at least one real (1) position")
+    return mask.to(device=tokens.device, dtype=torch.long)
+
+
+def resolve_positions(
+    position: int | Tensor, tokens: Tensor, mask: Tensor | None
+) -> Int[Tensor, " batch"]:
+    """Absolute target positions per row. With a mask, ``position`` counts real tokens only
+    (``-1`` = each row's last real token, whatever the padding side)."""
+    batch, seq = tokens.shape
+    pos = torch.as_tensor(position, device=tokens.device).long()
+    if pos.ndim == 0:
+        pos = pos.expand(batch)
+    if pos.shape != (batch,):
+        raise GimlensError(f"target_position must be an int or have shape [{batch}], got {tuple(pos.shape)}")
+    lengths = mask.sum(-1) if mask is not None else torch.full((batch,), seq, device=tokens.device)
+    if bool(((pos >= lengths) | (pos < -lengths)).any()):
+        raise GimlensError(
+            f"target_position {pos.tolist()} lies outside the sequence (real lengths {lengths.tolist()})"
+        )
+    rel = torch.where(pos < 0, pos + lengths, pos)
+    if mask is None:
+        return rel
+    # the rel-th real position of each row
+    order = torch.cumsum(mask, dim=-1) - 1
+    hit = (order == rel[:, None]) & (mask == 1)
+    return hit.float().argmax(dim=-1)
+
+
+def default_baseline_token(tokenizer) -> int:
+    """The token of ``" "``, else the pad token, else the unk token."""
+    if tokenizer is None:
+        raise GimlensError("a tokenizer is needed to infer the baseline token; pass baseline_token_id")
+    ids = tokenizer.encode(" ", add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    for attr in ("pad_token_id", "unk_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            return int(tid)
+    raise GimlensError(
+        "cannot infer a baseline token: ' ' is not a single token and the tokenizer has no pad "
+        "or unk token; pass baseline_token_id"
+    )
+
+
+def token_embeddings(model, tokens: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    """The model's ``hook_embed`` values for ``tokens`` (no gradient)."""
+    captured: list[Tensor] = []
+
+    def grab(t, hook):
+        captured.append(t.detach())
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[("hook_embed", grab)]):
+        model.embed(tokens)
+    if not captured:  # the embedding module fires hook_embed; fall back to the module output
+        with torch.no_grad():
+            return model.embed(tokens).detach()
+    return captured[0]
+
+
+Objective = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
+
+
+def embedding_gradients(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    objective: Objective,
+    *,
+    embeds: Float[Tensor, "batch pos d_model"] | None = None,
+    attention_mask: Tensor | None = None,
+    gim: GIMConfig | None = None,
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos vocab"], Float[Tensor, " batch"]]:
+    """Gradient of ``objective(logits)`` (one value per row) w.r.t. the token embeddings.
+
+    One forward and one backward for the whole batch: rows are independent, so the gradient of
+    the summed objective gives every row its own gradient. ``embeds`` replaces the embeddings at
+    ``hook_embed`` (for interpolation); by default the model's own are used. GIM's rules apply
+    when ``gim`` is given and switched on. Parameters are frozen and the model in eval mode only
+    for the duration.
+
+    Returns:
+        ``(grads, logits, values)``: gradients like the embeddings, logits (detached), and the
+        objective per row (detached).
+    """
+    config = gim if gim is not None else GIMConfig.off()
+    if embeds is None:
+        embeds = token_embeddings(model, tokens)
+    leaf = embeds.detach().clone().requires_grad_(True)
+
+    def replace_embed(t, hook):
+        return leaf.to(t.dtype)
+
+    hooks = [("hook_embed", replace_embed)] + (gim_hooks(model, config) if not config.is_off else [])
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with attribution_mode(model), warnings.catch_warnings(), torch.enable_grad():
+        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(tokens, **kwargs)
+        values = objective(logits)
+        if values.shape != (tokens.shape[0],):
+            raise GimlensError(
+                f"the target objective must give one value per row, shape [{tokens.shape[0]}]; "
+                f"got {tuple(values.shape)}"
+            )
+        (grads,) = torch.autograd.grad(values.sum(), leaf)
+    return grads, logits.detach(), values.detach()

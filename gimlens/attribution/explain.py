@@ -1,0 +1,126 @@
+"""``explain``: GIM token attribution with the call form of the ``gim-explain`` package."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import GimlensError
+from ..gim import GIMConfig
+from ._core import (
+    as_bridge,
+    check_mask,
+    check_tokens,
+    default_baseline_token,
+    embedding_gradients,
+    resolve_positions,
+    token_embeddings,
+)
+
+__all__ = ["explain"]
+
+
+def explain(
+    model,
+    input_ids: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+    *,
+    target_token_id: int | Tensor | None = None,
+    target_position: int | Tensor = -1,
+    baseline_token_id: int | None = None,
+    tokenizer=None,
+    freeze_norm: bool = True,
+    softmax_temperature: float | None = 2.0,
+    q_scale: float | None = 0.25,
+    k_scale: float | None = 0.25,
+    v_scale: float | None = 0.5,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos"] | Float[Tensor, " pos"]:
+    """GIM attribution of one target logit to every input token.
+
+    Score of token ``i`` = ``grad_i · (embed(x_i) − embed(baseline))``, the gradient taken under
+    GIM for the target logit, summed over ``d_model``. Every row of a batch gets its own target
+    and its own gradient (one backward for the batch). Gated-MLP gradients are scaled by GIM's
+    default 0.5; use :func:`gimlens.attribute` for full control.
+
+    Args:
+        model: a TransformerLens model, or a HuggingFace ``AutoModelForCausalLM``, which is
+            wrapped in a ``TransformerBridge`` once (booting swaps submodules of that object in
+            place, so keep using the result of :func:`gimlens.load_model` afterwards).
+        input_ids: token ids ``[pos]`` or ``[batch, pos]``.
+        target_token_id: the token whose logit is explained: an int, or one per row
+            (``[batch]``). Default: the model's top prediction at ``target_position``.
+        target_position: position of the target logit (int or ``[batch]``); with an
+            ``attention_mask`` it counts real tokens only, so ``-1`` is each row's last real
+            token whatever the padding side.
+        baseline_token_id: the reference token; default the token of ``" "``, else pad, else unk.
+        tokenizer: used to infer the baseline (default: the model's tokenizer).
+        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale: GIM's rules (``None`` off).
+        attention_mask: ``[batch, pos]`` of 0/1 for padded batches; padded positions score 0.
+
+    Returns:
+        Scores ``[pos]`` for a 1-D input, else ``[batch, pos]``; float32.
+
+    Example:
+        >>> import gimlens
+        >>> from gimlens.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> ids = model.to_tokens("The capital of France is")
+        >>> gimlens.explain(model, ids[0]).shape == ids[0].shape
+        True
+    """
+    model = as_bridge(model, tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    single = isinstance(input_ids, Tensor) and input_ids.ndim == 1
+    device = _model_device(model)
+    tokens = check_tokens(input_ids, model).to(device)
+    mask = check_mask(attention_mask, tokens)
+    positions = resolve_positions(target_position, tokens, mask)
+    batch = tokens.shape[0]
+    if baseline_token_id is None:
+        baseline_token_id = default_baseline_token(tokenizer)
+    _check_token_id(baseline_token_id, model, "baseline_token_id")
+    targets = None
+    if target_token_id is not None:
+        targets = torch.as_tensor(target_token_id, device=device).long()
+        targets = targets.expand(batch) if targets.ndim == 0 else targets
+        if targets.shape != (batch,):
+            raise GimlensError(f"target_token_id must be an int or have shape [{batch}], got {tuple(targets.shape)}")
+        for t in targets.tolist():
+            _check_token_id(t, model, "target_token_id")
+    config = GIMConfig(
+        freeze_norm=freeze_norm,
+        softmax_temperature=softmax_temperature,
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    rows = torch.arange(batch, device=device)
+
+    def objective(logits):
+        at = logits[rows, positions]
+        chosen = targets if targets is not None else at.detach().argmax(-1)
+        return at.gather(-1, chosen[:, None]).squeeze(-1)
+
+    embeds = token_embeddings(model, tokens)
+    grads, _, _ = embedding_gradients(
+        model, tokens, objective, embeds=embeds, attention_mask=mask, gim=config
+    )
+    base = token_embeddings(model, torch.full_like(tokens[:1, :1], baseline_token_id))[0, 0]
+    scores = (grads.float() * (embeds.float() - base.float())).sum(-1)
+    if mask is not None:
+        scores = scores * mask
+    return scores[0] if single else scores
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _check_token_id(token_id, model, name: str) -> None:
+    vocab = int(model.cfg.d_vocab)
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
+        raise GimlensError(f"{name} must be a token id in [0, {vocab}), got {token_id!r}")

@@ -1,0 +1,151 @@
+"""gimlens.explain: per-row targets and gradients, padding, state left as found."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import gimlens
+from conftest import TINY
+from gimlens import GimlensError
+from gimlens.testing import tiny_hf_model
+from helpers import assert_state_equal, model_state
+from reference import Rules, reference_forward, token_embeddings
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The capital of France is",
+    "Alice and Bob went to the park",
+]
+
+
+def _rows(model):
+    return [model.to_tokens(p)[0] for p in PROMPTS]
+
+
+def test_explain_equals_gradient_times_input_from_the_reference(llama_model):
+    hf = tiny_hf_model(**TINY["llama"])
+    ids = _rows(llama_model)[1]
+    baseline = llama_model.tokenizer.encode(" ", add_special_tokens=False)[0]
+    emb = token_embeddings(hf, ids[None]).detach().requires_grad_()
+    logits = reference_forward(hf, emb, Rules(True, 2.0, 0.25, 0.25, 0.5, 0.5, 0.5))
+    target = int(logits[0, -1].argmax())
+    (grad,) = torch.autograd.grad(logits[0, -1, target], emb)
+    base = hf.get_input_embeddings().weight[baseline]
+    expected = (grad[0] * (emb[0].detach() - base)).sum(-1)
+    got = gimlens.explain(llama_model, ids)
+    assert got.shape == ids.shape
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gim_switched_off_is_plain_gradient_times_input(gpt2_model):
+    hf = tiny_hf_model(**TINY["gpt2"])
+    ids = _rows(gpt2_model)[0]
+    emb = token_embeddings(hf, ids[None]).detach().requires_grad_()
+    logits = reference_forward(hf, emb, Rules())
+    (grad,) = torch.autograd.grad(logits[0, -1, 7], emb)
+    base = hf.get_input_embeddings().weight[3]
+    expected = (grad[0] * (emb[0].detach() - base)).sum(-1)
+    got = gimlens.explain(
+        gpt2_model, ids, target_token_id=7, baseline_token_id=3, freeze_norm=False,
+        softmax_temperature=None, q_scale=None, k_scale=None, v_scale=None,
+    )
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_rows_equal_one_at_a_time_calls(any_model):
+    rows = _rows(any_model)
+    n = min(len(r) for r in rows)
+    batch = torch.stack([r[:n] for r in rows])
+    targets = torch.tensor([5, 9, 11])
+    together = gimlens.explain(any_model, batch, target_token_id=targets, target_position=-2)
+    for i in range(len(rows)):
+        alone = gimlens.explain(any_model, batch[i], target_token_id=int(targets[i]), target_position=-2)
+        assert_close(together[i], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_equal_unpadded_ones(any_model, side):
+    rows = _rows(any_model)
+    batch = any_model.to_tokens(PROMPTS, padding_side=side)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        if side == "right":
+            mask[i, : len(r)] = 1
+        else:
+            mask[i, batch.shape[1] - len(r):] = 1
+    padded = gimlens.explain(any_model, batch, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone = gimlens.explain(any_model, r)
+        assert_close(padded[i][mask[i].bool()], alone, rtol=1e-4, atol=1e-5)
+        assert torch.all(padded[i][~mask[i].bool()] == 0)
+
+
+def test_model_left_as_found_including_grads_and_flags(llama_model):
+    ids = _rows(llama_model)[0]
+    p = next(llama_model.parameters())
+    p.grad = torch.ones_like(p)
+    flags = [q.requires_grad for q in llama_model.parameters()]
+    try:
+        before = model_state(llama_model)
+        gimlens.explain(llama_model, ids)
+        assert_state_equal(before, model_state(llama_model))
+        with pytest.raises(GimlensError):
+            gimlens.explain(llama_model, ids, target_token_id=10**6)
+        assert_state_equal(before, model_state(llama_model))
+        assert [q.requires_grad for q in llama_model.parameters()] == flags
+    finally:
+        p.grad = None
+
+
+def test_training_mode_is_restored(gpt2_model):
+    gpt2_model.train()
+    try:
+        before = model_state(gpt2_model)
+        scores = gimlens.explain(gpt2_model, _rows(gpt2_model)[1])
+        assert_state_equal(before, model_state(gpt2_model))
+    finally:
+        gpt2_model.eval()
+    assert_close(scores, gimlens.explain(gpt2_model, _rows(gpt2_model)[1]))  # dropout was off
+
+
+def test_baseline_inference_prefers_space_then_pad_then_unk(llama_model):
+    from gimlens.attribution._core import default_baseline_token
+
+    tok = llama_model.tokenizer
+    assert default_baseline_token(tok) == tok.encode(" ", add_special_tokens=False)[0]
+
+    class NoSpace:
+        pad_token_id = None
+        unk_token_id = 4
+
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    assert default_baseline_token(NoSpace()) == 4
+    NoSpace.pad_token_id = 9
+    assert default_baseline_token(NoSpace()) == 9
+    NoSpace.pad_token_id = NoSpace.unk_token_id = None
+    with pytest.raises(GimlensError, match="baseline"):
+        default_baseline_token(NoSpace())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_position=50), "outside the sequence"),
+        (dict(target_token_id=-1), "target_token_id"),
+        (dict(baseline_token_id=10**6), "baseline_token_id"),
+        (dict(target_token_id=torch.tensor([1, 2])), "target_token_id"),
+        (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+    ],
+)
+def test_bad_input_is_a_gimlens_error(llama_model, kwargs, match):
+    before = model_state(llama_model)
+    with pytest.raises(GimlensError, match=match):
+        gimlens.explain(llama_model, _rows(llama_model)[1], **kwargs)
+    assert_state_equal(before, model_state(llama_model))
+
+
+def test_float_input_ids_are_rejected(llama_model):
+    with pytest.raises(GimlensError, match="integer"):
+        gimlens.explain(llama_model, torch.randn(5))
