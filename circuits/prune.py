@@ -1,0 +1,218 @@
+"""Circuit selection over a scored :class:`~circuits.graph.Graph`: top-n, threshold, greedy, pruning.
+
+Every selection works on the dense tensors (``graph.scores``, ``graph.valid``) and replaces
+``graph.in_graph``; with ``prune=True`` (default) it then removes dangling edges and nodes.
+
+**Pruning rule** (:func:`prune_dangling`, a vectorised fixed point, no recursion). Starting from
+``E = in_graph & valid``, repeat until ``E`` stops changing:
+
+1. a source node is *alive* if it has an outgoing edge in ``E`` **and** it is ``input`` or one of its
+   input slots has an incoming edge in ``E`` (a head's q, k and v slots all count as its inputs; a
+   grouped k/v slot counts as an input of every query head of its group);
+2. a slot is *alive* if it is ``logits`` or it feeds an alive node (a grouped k/v slot: any head of
+   its group);
+3. ``E &= alive_source[:, None] & alive_slot[None, :]``.
+
+At the fixed point every remaining edge lies on a path ``input -> ... -> logits`` and every such
+edge of the selection is kept; ``nodes_in_graph`` is the final alive set.
+
+**Greedy** (:func:`select_greedy`): start with only ``logits`` in the circuit; repeatedly add the
+best-scoring valid edge not yet taken whose destination node is already in the circuit (a grouped
+k/v slot's destination is in when any head of its group is); its source node joins, opening its
+input slots. Stops at ``n`` edges (before pruning, which may remove edges that never reach
+``input``). Implemented with per-slot score columns sorted once and a heap of open slots. Ties:
+lower destination index first, then lower source index.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from enum import Enum
+from numbers import Real
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from gimlens.errors import GimlensError
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+__all__ = ["Selection", "select", "select_topn", "select_threshold", "select_greedy", "prune_dangling"]
+
+
+class Selection(str, Enum):
+    """Edge-selection strategies (one registry entry each)."""
+
+    TOPN = "topn"  #: the n highest-scoring valid edges
+    THRESHOLD = "threshold"  #: every valid edge with score >= t
+    GREEDY = "greedy"  #: n edges grown from logits, best edge into the circuit first
+
+
+def _ranked_scores(graph: "Graph", absolute: bool) -> Tensor:
+    """Scores to rank by (``|s|`` if absolute); invalid entries ``-inf``. Rejects non-finite scores."""
+    scores, valid = graph.scores, graph.valid.to(graph.scores.device)
+    bad = int((~torch.isfinite(scores) & valid).sum())
+    if bad:
+        raise GimlensError(f"graph.scores holds {bad} non-finite values (NaN or inf) on valid edges; "
+                           "selection needs finite scores")
+    ranked = scores.abs() if absolute else scores
+    return ranked.masked_fill(~valid, -math.inf)
+
+
+def _edge_count(graph: "Graph", n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= graph.n_valid_edges:
+        raise GimlensError(f"n must be an integer in [0, {graph.n_valid_edges}] (the graph's valid "
+                           f"edges), got {n!r}")
+    return n
+
+
+def select_topn(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
+    """Mask of the ``n`` valid edges with the largest (absolute) scores.
+
+    Example:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=1, n_heads=1, d_model=4)
+        >>> g.scores[0, -1], g.scores[1, -1] = -3.0, 2.0
+        >>> select_topn(g, 1).nonzero().tolist()
+        [[0, 4]]
+    """
+    n = _edge_count(graph, n)
+    ranked = _ranked_scores(graph, absolute)
+    mask = torch.zeros(ranked.numel(), dtype=torch.bool, device=ranked.device)
+    mask[torch.topk(ranked.flatten(), n, sorted=False).indices] = True
+    return mask.view_as(ranked)
+
+
+def select_threshold(graph: "Graph", t: float, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
+    """Mask of the valid edges with (absolute) score ``>= t``."""
+    if isinstance(t, bool) or not isinstance(t, Real) or math.isnan(t):
+        raise GimlensError(f"threshold must be a real number (not NaN), got {t!r}")
+    ranked = _ranked_scores(graph, absolute)
+    return (ranked >= float(t)) & graph.valid.to(ranked.device)
+
+
+def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
+    """Mask of ``n`` edges grown greedily from ``logits`` (rule in the module docstring)."""
+    n = _edge_count(graph, n)
+    ranked = _ranked_scores(graph, absolute).cpu()
+    n_fwd, n_bwd = ranked.shape
+    counts = graph.valid.sum(0).tolist()  # valid rows of column c are exactly [0, counts[c])
+    # Only the best n entries of a column can ever be taken: sort just that many rows.
+    depth = min(n, n_fwd)
+    vals, order = torch.topk(ranked, depth, dim=0) if depth else (ranked[:0], ranked[:0].long())
+    # torch.topk does not promise an order for ties: make it (value desc, row asc) explicitly.
+    if depth:
+        key = torch.sort(order, dim=0, stable=True)
+        vals, order = vals.gather(0, key.indices), key.values
+        srt = torch.sort(vals, dim=0, descending=True, stable=True)
+        vals, order = srt.values, order.gather(0, srt.indices)
+    vals_np, order_np = vals.numpy(), order.numpy()
+    slots_of = _node_slots(graph)
+
+    chosen_rows: list[int] = []
+    chosen_cols: list[int] = []
+    node_in = [False] * n_fwd
+    opened = [False] * n_bwd
+    ptr = [0] * n_bwd
+    heap: list[tuple[float, int]] = []
+
+    def open_slot(col: int) -> None:
+        if not opened[col]:
+            opened[col] = True
+            if counts[col] and depth:
+                heapq.heappush(heap, (-float(vals_np[0, col]), col))
+
+    open_slot(n_bwd - 1)
+    while len(chosen_rows) < n:
+        _, col = heapq.heappop(heap)
+        k = ptr[col]
+        row = int(order_np[k, col])
+        chosen_rows.append(row)
+        chosen_cols.append(col)
+        ptr[col] = k + 1
+        if k + 1 < min(counts[col], depth):
+            heapq.heappush(heap, (-float(vals_np[k + 1, col]), col))
+        if not node_in[row]:
+            node_in[row] = True
+            for slot in slots_of[row]:
+                open_slot(slot)
+    mask = torch.zeros(n_fwd, n_bwd, dtype=torch.bool)
+    mask[chosen_rows, chosen_cols] = True
+    return mask.to(graph.scores.device)
+
+
+def _node_slots(graph: "Graph") -> list[list[int]]:
+    """For each forward node, the slots that are its inputs (empty for input)."""
+    nodes, slots = graph.slot_nodes.T.nonzero(as_tuple=True)
+    out: list[list[int]] = [[] for _ in range(graph.n_forward)]
+    for f, b in zip(nodes.tolist(), slots.tolist()):
+        out[f].append(b)
+    return out
+
+
+def prune_dangling(graph: "Graph") -> tuple[Bool[Tensor, "n_forward n_backward"], Bool[Tensor, " n_forward"]]:
+    """``(in_graph, nodes_in_graph)`` with everything off an input -> logits path removed.
+
+    Example:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=1, n_heads=1, d_model=4).reset()
+        >>> g.in_graph[1, -1] = True  # a0.h0 -> logits, but nothing feeds a0.h0
+        >>> prune_dangling(g)[0].any().item()
+        False
+    """
+    device = graph.in_graph.device
+    valid = graph.valid.to(device)
+    feeds = graph.slot_nodes.to(device=device, dtype=torch.float32)  # [n_backward, n_forward]
+    edges = graph.in_graph & valid
+    while True:
+        has_out = edges.any(1)
+        has_in = (edges.any(0).to(torch.float32) @ feeds) > 0
+        has_in[0] = True
+        alive = has_out & has_in
+        slot_alive = (feeds @ alive.to(torch.float32)) > 0
+        slot_alive[-1] = True
+        kept = edges & alive[:, None] & slot_alive[None, :]
+        if torch.equal(kept, edges):
+            return kept, alive
+        edges = kept
+
+
+#: One entry per strategy: (graph, n-or-threshold, absolute) -> in_graph mask.
+SELECTORS: dict[Selection, Callable[["Graph", float, bool], Tensor]] = {
+    Selection.TOPN: select_topn,
+    Selection.THRESHOLD: select_threshold,
+    Selection.GREEDY: select_greedy,
+}
+
+
+def select(graph: "Graph", method: Selection | str, value: float, *, absolute: bool = True,
+           prune: bool = True) -> "Graph":
+    """Set ``graph.in_graph`` by a strategy, then (``prune``) remove dangling edges and nodes.
+
+    Without pruning, ``nodes_in_graph`` marks the sources of the selected edges.
+    Returns the graph (changed in place).
+
+    Example:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=2, n_heads=2, d_model=8)
+        >>> g.scores = torch.randn(g.n_forward, g.n_backward)
+        >>> select(g, "topn", 10, prune=False).n_edges_in_graph
+        10
+    """
+    try:
+        method = Selection(method)
+    except ValueError:
+        raise GimlensError(f"method must be one of {[m.value for m in Selection]}, got {method!r}") from None
+    if not isinstance(absolute, bool):
+        raise GimlensError(f"absolute must be True or False, got {absolute!r}")
+    mask = SELECTORS[method](graph, value, absolute)
+    graph.in_graph = mask
+    if prune:
+        graph.prune()
+    else:
+        graph.nodes_in_graph = mask.any(1)
+    return graph
