@@ -15,6 +15,19 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests of TransformerLens 3.x's HookedTransformer run only where it exists (CI runs them
+    in a second environment with transformer-lens 3.9); elsewhere they are deselected."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        keep = [i for i in items if "hooked_transformer" not in i.keywords]
+        gone = [i for i in items if "hooked_transformer" in i.keywords]
+        if gone:
+            config.hook.pytest_deselected(items=gone)
+            items[:] = keep
+
+
 def _warmed(model):
     # The bridge adds hooks of its own on first use: run once so state snapshots are stable.
     with warnings.catch_warnings():
