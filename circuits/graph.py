@@ -193,6 +193,16 @@ def _layout(n_layers: int, n_heads: int, n_kv_heads: int, parallel: bool, kv: KV
     return _Layout(n_layers, n_heads, n_kv_heads, parallel, kv)
 
 
+def _kv_column_map(grouped: _Layout) -> Tensor:
+    """For each column of the per-query-head layout, the matching column of ``grouped``."""
+    H, Hk, L = grouped.n_heads, grouped.n_kv_heads, grouped.n_layers
+    rep, j = H // Hk, torch.arange(3 * H + 1)
+    within = torch.where(j < H, j, torch.where(j < 2 * H, H + (j - H) // rep,
+                         torch.where(j < 3 * H, H + Hk + (j - 2 * H) // rep, H + 2 * Hk)))
+    cols = (torch.arange(L)[:, None] * grouped.block + within[None, :]).flatten()
+    return torch.cat([cols, torch.tensor([grouped.n_backward - 1])])
+
+
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise GimlensError(f"{what} must be a positive integer, got {value!r}")
@@ -485,6 +495,94 @@ class Graph:
         """Drop edges and nodes not on an input -> logits path (fixed point); updates nodes."""
         self._in_graph, self._nodes_in_graph = _prune.prune_dangling(self)
         return self
+
+    def as_kv_edges(self, kv_edges: KVEdges | str) -> "Graph":
+        """A new graph in another k/v layout (a copy if it is already in it).
+
+        ``grouped -> per_query_head`` copies each KV-head edge (score and membership) to every
+        query head of its group; ``per_query_head -> grouped`` takes the mean score (in float64,
+        so copies come back exactly) and the any-membership over the group's query heads.
+        """
+        kv = KVEdges.coerce(kv_edges)
+        if kv is self.kv_edges:
+            return self.copy()
+        new = Graph(**{**self.cfg, "kv_edges": kv})
+        grouped = new if kv is KVEdges.GROUPED else self
+        colmap = _kv_column_map(grouped._layout).to(self._scores.device)  # per-query col -> grouped col
+        if kv is KVEdges.PER_QUERY_HEAD:
+            new._scores, new._in_graph = self._scores[:, colmap], self._in_graph[:, colmap]
+        else:
+            shape = (self.n_forward, new.n_backward)
+            total = torch.zeros(shape, dtype=torch.float64, device=colmap.device)
+            total.index_add_(1, colmap, self._scores.double())
+            counts = torch.bincount(colmap, minlength=new.n_backward).to(torch.float64)
+            new._scores = (total / counts).to(torch.float32)
+            hits = torch.zeros(shape, dtype=torch.int32, device=colmap.device)
+            new._in_graph = hits.index_add_(1, colmap, self._in_graph.int()) > 0
+        new._nodes_in_graph = self._nodes_in_graph.clone()
+        return new
+
+    # ------------------------------------------------------------------ files (export.py)
+    def to_networkx(self, *, weight: str = "score", include: str = "all"):
+        """networkx ``MultiDiGraph`` view; see :func:`circuits.export.to_networkx`."""
+        from . import export
+        return export.to_networkx(self, weight=weight, include=include)
+
+    @classmethod
+    def from_networkx(cls, G: Any, *, weight: str = "score", model: Any = None) -> "Graph":
+        """Inverse of :meth:`to_networkx`."""
+        from . import export
+        return export.from_networkx(G, weight=weight, model=model)
+
+    def to_json(self, path: str) -> Any:
+        """Own compact JSON (exact); see :func:`circuits.export.to_json`."""
+        from . import export
+        return export.to_json(self, path)
+
+    @classmethod
+    def from_json(cls, path: str, *, model: Any = None) -> "Graph":
+        from . import export
+        return export.from_json(path, model=model)
+
+    def to_eap_json(self, path: str) -> Any:
+        """EAP-IG / MIB JSON (GQA k/v edges copied per query head)."""
+        from . import export
+        return export.to_eap_json(self, path)
+
+    @classmethod
+    def from_eap_json(cls, path: str, *, model: Any = None, kv_edges: KVEdges | str = "per_query_head") -> "Graph":
+        from . import export
+        return export.from_eap_json(path, model=model, kv_edges=kv_edges)
+
+    def to_graphml(self, path: str, **kwargs: Any) -> Any:
+        from . import export
+        return export.to_graphml(self, path, **kwargs)
+
+    @classmethod
+    def from_graphml(cls, path: str, **kwargs: Any) -> "Graph":
+        from . import export
+        return export.from_graphml(path, **kwargs)
+
+    def to_dot(self, path: str | None = None, **kwargs: Any) -> str:
+        """Graphviz DOT text of the in-graph edges (written to ``path`` if given)."""
+        from . import export
+        return export.to_dot(self, path, **kwargs)
+
+    def render(self, path: str, **kwargs: Any) -> Any:
+        """Draw the circuit to .png/.svg/.pdf with matplotlib; see :func:`circuits.export.render`."""
+        from . import export
+        return export.render(self, path, **kwargs)
+
+    def save(self, path: str, format: str | None = None, **kwargs: Any) -> Any:
+        """Write by suffix (.json, .graphml, .dot, .png, .svg, .pdf) or ``format`` ("eap-json")."""
+        from . import export
+        return export.save(self, path, format, **kwargs)
+
+    @classmethod
+    def load(cls, path: str, format: str | None = None, *, model: Any = None) -> "Graph":
+        """Read own / EAP-IG JSON (auto-detected) or GraphML."""
+        from . import export
+        return export.load(path, format, model=model)
 
     # ------------------------------------------------------------------ views and comparison
     @property
