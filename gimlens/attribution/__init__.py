@@ -1,5 +1,22 @@
-"""Token attribution: which input tokens a prediction depends on."""
+"""Token attribution: which input tokens a prediction depends on.
 
+:func:`attribute` is the entry point (methods, targets, text or token inputs) and returns an
+:class:`Attribution`; :func:`explain` is its ``gim-explain``-compatible special case.
+"""
+
+from .attribute import attribute
 from .explain import explain
+from .methods import Method
+from .result import Attribution
+from .targets import Continuation, LogitDiff, Readout, TokenTarget
 
-__all__ = ["explain"]
+__all__ = [
+    "attribute",
+    "explain",
+    "Attribution",
+    "Method",
+    "TokenTarget",
+    "LogitDiff",
+    "Continuation",
+    "Readout",
+]

@@ -8,15 +8,10 @@ from torch import Tensor
 
 from ..errors import GimlensError
 from ..gim import GIMConfig
-from ._core import (
-    as_bridge,
-    check_mask,
-    check_tokens,
-    default_baseline_token,
-    embedding_gradients,
-    resolve_positions,
-    token_embeddings,
-)
+from ._core import as_bridge
+from .attribute import attribute
+from .inputs import model_device
+from .targets import TokenTarget
 
 __all__ = ["explain"]
 
@@ -40,8 +35,10 @@ def explain(
 
     Score of token ``i`` = ``grad_i · (embed(x_i) − embed(baseline))``, the gradient taken under
     GIM for the target logit, summed over ``d_model``. Every row of a batch gets its own target
-    and its own gradient (one backward for the batch). Gated-MLP gradients are scaled by GIM's
-    default 0.5; use :func:`gimlens.attribute` for full control.
+    and its own gradient (one backward for the batch). Every position, BOS included, is compared
+    with the baseline. Gated-MLP gradients are scaled by GIM's default 0.5. This is
+    :func:`gimlens.attribute` with ``method="gradient_x_input"``, ``score_bos=True`` and the
+    whole batch in one pass; use that for other methods, targets and text inputs.
 
     Args:
         model: a TransformerLens model, or a HuggingFace ``AutoModelForCausalLM``, which is
@@ -59,7 +56,7 @@ def explain(
         attention_mask: ``[batch, pos]`` of 0/1 for padded batches; padded positions score 0.
 
     Returns:
-        Scores ``[pos]`` for a 1-D input, else ``[batch, pos]``; float32.
+        Scores ``[pos]`` for a 1-D input, else ``[batch, pos]``; float32, on the model's device.
 
     Example:
         >>> import gimlens
@@ -70,19 +67,15 @@ def explain(
         True
     """
     model = as_bridge(model, tokenizer)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    single = isinstance(input_ids, Tensor) and input_ids.ndim == 1
-    device = _model_device(model)
-    tokens = check_tokens(input_ids, model).to(device)
-    mask = check_mask(attention_mask, tokens)
-    positions = resolve_positions(target_position, tokens, mask)
-    batch = tokens.shape[0]
-    if baseline_token_id is None:
-        baseline_token_id = default_baseline_token(tokenizer)
-    _check_token_id(baseline_token_id, model, "baseline_token_id")
+    if not isinstance(input_ids, Tensor):
+        raise GimlensError(f"input_ids must be an integer torch.Tensor, got {type(input_ids).__name__}")
+    single = input_ids.ndim == 1
+    batch = 1 if single else (input_ids.shape[0] if input_ids.ndim == 2 else 1)
+    if baseline_token_id is not None:
+        _check_token_id(baseline_token_id, model, "baseline_token_id")
     targets = None
     if target_token_id is not None:
-        targets = torch.as_tensor(target_token_id, device=device).long()
+        targets = torch.as_tensor(target_token_id).long()
         targets = targets.expand(batch) if targets.ndim == 0 else targets
         if targets.shape != (batch,):
             raise GimlensError(f"target_token_id must be an int or have shape [{batch}], got {tuple(targets.shape)}")
@@ -95,29 +88,20 @@ def explain(
         k_scale=k_scale,
         v_scale=v_scale,
     )
-    rows = torch.arange(batch, device=device)
-
-    def objective(logits):
-        at = logits[rows, positions]
-        chosen = targets if targets is not None else at.detach().argmax(-1)
-        return at.gather(-1, chosen[:, None]).squeeze(-1)
-
-    embeds = token_embeddings(model, tokens)
-    grads, _, _ = embedding_gradients(
-        model, tokens, objective, embeds=embeds, attention_mask=mask, gim=config
+    result = attribute(
+        model,
+        input_ids,
+        method="gradient_x_input",
+        target=TokenTarget(token=targets, position=target_position),
+        baseline=baseline_token_id,
+        gim=config,
+        attention_mask=attention_mask,
+        score_bos=True,
+        tokenizer=tokenizer,
+        batch_size=max(1, batch),
     )
-    base = token_embeddings(model, torch.full_like(tokens[:1, :1], baseline_token_id))[0, 0]
-    scores = (grads.float() * (embeds.float() - base.float())).sum(-1)
-    if mask is not None:
-        scores = scores * mask
+    scores = result.scores.to(model_device(model))
     return scores[0] if single else scores
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def _check_token_id(token_id, model, name: str) -> None:
