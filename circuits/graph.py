@@ -151,6 +151,13 @@ class _Layout:
         return m
 
     @cached_property
+    def input_slots(self) -> tuple[tuple[int, ...], ...]:  # per forward node, the slots feeding it
+        out: list[list[int]] = [[] for _ in range(self.n_forward)]
+        for b, f in self.slot_nodes.nonzero().tolist():
+            out[f].append(b)
+        return tuple(tuple(x) for x in out)
+
+    @cached_property
     def forward_names(self) -> list[str]:
         names = ["input"]
         for layer in range(self.n_layers):
@@ -323,6 +330,11 @@ class Graph:
         """``[b, f]`` True when slot ``b`` is an input of node ``f`` (a grouped k/v slot feeds
         every query head of its group; logits feeds no forward node). Shared constant."""
         return self._layout.slot_nodes
+
+    @property
+    def input_slots(self) -> tuple[tuple[int, ...], ...]:
+        """For each forward node, the backward slots that are its inputs (empty for input)."""
+        return self._layout.input_slots
 
     @property
     def n_valid_edges(self) -> int:

@@ -101,17 +101,10 @@ def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor,
     ranked = _ranked_scores(graph, absolute).cpu()
     n_fwd, n_bwd = ranked.shape
     counts = graph.valid.sum(0).tolist()  # valid rows of column c are exactly [0, counts[c])
-    # Only the best n entries of a column can ever be taken: sort just that many rows.
-    depth = min(n, n_fwd)
-    vals, order = torch.topk(ranked, depth, dim=0) if depth else (ranked[:0], ranked[:0].long())
-    # torch.topk does not promise an order for ties: make it (value desc, row asc) explicitly.
-    if depth:
-        key = torch.sort(order, dim=0, stable=True)
-        vals, order = vals.gather(0, key.indices), key.values
-        srt = torch.sort(vals, dim=0, descending=True, stable=True)
-        vals, order = srt.values, order.gather(0, srt.indices)
-    vals_np, order_np = vals.numpy(), order.numpy()
-    slots_of = _node_slots(graph)
+    # One stable descending sort per column: ties keep the lower source row first.
+    srt = torch.sort(ranked, dim=0, descending=True, stable=True)
+    vals_np, order_np = srt.values.numpy(), srt.indices.numpy()
+    slots_of = graph.input_slots
 
     chosen_rows: list[int] = []
     chosen_cols: list[int] = []
@@ -123,7 +116,7 @@ def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor,
     def open_slot(col: int) -> None:
         if not opened[col]:
             opened[col] = True
-            if counts[col] and depth:
+            if counts[col]:
                 heapq.heappush(heap, (-float(vals_np[0, col]), col))
 
     open_slot(n_bwd - 1)
@@ -134,7 +127,7 @@ def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor,
         chosen_rows.append(row)
         chosen_cols.append(col)
         ptr[col] = k + 1
-        if k + 1 < min(counts[col], depth):
+        if k + 1 < counts[col]:
             heapq.heappush(heap, (-float(vals_np[k + 1, col]), col))
         if not node_in[row]:
             node_in[row] = True
@@ -143,15 +136,6 @@ def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor,
     mask = torch.zeros(n_fwd, n_bwd, dtype=torch.bool)
     mask[chosen_rows, chosen_cols] = True
     return mask.to(graph.scores.device)
-
-
-def _node_slots(graph: "Graph") -> list[list[int]]:
-    """For each forward node, the slots that are its inputs (empty for input)."""
-    nodes, slots = graph.slot_nodes.T.nonzero(as_tuple=True)
-    out: list[list[int]] = [[] for _ in range(graph.n_forward)]
-    for f, b in zip(nodes.tolist(), slots.tolist()):
-        out[f].append(b)
-    return out
 
 
 def prune_dangling(graph: "Graph") -> tuple[Bool[Tensor, "n_forward n_backward"], Bool[Tensor, " n_forward"]]:

@@ -1,0 +1,76 @@
+"""Circuit-graph benchmark on a Llama-3-8B-shaped graph (no weights needed).
+
+32 layers, 32 query heads, 8 KV heads, d_model 4096, random scores. Times (median of 3 runs):
+graph build, top-n and greedy selection (n = 1000, 10000, each followed by pruning), JSON export
+and load in the own and the EAP-IG/MIB schema.
+
+Run: ``python benchmarks/bench_graph.py [--runs 3] [--layouts grouped per_query_head]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from circuits import graph as graph_module
+from circuits.graph import Graph
+
+LLAMA3_8B = SimpleNamespace(n_layers=32, n_heads=32, n_key_value_heads=8, d_model=4096,
+                            parallel_attn_mlp=False, model_name="llama-3-8b-shaped")
+TARGETS = {"build": 1.0, "topn": 2.0, "greedy": 2.0, "export": 5.0}
+
+
+def median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(label: str, seconds: float, target: float | None) -> None:
+    verdict = "" if target is None else f"  target < {target:.0f} s  {'ok' if seconds < target else 'MISSED'}"
+    print(f"  {label:<34} {seconds:8.3f} s{verdict}")
+
+
+def build(kv: str) -> Graph:
+    graph_module._layout.cache_clear()  # time the layout (valid mask, slot map) too, not a cache hit
+    return Graph.from_model(LLAMA3_8B, kv_edges=kv)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--layouts", nargs="+", default=["grouped", "per_query_head"])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.runs} runs")
+    for kv in args.layouts:
+        g = build(kv)
+        print(f"\n{kv}: n_forward={g.n_forward}, n_backward={g.n_backward}, valid edges={g.n_valid_edges:,}")
+        report("build (Graph.from_model)", median_time(lambda: build(kv), args.runs), TARGETS["build"])
+        g.scores = torch.randn(g.n_forward, g.n_backward, generator=torch.Generator().manual_seed(0))
+        for n in (1000, 10000):
+            report(f"top-n n={n} + prune", median_time(lambda: g.apply_topn(n), args.runs), TARGETS["topn"])
+            print(f"    -> {g.n_edges_in_graph} edges after pruning")
+        for n in (1000, 10000):
+            report(f"greedy n={n} + prune", median_time(lambda: g.apply_greedy(n), args.runs), TARGETS["greedy"])
+            print(f"    -> {g.n_edges_in_graph} edges after pruning")
+        with tempfile.TemporaryDirectory() as tmp:
+            own, eap = Path(tmp) / "own.json", Path(tmp) / "eap.json"
+            report("own JSON export", median_time(lambda: g.to_json(own), args.runs), TARGETS["export"])
+            report("own JSON load", median_time(lambda: Graph.from_json(own), args.runs), None)
+            report("EAP-IG JSON export", median_time(lambda: g.to_eap_json(eap), args.runs), TARGETS["export"])
+            report("EAP-IG JSON load", median_time(lambda: Graph.from_eap_json(eap), args.runs), None)
+            print(f"    file sizes: own {own.stat().st_size / 1e6:.1f} MB, EAP-IG {eap.stat().st_size / 1e6:.1f} MB")
+            assert Graph.from_json(own).equals(g), "own JSON round trip is not exact"
+
+
+if __name__ == "__main__":
+    main()
