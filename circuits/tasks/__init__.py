@@ -17,12 +17,20 @@ from typing import Callable
 from gimlens.errors import GimlensError
 
 from .base import MetricKind, Task
+from .capitals import capitals
+from .greater_than import greater_than
+from .induction import induction
 from .ioi import ioi
 
-__all__ = ["Task", "MetricKind", "TASKS", "make", "ioi"]
+__all__ = ["Task", "MetricKind", "TASKS", "make", "ioi", "greater_than", "capitals", "induction"]
 
 #: task name -> generator ``f(model_or_tokenizer, n, seed, **options) -> Task``.
-TASKS: dict[str, Callable[..., Task]] = {"ioi": ioi}
+TASKS: dict[str, Callable[..., Task]] = {
+    "ioi": ioi,
+    "greater_than": greater_than,
+    "capitals": capitals,
+    "induction": induction,
+}
 
 
 def make(name: str, model_or_tokenizer, n: int = 64, seed: int = 0, **options) -> Task:
