@@ -128,6 +128,11 @@ def to_networkx(graph: Graph, *, weight: str = "score", include: Include = "all"
     attributes: ``kind``, ``layer``, ``head`` (when set), ``in_graph``. ``G.graph`` holds the cfg.
     Grouped k/v inputs end at ``KV_GROUP`` nodes ``a{l}.g{g}``. ``include="in_graph"`` keeps only
     in-graph edges (all nodes stay).
+
+    Example:
+        >>> G = to_networkx(Graph(n_layers=1, n_heads=2, d_model=8))
+        >>> G.number_of_edges(), G.edges["input", "a0.h1", "input->a0.h1<k>"]
+        (13, {'score': 0.0, 'in_graph': True, 'qkv': 'k'})
     """
     import networkx as nx
 
@@ -184,7 +189,16 @@ def _b64(a: np.ndarray) -> str:
 
 
 def to_json(graph: Graph, path: str | os.PathLike) -> Path:
-    """Write the graph in gimlens' own compact JSON schema (exact float32 round trip)."""
+    """Write the graph in gimlens' own compact JSON schema (exact float32 round trip).
+
+    Example:
+        >>> import os, tempfile
+        >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
+        >>> g.scores[0, -1] = 0.1
+        >>> path = to_json(g, os.path.join(tempfile.mkdtemp(), "circuit.json"))
+        >>> from_json(path).equals(g)
+        True
+    """
     valid = graph.valid
     scores = graph.scores.cpu()[valid].numpy().astype("<f4")
     doc = {
@@ -232,7 +246,15 @@ def _json_float(x: float) -> str:
 
 
 def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
-    """Write the EAP-IG / MIB JSON schema (GQA k/v edges per query head, copied from the group)."""
+    """Write the EAP-IG / MIB JSON schema (GQA k/v edges per query head, copied from the group).
+
+    Example:
+        >>> import json, os, tempfile
+        >>> g = Graph(n_layers=1, n_heads=2, n_kv_heads=1, d_model=8)
+        >>> path = to_eap_json(g, os.path.join(tempfile.mkdtemp(), "mib.json"))
+        >>> sorted(json.load(open(path))["edges"])[:3]
+        ['a0.h0->logits', 'a0.h0->m0', 'a0.h1->logits']
+    """
     pq = graph.as_kv_edges(KVEdges.PER_QUERY_HEAD)
     c = pq.cfg
     cfg = {"n_layers": c["n_layers"], "n_heads": c["n_heads"], "d_model": c["d_model"],

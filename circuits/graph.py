@@ -210,6 +210,12 @@ def _kv_column_map(grouped: _Layout) -> Tensor:
     return torch.cat([cols, torch.tensor([grouped.n_backward - 1])])
 
 
+def _export():
+    from . import export  # export imports this module: import on use
+
+    return export
+
+
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise GimlensError(f"{what} must be a positive integer, got {value!r}")
@@ -534,67 +540,54 @@ class Graph:
         new._nodes_in_graph = self._nodes_in_graph.clone()
         return new
 
-    # ------------------------------------------------------------------ files (export.py)
+    # ------------------------------------------------------------------ files (thin: export.py)
     def to_networkx(self, *, weight: str = "score", include: str = "all"):
-        """networkx ``MultiDiGraph`` view; see :func:`circuits.export.to_networkx`."""
-        from . import export
-        return export.to_networkx(self, weight=weight, include=include)
+        """networkx ``MultiDiGraph``, one edge per graph edge (:func:`circuits.export.to_networkx`)."""
+        return _export().to_networkx(self, weight=weight, include=include)
 
     @classmethod
     def from_networkx(cls, G: Any, *, weight: str = "score", model: Any = None) -> "Graph":
-        """Inverse of :meth:`to_networkx`."""
-        from . import export
-        return export.from_networkx(G, weight=weight, model=model)
+        return _export().from_networkx(G, weight=weight, model=model)
 
     def to_json(self, path: str) -> Any:
-        """Own compact JSON (exact); see :func:`circuits.export.to_json`."""
-        from . import export
-        return export.to_json(self, path)
+        """Own compact JSON, exact float32 round trip (:func:`circuits.export.to_json`)."""
+        return _export().to_json(self, path)
 
     @classmethod
     def from_json(cls, path: str, *, model: Any = None) -> "Graph":
-        from . import export
-        return export.from_json(path, model=model)
+        return _export().from_json(path, model=model)
 
     def to_eap_json(self, path: str) -> Any:
-        """EAP-IG / MIB JSON (GQA k/v edges copied per query head)."""
-        from . import export
-        return export.to_eap_json(self, path)
+        """EAP-IG / MIB JSON; GQA k/v edges copied to each query head of the group."""
+        return _export().to_eap_json(self, path)
 
     @classmethod
     def from_eap_json(cls, path: str, *, model: Any = None, kv_edges: KVEdges | str = "per_query_head") -> "Graph":
-        from . import export
-        return export.from_eap_json(path, model=model, kv_edges=kv_edges)
+        return _export().from_eap_json(path, model=model, kv_edges=kv_edges)
 
     def to_graphml(self, path: str, **kwargs: Any) -> Any:
-        from . import export
-        return export.to_graphml(self, path, **kwargs)
+        return _export().to_graphml(self, path, **kwargs)
 
     @classmethod
     def from_graphml(cls, path: str, **kwargs: Any) -> "Graph":
-        from . import export
-        return export.from_graphml(path, **kwargs)
+        return _export().from_graphml(path, **kwargs)
 
     def to_dot(self, path: str | None = None, **kwargs: Any) -> str:
         """Graphviz DOT text of the in-graph edges (written to ``path`` if given)."""
-        from . import export
-        return export.to_dot(self, path, **kwargs)
+        return _export().to_dot(self, path, **kwargs)
 
     def render(self, path: str, **kwargs: Any) -> Any:
-        """Draw the circuit to .png/.svg/.pdf with matplotlib; see :func:`circuits.export.render`."""
-        from . import export
-        return export.render(self, path, **kwargs)
+        """Draw the circuit to .png/.svg/.pdf with matplotlib (:func:`circuits.export.render`)."""
+        return _export().render(self, path, **kwargs)
 
     def save(self, path: str, format: str | None = None, **kwargs: Any) -> Any:
         """Write by suffix (.json, .graphml, .dot, .png, .svg, .pdf) or ``format`` ("eap-json")."""
-        from . import export
-        return export.save(self, path, format, **kwargs)
+        return _export().save(self, path, format, **kwargs)
 
     @classmethod
     def load(cls, path: str, format: str | None = None, *, model: Any = None) -> "Graph":
-        """Read own / EAP-IG JSON (auto-detected) or GraphML."""
-        from . import export
-        return export.load(path, format, model=model)
+        """Read own / EAP-IG JSON (told apart by content) or GraphML."""
+        return _export().load(path, format, model=model)
 
     # ------------------------------------------------------------------ views and comparison
     @property
