@@ -5,9 +5,9 @@ lowers it) on a scale symmetric in the largest absolute score shown. matplotlib 
 when a figure is drawn, and figures are built without ``pyplot`` (no global state, any backend).
 
 Example:
-    >>> import gimlens
+    >>> from gimlens.attribution import attribute
     >>> from gimlens.testing import tiny_model
-    >>> attr = gimlens.attribute(tiny_model("llama"), "The capital of France is")
+    >>> attr = attribute(tiny_model("llama"), "The capital of France is")
     >>> fig = attr.plot()
     >>> type(fig).__name__, "<span" in attr._repr_html_()
     ('Figure', True)

@@ -67,11 +67,11 @@ def attribute(
         continuation; float32, on the CPU).
 
     Example:
-        >>> import gimlens
+        >>> from gimlens.attribution import attribute
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")
-        >>> attr = gimlens.attribute(model, "The capital of France is", target=" Paris",
-        ...                          method="integrated_gradients", steps=8)
+        >>> attr = attribute(model, "The capital of France is", target=" Paris",
+        ...                   method="integrated_gradients", steps=8)
         >>> attr.scores.shape, attr.delta.shape
         (torch.Size([1, 7]), torch.Size([1]))
     """
@@ -89,7 +89,7 @@ def attribute(
 
     prompt = prepare_prompt(model, inputs, attention_mask, tokenizer)
     baseline_id = resolve_baseline(baseline, tokenizer, vocab)
-    resolved = resolve_target(as_target(target, tokenizer), tokenizer, prompt.tokens, prompt.mask, vocab)
+    resolved = resolve_target(as_target(target), tokenizer, prompt.tokens, prompt.mask, vocab)
     tokens, mask, index = with_continuation(prompt.tokens, prompt.mask, resolved.continuation)
     scored_prompt = prompt.real & (~prompt.bos if not score_bos else torch.ones_like(prompt.bos))
     scored = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, scored_prompt)

@@ -6,7 +6,7 @@ Example:
     >>> model = tiny_model("llama")
     >>> p = prepare_prompt(model, ["The capital of France is", "Alice"], None, model.tokenizer)
     >>> p.tokens.shape, p.mask.sum(-1).tolist(), p.bos[:, :2].tolist()
-    (torch.Size([2, 7]), [7, 2], [[True, False], [False, False]])
+    (torch.Size([2, 7]), [7, 3], [[True, False], [False, False]])
 """
 
 from __future__ import annotations

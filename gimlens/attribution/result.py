@@ -3,12 +3,12 @@
 Tensors are the source of truth; JSON, figures and HTML are views built on demand.
 
 Example:
-    >>> import gimlens
+    >>> from gimlens.attribution import Attribution, attribute
     >>> from gimlens.testing import tiny_model
-    >>> attr = gimlens.attribute(tiny_model("llama"), "The capital of France is")
+    >>> attr = attribute(tiny_model("llama"), "The capital of France is")
     >>> attr.scores.shape, attr.tokens[0][:2]
     (torch.Size([1, 7]), ['<|endoftext|>', 'T'])
-    >>> gimlens.Attribution.from_json(attr.to_json()) == attr
+    >>> Attribution.from_json(attr.to_json()) == attr
     True
 """
 

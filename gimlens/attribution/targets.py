@@ -10,6 +10,11 @@ Example:
     >>> from gimlens.attribution.targets import LogitDiff, TokenTarget, as_target
     >>> as_target(" Paris")
     TokenTarget(token=' Paris', position=-1, readout=<Readout.LOGIT: 'logit'>)
+    >>> from gimlens.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> ids = model.to_tokens("The capital of France is")
+    >>> resolve_target(as_target(" Paris Berlin"), model.tokenizer, ids, None, 512).kind.value
+    'continuation'
     >>> LogitDiff(" Paris", " Rome").contrast
     ' Rome'
 """
@@ -102,14 +107,11 @@ class Continuation:
 Target = Union[TokenTarget, LogitDiff, Continuation]
 
 
-def as_target(spec, tokenizer=None) -> Target:
-    """A target from shorthand: ``None``, a token id, a string (multi-token → continuation), a
-    per-row list or tensor, or a target object (returned as is)."""
+def as_target(spec) -> Target:
+    """A target from shorthand: ``None``, a token id, a string (a multi-token string resolves to
+    a continuation), a per-row list or tensor, or a target object (returned as is)."""
     if isinstance(spec, (TokenTarget, LogitDiff, Continuation)):
         return spec
-    if isinstance(spec, str) and tokenizer is not None:
-        if len(_encode(tokenizer, spec)) > 1:
-            return Continuation(spec)
     return TokenTarget(token=spec)
 
 
@@ -196,6 +198,14 @@ def resolve_target(
     Positions are those of the model input: for a continuation, of :func:`with_continuation`'s.
     """
     batch, device = tokens.shape[0], tokens.device
+    if isinstance(target, TokenTarget) and isinstance(target.token, str) and tokenizer is not None:
+        if len(_encode(tokenizer, target.token)) > 1:  # a multi-token string is a continuation
+            if not (isinstance(target.position, int) and target.position == -1):
+                raise GimlensError(
+                    f"target {target.token!r} is several tokens, i.e. a continuation after the last "
+                    f"token; a position ({target.position!r}) applies only to one-token targets"
+                )
+            target = Continuation(target.token, readout=target.readout)
     if isinstance(target, Continuation):
         cont = _continuation_ids(target.tokens, tokenizer, vocab)
         T = cont.numel()
