@@ -149,20 +149,29 @@ def prune_dangling(graph: "Graph") -> tuple[Bool[Tensor, "n_forward n_backward"]
         False
     """
     device = graph.in_graph.device
-    valid = graph.valid.to(device)
-    feeds = graph.slot_nodes.to(device=device, dtype=torch.float32)  # [n_backward, n_forward]
-    edges = graph.in_graph & valid
+    n_fwd, n_bwd = graph.n_forward, graph.n_backward
+    pair_b, pair_f = graph.slot_nodes.to(device).nonzero(as_tuple=True)  # slot b feeds node f
+    # The fixed point runs on the in-graph edge list (vectorised; cost ~ edges, not n_fwd*n_bwd).
+    rows, cols = (graph.in_graph & graph.valid.to(device)).nonzero(as_tuple=True)
     while True:
-        has_out = edges.any(1)
-        has_in = (edges.any(0).to(torch.float32) @ feeds) > 0
+        has_out = torch.zeros(n_fwd, dtype=torch.bool, device=device)
+        has_out[rows] = True
+        fed = torch.zeros(n_bwd, dtype=torch.bool, device=device)
+        fed[cols] = True
+        has_in = torch.zeros(n_fwd, dtype=torch.bool, device=device)
+        has_in[pair_f[fed[pair_b]]] = True
         has_in[0] = True
         alive = has_out & has_in
-        slot_alive = (feeds @ alive.to(torch.float32)) > 0
+        slot_alive = torch.zeros(n_bwd, dtype=torch.bool, device=device)
+        slot_alive[pair_b[alive[pair_f]]] = True
         slot_alive[-1] = True
-        kept = edges & alive[:, None] & slot_alive[None, :]
-        if torch.equal(kept, edges):
-            return kept, alive
-        edges = kept
+        keep = alive[rows] & slot_alive[cols]
+        if bool(keep.all()):
+            break
+        rows, cols = rows[keep], cols[keep]
+    edges = torch.zeros(n_fwd, n_bwd, dtype=torch.bool, device=device)
+    edges[rows, cols] = True
+    return edges, alive
 
 
 #: One entry per strategy: (graph, n-or-threshold, absolute) -> in_graph mask.
