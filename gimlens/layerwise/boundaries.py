@@ -1,0 +1,151 @@
+"""The maps ``Φ`` of layer-wise IG, one per granularity, evaluated on TransformerLens hook points.
+
+For a pre-norm decoder layer ``l`` with boundaries ``z`` (``blocks.l.hook_resid_pre``), ``u``
+(``hook_resid_mid``) and ``z'`` (``hook_resid_post``):
+
+=========  ==============  ==================================================================
+name       input → output  ``Φ_j`` (one objective per target ``j``; ``T`` positions)
+=========  ==============  ==================================================================
+``layer``  z → z'          the block output at ``j``: ``z'_j`` (residual included); a
+                           ``[T, T]`` source-to-target matrix, causal
+``att``    z → u           head ``h``'s own output at ``j``: ``hook_z[j, h] @ W_O[h]`` (not a
+                           slice of the projected sum), one ``[T, T]`` matrix per head, plus
+                           the whole attention output ``sum_h hook_z[j, h] @ W_O[h]``
+                           (``u_j - z_j`` up to the constant ``b_O``; residual excluded)
+``mlp``    u → z'          ``z'_j = u_j + MLP(u_j)`` (residual included, as LIG's default);
+                           the MLP acts on each position alone, so the attribution is per
+                           hidden (residual-stream) dimension ``d`` of ``u_j``: ``[T, d_model]``
+=========  ==============  ==================================================================
+
+A batch of interpolated inputs is evaluated by running the model on the prompt (batch 1) and
+replacing the input hook's tensor by the batch; earlier blocks run once on batch 1 and a private
+exception raised at the output hook stops the forward (no later block, norm or unembedding runs).
+``mlp``: replacing ``hook_resid_mid`` feeds the MLP (``ln2.hook_in``) but not, on
+``TransformerBridge``, the residual addition, so ``Φ`` adds ``u`` itself to ``hook_mlp_out``.
+
+Example:
+    >>> BOUNDARIES[Granularity.ATT].output_hook.format(l=3)
+    'blocks.3.attn.hook_z'
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import GimlensError
+from ..gim import _NORM_REBUILD_WARNING
+
+__all__ = ["Granularity", "HeadScores", "Boundary", "BOUNDARIES", "run_block"]
+
+
+class Granularity(str, Enum):
+    """What ``Φ`` maps (see the module docstring)."""
+
+    LAYER = "layer"
+    ATT = "att"
+    MLP = "mlp"
+
+    @classmethod
+    def parse(cls, value) -> "Granularity":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(g.value for g in cls)
+            raise GimlensError(
+                f"unknown granularity {value!r}; expected one of: {known} (or 'all')"
+            ) from None
+
+
+class HeadScores(str, Enum):
+    """How ``att`` scores heads.
+
+    - ``own``: each head is scalarised by the L2 norm of its own output change (LIG's
+      definition); each head's column sums to its own ``||ΔΦ_{j,h}||``.
+    - ``shared``: every head is credited, along its own gradient path, with the L2 objective of
+      the whole attention output, so the heads sum exactly to the whole-attention matrix.
+    """
+
+    OWN = "own"
+    SHARED = "shared"
+
+    @classmethod
+    def parse(cls, value) -> "HeadScores":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise GimlensError(
+                f"unknown head_scores {value!r}; expected 'own' (each head's own norm, as LIG) "
+                "or 'shared' (heads sum to the whole attention output)"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where ``Φ`` starts and ends: hook templates with ``{l}`` for the layer."""
+
+    input_hook: str
+    output_hook: str
+    per_target: bool  # one batch row per target (False: position-wise map, rows share targets)
+
+
+BOUNDARIES: dict[Granularity, Boundary] = {
+    Granularity.LAYER: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.hook_resid_post", True),
+    Granularity.ATT: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.attn.hook_z", True),
+    Granularity.MLP: Boundary("blocks.{l}.hook_resid_mid", "blocks.{l}.hook_mlp_out", False),
+}
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the block output is in hand, the rest of the forward is waste."""
+
+
+def run_block(
+    model,
+    tokens: Tensor,
+    input_hook: str,
+    x: Float[Tensor, "batch pos d_model"],
+    output_hook: str,
+    hooks: list[tuple[str, Callable]] = (),
+) -> Tensor:
+    """The tensor at ``output_hook`` when the tensor at ``input_hook`` is replaced by ``x``.
+
+    ``tokens`` is the prompt ``[1, T]``; its forward runs on batch 1 up to ``input_hook`` and on
+    ``x``'s batch after it. ``hooks`` (e.g. GIM's) are active for the pass. Every hook is removed
+    afterwards, also after an exception.
+    """
+    captured: list[Tensor] = []
+
+    def patch(tensor, hook):
+        return x
+
+    def capture(tensor, hook):
+        captured.append(tensor)
+        raise _Stop
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
+            with model.hooks(fwd_hooks=list(hooks) + [(input_hook, patch), (output_hook, capture)]):
+                model(tokens)
+    except _Stop:
+        pass
+    assert captured, f"the forward pass never reached {output_hook}"
+    return captured[0]
+
+
+def head_outputs(
+    hook_z: Float[Tensor, "n head d_head"], w_o: Float[Tensor, "head d_head d_model"]
+) -> Float[Tensor, "n head d_model"]:
+    """Each head's own contribution to the attention output (bias ``b_O`` excluded)."""
+    return torch.einsum("nhe,hed->nhd", hook_z, w_o)
