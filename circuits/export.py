@@ -61,6 +61,11 @@ _SUFFIXES = {".json": Format.JSON, ".graphml": Format.GRAPHML, ".dot": Format.DO
 _IMAGES = (Format.PNG, Format.SVG, Format.PDF)
 
 
+def _check_include(include: Any) -> None:
+    if include not in ("all", "in_graph"):
+        raise GimlensError(f"include must be 'all' or 'in_graph', got {include!r}")
+
+
 def _format_of(path: str | os.PathLike, format: Format | str | None) -> Format:
     if format is not None:
         try:
@@ -136,6 +141,7 @@ def to_networkx(graph: Graph, *, weight: str = "score", include: Include = "all"
     """
     import networkx as nx
 
+    _check_include(include)
     G = nx.MultiDiGraph(**{k: v for k, v in graph.cfg.items() if v is not None})
     for node in graph.nodes.values():
         attrs = {"kind": node.kind.value, "in_graph": node.in_graph}
@@ -331,6 +337,7 @@ def from_graphml(path: str | os.PathLike, *, weight: str = "score", model: Any =
 
 
 def _selected_edges(graph: Graph, include: Include, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_include(include)
     mask = graph.valid if include == "all" else graph.in_graph.cpu() & graph.valid
     rows, cols = mask.nonzero(as_tuple=True)
     if top_k is not None:

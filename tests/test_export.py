@@ -191,6 +191,10 @@ def test_unknown_suffix_raises_before_anything_is_written(tmp_path):
         with pytest.raises(GimlensError):
             call()
     assert list(tmp_path.iterdir()) == []
+    for call in (lambda: g.render(tmp_path / "c.png", include="some"), lambda: g.to_dot(include="edges"),
+                 lambda: g.to_networkx(include="x"), lambda: g.render(tmp_path / "c.png", top_k=-1)):
+        with pytest.raises(GimlensError):
+            call()
     with pytest.raises(GimlensError, match="max_edges"):
         g.render(tmp_path / "c.png", include="all", max_edges=10)
     assert list(tmp_path.iterdir()) == []
