@@ -1,0 +1,307 @@
+"""Per-model helpers for edge attribution and patching: hook names, per-head weights, norms.
+
+Everything here reads a TransformerLens model through its hook-point names and its per-head
+weight views (``blocks[l].attn.W_Q`` ``[H, d_model, d_head]``, ``W_K``/``W_V`` ``[H_kv, ...]``,
+``W_O`` ``[H, d_head, d_model]``) and never switches a ``set_use_*`` mode. Per-head quantities
+are derived instead:
+
+- head ``h``'s output ``out[h] = z[:, :, h] @ W_O[h]`` (the attention output is their sum plus
+  ``b_O``, which belongs to no head);
+- the gradient at head ``h``'s *own copy* of the residual stream before ``ln1``:
+  ``g_in[h] = LN1_backward(g_q[h] @ W_Q[h]^T)``, with the norm Jacobian exact or frozen (GIM).
+
+Example:
+    >>> import torch
+    >>> from gimlens.testing import tiny_model
+    >>> spec = ModelSpec.read(tiny_model("llama"))
+    >>> spec.attn[0].W_K.shape, spec.ln1[0].kind.value
+    (torch.Size([2, 32, 8]), 'RMS')
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from gimlens.errors import GimlensError
+from gimlens.gim import _NORM_REBUILD_WARNING
+
+Hook = tuple[str, Callable]
+
+
+class Site(str, Enum):
+    """The hook points edge attribution reads and writes (HookedTransformer names)."""
+
+    EMBED = "hook_embed"  #: token embedding: the ``input`` node
+    LN1_IN = "blocks.{l}.ln1.hook_in"  #: residual stream entering ln1 (feeds only attention)
+    LN1_OUT = "blocks.{l}.ln1.hook_out"  #: used once to check the norm read here is the model's
+    Q = "blocks.{l}.attn.hook_q"  #: [B, S, H, dh], before RoPE
+    K = "blocks.{l}.attn.hook_k"  #: [B, S, H_kv, dh]
+    V = "blocks.{l}.attn.hook_v"
+    SCORES = "blocks.{l}.attn.hook_attn_scores"  #: [B, H, Q, K]
+    Z = "blocks.{l}.attn.hook_z"  #: [B, S, H, dh]
+    LN2_IN = "blocks.{l}.ln2.hook_in"  #: residual stream entering ln2 (feeds only the MLP)
+    MLP_OUT = "blocks.{l}.hook_mlp_out"
+    LN_FINAL_IN = "ln_final.hook_in"  #: the ``logits`` destination
+
+    def at(self, layer: int | None = None) -> str:
+        return self.value.format(l=layer)
+
+
+#: Sites every attribution / evaluation run needs.
+CORE_SITES = (Site.EMBED, Site.LN1_IN, Site.LN1_OUT, Site.Q, Site.K, Site.V, Site.Z, Site.LN2_IN,
+              Site.MLP_OUT, Site.LN_FINAL_IN)
+
+
+def require_hooks(model, sites=CORE_SITES) -> None:
+    """Raise :class:`GimlensError` naming the hook points ``model`` lacks."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None or not hasattr(model, "hooks"):
+        raise GimlensError(
+            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
+            f"{type(model).__name__}"
+        )
+    names = {s.at(l) for s in sites for l in range(int(model.cfg.n_layers))}
+    missing = sorted(n for n in names if n not in hook_dict)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        raise GimlensError(
+            f"this model lacks hook points that edge attribution needs: {shown}. Expected a "
+            "TransformerLens model with separate ln1/ln2 norms and per-head attention hooks "
+            "(hook_q/k/v/z)."
+        )
+
+
+class Ablation(str, Enum):
+    """What an edge outside the circuit carries instead of its clean value."""
+
+    CORRUPTED = "corrupted"  #: the source's activation on the corrupted example
+    MEAN = "mean"  #: per position, its mean over the given corrupted examples (mask-weighted)
+    ZERO = "zero"  #: zero
+
+    @classmethod
+    def coerce(cls, value: "Ablation | str") -> "Ablation":
+        try:
+            return cls(value)
+        except ValueError:
+            raise GimlensError(f"unknown ablation {value!r}; known: {[a.value for a in cls]}") from None
+
+
+class NormKind(str, Enum):
+    LAYER_NORM = "LN"
+    RMS_NORM = "RMS"
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """``x_hat = (x - mean) / sigma`` (LayerNorm) or ``x / rms`` (RMSNorm), and ``1 / sigma``."""
+
+    x_hat: Float[Tensor, "*batch d"]
+    inv_scale: Float[Tensor, "*batch 1"]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A LayerNorm or RMSNorm with its weight (and bias), computed in float32."""
+
+    kind: NormKind
+    weight: Float[Tensor, " d"]
+    bias: Float[Tensor, " d"] | None
+    eps: float
+
+    def stats(self, x: Float[Tensor, "*batch d"]) -> NormStats:
+        x = x.float()
+        if self.kind is NormKind.LAYER_NORM:
+            x = x - x.mean(-1, keepdim=True)
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return NormStats(x * inv, inv)
+
+    def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
+        out = self.stats(x).x_hat * self.weight
+        return out if self.bias is None else out + self.bias
+
+    def backward(self, stats: NormStats, grad: Float[Tensor, "n *batch d"], frozen: bool
+                 ) -> Float[Tensor, "n *batch d"]:
+        """Gradient at the norm's input for output gradients ``grad`` (leading dim: heads).
+
+        Exact: ``(g' - [mean(g')] - x_hat * mean(x_hat * g')) / sigma`` with ``g' = w * g`` (the
+        bracket only for LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
+        """
+        g = grad * self.weight
+        if self.kind is NormKind.LAYER_NORM:
+            g = g - g.mean(-1, keepdim=True)
+        if not frozen:
+            g = g - stats.x_hat * (stats.x_hat * g).mean(-1, keepdim=True)
+        return g * stats.inv_scale
+
+
+def _read_norm(bridge_norm, kind: NormKind, cfg) -> Norm:
+    inner = getattr(bridge_norm, "original_component", None)
+    inner = bridge_norm if inner is None else inner
+    weight = getattr(inner, "weight", None)
+    if weight is None:
+        weight = getattr(bridge_norm, "w", None)
+    if weight is None:
+        raise GimlensError(f"cannot read the weight of norm {type(inner).__name__}")
+    bias = getattr(inner, "bias", None)
+    if bias is None:
+        bias = getattr(bridge_norm, "b", None) if kind is NormKind.LAYER_NORM else None
+    eps = getattr(inner, "eps", None)
+    eps = getattr(inner, "variance_epsilon", None) if eps is None else eps
+    eps = getattr(cfg, "eps", 1e-5) if eps is None else eps
+    return Norm(kind, weight.detach().float(), None if bias is None else bias.detach().float(),
+                float(eps))
+
+
+@dataclass(frozen=True)
+class AttnWeights:
+    """One layer's per-head projections (detached, model dtype)."""
+
+    W_Q: Float[Tensor, "H d dh"]
+    W_K: Float[Tensor, "Hk d dh"]
+    W_V: Float[Tensor, "Hk d dh"]
+    W_O: Float[Tensor, "H dh d"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape, ln1 norms and attention weights of a model, read once per call."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    parallel_attn_mlp: bool
+    ln1: tuple[Norm, ...]
+    attn: tuple[AttnWeights, ...]
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def read(cls, model) -> "ModelSpec":
+        require_hooks(model)
+        cfg = model.cfg
+        L, H = int(cfg.n_layers), int(cfg.n_heads)
+        Hk = int(getattr(cfg, "n_key_value_heads", None) or H)
+        norm_type = str(getattr(cfg, "normalization_type", None) or "")
+        kinds = {"LN": NormKind.LAYER_NORM, "RMS": NormKind.RMS_NORM}
+        if norm_type not in kinds:
+            raise GimlensError(
+                f"edge attribution supports models with LayerNorm or RMSNorm (normalization_type "
+                f"'LN' or 'RMS'); this model has {norm_type!r}"
+            )
+        ln1, attn = [], []
+        for block in model.blocks[:L]:
+            ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg))
+            a = block.attn
+            W_K, W_V = a.W_K.detach(), a.W_V.detach()
+            if W_K.shape[0] == H != Hk:  # HookedTransformer expands GQA weights per query head
+                W_K, W_V = W_K[:: H // Hk], W_V[:: H // Hk]
+            attn.append(AttnWeights(a.W_Q.detach(), W_K, W_V, a.W_O.detach()))
+        W_O = attn[0].W_O
+        if W_O.shape[0] != H or attn[0].W_K.shape[0] != Hk:
+            raise GimlensError(f"unexpected attention weight shapes W_O {tuple(W_O.shape)}, "
+                               f"W_K {tuple(attn[0].W_K.shape)} for {H} heads / {Hk} KV heads")
+        return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
+                   tuple(ln1), tuple(attn), W_O.device, W_O.dtype)
+
+    @property
+    def n_forward(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    def head_rows(self, layer: int) -> slice:
+        """Rows of the heads of ``layer`` in the graph's forward (source) index."""
+        start = 1 + layer * (self.n_heads + 1)
+        return slice(start, start + self.n_heads)
+
+    def mlp_row(self, layer: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def upstream(self, layer: int | None, mlp: bool = False) -> int:
+        """How many sources (a prefix of the forward index) feed layer ``layer``'s attention
+        inputs, its MLP input (``mlp``), or the logits (``layer=None``)."""
+        if layer is None:
+            return self.n_forward
+        n = 1 + layer * (self.n_heads + 1)
+        return n + self.n_heads if mlp and not self.parallel_attn_mlp else n
+
+
+def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"]) -> Float[Tensor, "H B S d"]:
+    """Each head's contribution to the attention output, in float32."""
+    B, S, H, dh = z.shape
+    out = torch.bmm(z.detach().permute(2, 0, 1, 3).reshape(H, B * S, dh).float(), W_O.float())
+    return out.view(H, B, S, -1)
+
+
+def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"], norm: Norm,
+                     stats: NormStats, frozen: bool) -> Float[Tensor, "n B S d"]:
+    """Gradient at each head's own copy of the residual stream before ``norm`` (float32).
+
+    ``grad`` is the gradient at the head's projection output (``hook_q/k/v``), ``W`` the head's
+    projection ``[n, d_model, d_head]``; ``stats`` describe the norm's input.
+    """
+    B, S, n, dh = grad.shape
+    g = torch.bmm(grad.permute(2, 0, 1, 3).reshape(n, B * S, dh).float(), W.float().transpose(1, 2))
+    return norm.backward(stats, g.view(n, B, S, -1), frozen)
+
+
+def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
+                           W: Float[Tensor, "n d dh"], norm: Norm) -> Float[Tensor, "B S n dh"]:
+    """How each head's projection changes when its input ``x`` becomes ``x - correction[h]``:
+    ``(norm(x - c_h) - norm(x)) @ W[h]`` (exact norm; no bias needed; 0 where ``c_h = 0``)."""
+    n, B, S, d = correction.shape
+    x = x.float()
+    delta = norm.forward(x - correction) - norm.forward(x)
+    out = torch.bmm(delta.view(n, B * S, d), W.float())
+    return out.view(n, B, S, -1).permute(1, 2, 0, 3)
+
+
+def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
+    """Raise if ``norm`` (as read here) does not reproduce the model's own norm output."""
+    mine, out = norm.forward(x.detach()), out.detach().float()
+    err = float((mine - out).abs().max())
+    ref = float(out.abs().max()) + 1e-6
+    if not err <= 1e-3 * ref:
+        raise GimlensError(
+            f"{where}: the norm read from the model does not reproduce its output (max error "
+            f"{err:.3g}); this normalisation variant is not supported by edge attribution"
+        )
+
+
+def source_hooks(spec: ModelSpec, write: Callable[[slice, Tensor], None]) -> list[Hook]:
+    """Forward hooks that hand every source node's activation to ``write(rows, values)``.
+
+    ``values`` is float32 ``[n, B, S, d]`` for the forward-index rows ``rows``: the token
+    embedding (``input``), each head's output ``z[h] @ W_O[h]``, each MLP's output.
+    """
+    def embed(x, hook):
+        write(slice(0, 1), x.detach().float()[None])
+
+    def heads(x, hook, layer):
+        write(spec.head_rows(layer), head_outputs(x, spec.attn[layer].W_O))
+
+    def mlp(x, hook, layer):
+        row = spec.mlp_row(layer)
+        write(slice(row, row + 1), x.detach().float()[None])
+
+    hooks: list[Hook] = [(Site.EMBED.at(), embed)]
+    for l in range(spec.n_layers):
+        hooks.append((Site.Z.at(l), lambda x, hook, l=l: heads(x, hook, l)))
+        hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: mlp(x, hook, l)))
+    return hooks
+
+
+def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:
+    """``model(tokens)`` with ``hooks`` in place (removed afterwards, also on error) -> logits."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
+        with model.hooks(fwd_hooks=hooks):
+            if attention_mask is None:
+                return model(tokens)
+            return model(tokens, attention_mask=attention_mask)
