@@ -338,6 +338,11 @@ class Graph:
         return self._layout.slot_nodes
 
     @property
+    def upstream_counts(self) -> Tensor:
+        """``[n_backward]`` int: slot ``b``'s valid sources are exactly rows ``[0, counts[b])``."""
+        return self._layout.n_upstream
+
+    @property
     def input_slots(self) -> tuple[tuple[int, ...], ...]:
         """For each forward node, the backward slots that are its inputs (empty for input)."""
         return self._layout.input_slots

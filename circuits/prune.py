@@ -20,8 +20,8 @@ edge of the selection is kept; ``nodes_in_graph`` is the final alive set.
 best-scoring valid edge not yet taken whose destination node is already in the circuit (a grouped
 k/v slot's destination is in when any head of its group is); its source node joins, opening its
 input slots. Stops at ``n`` edges (before pruning, which may remove edges that never reach
-``input``). Implemented with per-slot score columns sorted once and a heap of open slots. Ties:
-lower destination index first, then lower source index.
+``input``). Implemented with a heap over the open slots, each slot's best entries fetched lazily
+by ``topk`` on exact order keys. Ties: lower destination index first, then lower source index.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Selection(str, Enum):
 def _ranked_scores(graph: "Graph", absolute: bool) -> Tensor:
     """Scores to rank by (``|s|`` if absolute); invalid entries ``-inf``. Rejects non-finite scores."""
     scores, valid = graph.scores, graph.valid.to(graph.scores.device)
-    bad = int((~torch.isfinite(scores) & valid).sum())
+    bad = 0 if bool(torch.isfinite(scores).all()) else int((~torch.isfinite(scores) & valid).sum())
     if bad:
         raise GimlensError(f"graph.scores holds {bad} non-finite values (NaN or inf) on valid edges; "
                            "selection needs finite scores")
@@ -95,40 +95,64 @@ def select_threshold(graph: "Graph", t: float, absolute: bool = True) -> Bool[Te
     return (ranked >= float(t)) & graph.valid.to(ranked.device)
 
 
+def _order_keys(ranked: Tensor) -> Tensor:
+    """int64 keys ordering entries by (value descending, row ascending): unique per column,
+    so ``topk`` on them is exact even with tied scores."""
+    bits = (ranked + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in value
+    rows = torch.arange(ranked.shape[0], device=ranked.device)[:, None]
+    return (ordered << 20) + ((1 << 20) - 1 - rows)
+
+
 def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
     """Mask of ``n`` edges grown greedily from ``logits`` (rule in the module docstring)."""
     n = _edge_count(graph, n)
     ranked = _ranked_scores(graph, absolute).cpu()
     n_fwd, n_bwd = ranked.shape
-    counts = graph.valid.sum(0).tolist()  # valid rows of column c are exactly [0, counts[c])
-    # One stable descending sort per column: ties keep the lower source row first.
-    srt = torch.sort(ranked, dim=0, descending=True, stable=True)
-    vals_np, order_np = srt.values.numpy(), srt.indices.numpy()
+    assert n_fwd < 1 << 20, "row index must fit the order key"
+    counts = graph.upstream_counts.tolist()  # valid rows of column c are exactly [0, counts[c])
+    keys = _order_keys(ranked).T.contiguous()  # [n_bwd, n_fwd]
+    # Each column's best entries, fetched lazily: a small batch for all, more on demand.
+    first = min(n, n_fwd, 8)
+    head = torch.topk(keys, first, dim=1).indices.numpy() if first else None
+    more: dict[int, list[int]] = {}
+    values = ranked.numpy()
     slots_of = graph.input_slots
+
+    def entry(col: int, k: int) -> int:  # row of the k-th best valid entry of column col
+        if k < first and col not in more:
+            return int(head[col, k])
+        rows = more.get(col)
+        if rows is None or k >= len(rows):
+            size = min(max(4 * k, 64), counts[col])
+            rows = more[col] = torch.topk(keys[col, : counts[col]], size).indices.tolist()
+        return rows[k]
 
     chosen_rows: list[int] = []
     chosen_cols: list[int] = []
     node_in = [False] * n_fwd
     opened = [False] * n_bwd
     ptr = [0] * n_bwd
-    heap: list[tuple[float, int]] = []
+    heap: list[tuple[float, int, int]] = []  # (-score, column, row): ties -> lower column first
+
+    def push(col: int, k: int) -> None:
+        if k < counts[col]:
+            row = entry(col, k)
+            heapq.heappush(heap, (-float(values[row, col]), col, row))
 
     def open_slot(col: int) -> None:
         if not opened[col]:
             opened[col] = True
-            if counts[col]:
-                heapq.heappush(heap, (-float(vals_np[0, col]), col))
+            push(col, 0)
 
-    open_slot(n_bwd - 1)
+    if n:
+        open_slot(n_bwd - 1)
     while len(chosen_rows) < n:
-        _, col = heapq.heappop(heap)
-        k = ptr[col]
-        row = int(order_np[k, col])
+        _, col, row = heapq.heappop(heap)
         chosen_rows.append(row)
         chosen_cols.append(col)
-        ptr[col] = k + 1
-        if k + 1 < counts[col]:
-            heapq.heappush(heap, (-float(vals_np[k + 1, col]), col))
+        ptr[col] += 1
+        push(col, ptr[col])
         if not node_in[row]:
             node_in[row] = True
             for slot in slots_of[row]:

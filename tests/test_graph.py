@@ -68,6 +68,7 @@ def test_valid_mask_matches_contract(L, H, Hk, parallel, kv):
     g = Graph(n_layers=L, n_heads=H, n_kv_heads=Hk, d_model=8, parallel_attn_mlp=parallel, kv_edges=kv)
     slots = Hk if kv == "grouped" else H
     assert torch.equal(g.valid, expected_valid(L, H, slots, parallel))
+    assert torch.equal(g.valid, torch.arange(g.n_forward)[:, None] < g.upstream_counts[None, :])
     # fresh graph = the whole model
     assert torch.equal(g.in_graph, g.valid) and bool(g.nodes_in_graph.all())
     assert g.scores.dtype == torch.float32 and not g.scores.any()
