@@ -68,7 +68,8 @@ def greedy_reference(g, n, absolute):
             if (r, c) in chosen:
                 continue
             if bwd[c] == "logits" or any(h in in_nodes for h in slot_heads(g, bwd[c])):
-                if best is None or S[r, c] > S[best]:
+                # documented tie rule: lower destination index, then lower source index
+                if best is None or (S[r, c], -c, -r) > (S[best], -best[1], -best[0]):
                     best = (r, c)
         chosen.add(best)
         in_nodes.add(fwd[best[0]])
@@ -158,6 +159,18 @@ def test_greedy_matches_brute_force_reference(seed, n, absolute, kv):
     assert torch.equal(g.in_graph, expected)
     g.apply_greedy(n, absolute=absolute)  # pruned: a subset, consistent with the reference pruning
     assert torch.equal(g.in_graph, reference_prune(g, expected)[0])
+
+
+@pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
+def test_greedy_breaks_ties_by_destination_then_source_index(kv):
+    g = random_graph(6, kv=kv)
+    gen = torch.Generator().manual_seed(6)
+    g.scores = torch.randint(-2, 3, (g.n_forward, g.n_backward), generator=gen).float()  # many ties, and -0.0
+    g.scores[g.scores == 0] = -0.0
+    for n in (5, 40, 120):
+        for absolute in (True, False):
+            g.apply_greedy(n, absolute=absolute, prune=False)
+            assert torch.equal(g.in_graph, greedy_reference(g, n, absolute=absolute))
 
 
 def test_greedy_can_take_every_valid_edge():
