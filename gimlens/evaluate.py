@@ -25,11 +25,11 @@ leave-one-out ablation (:mod:`gimlens.attribution.methods`' ``feature_ablation``
 positions, per row. All model runs are batched no-grad forwards; the model is left as found.
 
 Example:
-    >>> import gimlens
+    >>> from gimlens.attribution import attribute
     >>> from gimlens.evaluate import faithfulness
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("llama")
-    >>> attr = gimlens.attribute(model, "When Mary and John went to the store, John gave a drink to")
+    >>> attr = attribute(model, "When Mary and John went to the store, John gave a drink to")
     >>> f = faithfulness(model, attr)
     >>> sorted(f.summary())
     ['comprehensiveness', 'sufficiency']
