@@ -1,0 +1,311 @@
+"""Faithfulness of a circuit by exact edge patching, and the faithfulness curve (CPR / CMD).
+
+:func:`evaluate` runs the clean examples once with every edge outside the circuit
+(``graph.in_graph`` False) carrying its ablated value. Destination ``d`` reads
+
+    x_d = (its input in this run) - sum over missing edges src -> d of (a[src] - a_abl[src])
+
+where ``a`` are the source activations of this patched run (captured as it proceeds: token
+embedding, per-head outputs ``z[h] @ W_O[h]``, MLP outputs) and ``a_abl`` the ablated ones
+(:class:`~circuits._model.Ablation`). Per-head q/k/v inputs are realised by recomputing each
+head's projection from its own corrected residual stream with the layer's ln1 (exact norm):
+``hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]`` (before RoPE, so RoPE still applies); the MLP
+input is corrected at ``ln2.hook_in``, the logits' at ``ln_final.hook_in``.
+
+The empty circuit reproduces the ablated run (the corrupted run for ``ablation="corrupted"``),
+the full circuit the clean run.
+
+**Grouped-query attention.** Query heads of one KV group share their keys and values, so a
+``per_query_head`` graph can be patched exactly only where the group's query heads have the same
+k (and v) edges; otherwise :func:`evaluate` raises and suggests ``graph.as_kv_edges("grouped")``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from gimlens.errors import GimlensError
+
+from ._model import Ablation, Hook, ModelSpec, Site, head_projection_deltas, run_model, source_hooks
+from .attribute import Examples, ablated_sources, mean_sources
+from .graph import Graph, KVEdges
+from .prune import Selection
+
+__all__ = ["evaluate", "faithfulness", "faithfulness_curve", "FaithfulnessCurve"]
+
+DEFAULT_SIZES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+
+@dataclass
+class _Patcher:
+    """Hooks for one patched run of one batch."""
+
+    spec: ModelSpec
+    graph: Graph
+    missing: Bool[Tensor, "n_fwd n_bwd"]  # on the model's device
+    blocks: dict  # (layer | None, part) -> (n_up, cols, W or None): destinations with missing edges
+    ablated: Float[Tensor, "n_fwd B S d"]
+    delta: Float[Tensor, "n_fwd B S d"] = None  # a - a_abl of this run's sources
+    pending: dict = field(default_factory=dict)
+
+    def hooks(self) -> list[Hook]:
+        self.delta = torch.empty_like(self.ablated)
+        hooks = source_hooks(self.spec, self._record)
+        for l in range(self.spec.n_layers):
+            if any((l, p) in self.blocks for p in "qkv"):
+                hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._heads(x, l)))
+                for p in "qkv":
+                    hooks.append((Site(f"blocks.{{l}}.attn.hook_{p}").at(l),
+                                  lambda x, hook, l=l, p=p: self._add(x, l, p)))
+            if (l, "mlp") in self.blocks:
+                hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
+        if (None, "logits") in self.blocks:
+            hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._patch(x, None, "logits")))
+        return hooks
+
+    def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
+        return x - self._correction(layer, part)[0].to(x.dtype)
+
+    def _record(self, rows: slice, values: Tensor) -> None:
+        self.delta[rows] = values - self.ablated[rows]
+
+    def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
+        n_up, cols, _ = self.blocks[layer, part]
+        m = self.missing[:n_up, cols].to(self.delta.dtype)
+        c = m.T @ self.delta[:n_up].reshape(n_up, -1)
+        return c.view(m.shape[1], *self.delta.shape[1:])
+
+    def _heads(self, x: Tensor, layer: int) -> None:
+        for p in "qkv":
+            if (layer, p) in self.blocks:
+                W = self.blocks[layer, p][2]
+                self.pending[layer, p] = head_projection_deltas(
+                    x, self._correction(layer, p), W, self.spec.ln1[layer])
+
+    def _add(self, x: Tensor, layer: int, part: str):
+        d = self.pending.pop((layer, part), None)
+        return None if d is None else x + d.to(x.dtype)
+
+
+def _blocks(spec: ModelSpec, graph: Graph, missing_cpu: Tensor) -> dict:
+    """Destination blocks that lose at least one edge, with their upstream count and columns."""
+    H, Hk = spec.n_heads, spec.n_kv_heads
+    split = graph.kv_edges is KVEdges.PER_QUERY_HEAD and Hk < H
+    blocks = {}
+    for l in range(spec.n_layers):
+        n_up = spec.upstream(l)
+        for p in "qkv":
+            cols = graph.backward_slice(l, p)
+            if p != "q" and split:
+                shared = missing_cpu[:, cols].reshape(-1, Hk, H // Hk)
+                if not bool((shared == shared[..., :1]).all()):
+                    raise GimlensError(
+                        f"layer {l}: query heads of one KV group have different {p} edges in this "
+                        "per_query_head graph, but they share one key/value projection, so exact "
+                        "patching cannot give them different inputs. Use "
+                        "graph.as_kv_edges('grouped') (an edge stays if any head of the group "
+                        "keeps it) or select the circuit on a kv_edges='grouped' graph."
+                    )
+                cols = slice(cols.start, cols.stop, H // Hk)
+            if bool(missing_cpu[:n_up, cols].any()):
+                W = getattr(spec.attn[l], f"W_{p.upper()}")
+                blocks[l, p] = (n_up, cols, W)
+        col = graph.backward_index(l)
+        n_up = spec.upstream(l, mlp=True)
+        if bool(missing_cpu[:n_up, col].any()):
+            blocks[l, "mlp"] = (n_up, slice(col, col + 1), None)
+    col = graph.n_backward - 1
+    if bool(missing_cpu[:, col].any()):
+        blocks[None, "logits"] = (spec.n_forward, slice(col, col + 1), None)
+    return blocks
+
+
+@dataclass(frozen=True)
+class _Setup:
+    spec: ModelSpec
+    ex: Examples
+    ablation: Ablation
+    batch_size: int | None
+    batches: list
+
+
+def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask) -> _Setup:
+    if not isinstance(graph, Graph):
+        raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
+    spec = ModelSpec.read(model)
+    graph.check_matches(model)
+    ablation = Ablation.coerce(ablation)
+    ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
+    return _Setup(spec, ex, ablation, batch_size, ex.batches(batch_size))
+
+
+def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, reference: bool
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-example metrics ``[len(masks), n]`` of the patched runs, and (``reference``) of the
+    clean run and of the ablated baseline (the corrupted run, or the empty circuit)."""
+    spec, ex = s.spec, s.ex
+    valid = graph.valid.cpu()
+    plans = []
+    for m in masks:
+        missing = valid & ~m.cpu().bool()
+        plans.append((missing.to(spec.device), _blocks(spec, graph, missing)))
+    empty = (valid.to(spec.device), _blocks(spec, graph, valid))
+    out = torch.zeros(len(masks), len(ex))
+    clean_m = torch.zeros(len(ex)) if reference else None
+    base_m = torch.zeros(len(ex)) if reference else None
+    with torch.no_grad():
+        mean = mean_sources(model, spec, ex, s.batch_size) if s.ablation is Ablation.MEAN else None
+        for idx in s.batches:
+            ablated, corrupted_logits = ablated_sources(model, spec, ex, idx, s.ablation, mean)
+            toks, mask = ex.tokens("clean", idx, spec.device)
+
+            def patched(plan):
+                patcher = _Patcher(spec, graph, plan[0], plan[1], ablated)
+                return ex.score(run_model(model, toks, mask, patcher.hooks()), idx).float().cpu()
+
+            for i, plan in enumerate(plans):
+                out[i, idx] = patched(plan)
+            if reference:
+                clean_m[idx] = ex.score(run_model(model, toks, mask, []), idx).float().cpu()
+                base_m[idx] = patched(empty) if corrupted_logits is None else \
+                    ex.score(corrupted_logits, idx).float().cpu()
+    return out, clean_m, base_m
+
+
+def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
+             ablation: Ablation | str = "corrupted", batch_size: int | None = None,
+             attention_mask: Tensor | None = None) -> Float[Tensor, " n"]:
+    """The metric of every example with only the circuit's edges clean (exact edge patching).
+
+    Args:
+        model: a TransformerLens model (left as found).
+        graph: the circuit: ``graph.in_graph`` marks the edges kept clean.
+        clean, corrupted, metric, attention_mask: as in :func:`circuits.attribute`.
+        ablation: what missing edges carry: ``"corrupted"``, ``"mean"`` or ``"zero"``.
+        batch_size: examples per forward pass (``None``: all at once).
+
+    Returns:
+        float32 ``[n]`` (CPU): ``metric`` per example.
+
+    Example:
+        >>> import torch
+        >>> from gimlens.testing import tiny_model
+        >>> from circuits.graph import Graph
+        >>> model = tiny_model("gpt2")
+        >>> clean, corrupted = model.to_tokens(["When Mary and John went"]), model.to_tokens(["When Anna and John went"])
+        >>> metric = lambda logits, idx: logits[:, -1, 0]
+        >>> empty = Graph.from_model(model).reset(empty=True)
+        >>> got = evaluate(model, empty, clean, corrupted, metric)
+        >>> torch.allclose(got, model(corrupted)[:, -1, 0], atol=1e-5)
+        True
+    """
+    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    return _run_circuits(model, graph, s, [graph.in_graph], reference=False)[0][0]
+
+
+def faithfulness(model, graph: Graph, clean, corrupted=None, metric=None, *,
+                 ablation: Ablation | str = "corrupted", batch_size: int | None = None,
+                 attention_mask: Tensor | None = None) -> float:
+    """``(m_circuit - m_ablated) / (m_clean - m_ablated)`` with means over examples.
+
+    ``m_ablated`` is the fully ablated model: the corrupted run for ``ablation="corrupted"``,
+    else the empty circuit under that ablation. 1 means the circuit does what the model does.
+    """
+    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    circuit, clean_m, base_m = _run_circuits(model, graph, s, [graph.in_graph], reference=True)
+    return _normalise(circuit[0].mean(), clean_m.mean(), base_m.mean())
+
+
+def _normalise(m: Tensor, clean: Tensor, base: Tensor) -> float:
+    gap = float(clean - base)
+    if gap == 0.0:
+        raise GimlensError("the clean and the ablated runs have the same mean metric, so "
+                           "faithfulness (m - m_ablated) / (m_clean - m_ablated) is undefined")
+    return float(m - base) / gap
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """Faithfulness of the best circuits of several sizes, with the curve's areas.
+
+    ``sizes`` are percentages of the valid edges requested, ``n_edges`` the edges left after
+    selection and pruning. ``cpr`` is the area under the curve and ``cmd`` the area between the
+    curve and 1 (``|1 - f|``), both by the trapezoid rule over the fraction axis ``sizes / 100``.
+    """
+
+    sizes: tuple[float, ...]
+    n_edges: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+    cpr: float
+    cmd: float
+    clean_metric: float
+    ablated_metric: float
+
+
+_SELECT = {Selection.TOPN: Graph.apply_topn, Selection.GREEDY: Graph.apply_greedy}
+
+
+def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, *,
+                       sizes: Sequence[float] = DEFAULT_SIZES, selection: Selection | str = "topn",
+                       absolute: bool = True, ablation: Ablation | str = "corrupted",
+                       batch_size: int | None = None,
+                       attention_mask: Tensor | None = None) -> FaithfulnessCurve:
+    """Faithfulness of the circuits made of the top ``sizes`` percent of edges by score.
+
+    Each circuit is selected on a copy of ``graph`` (``apply_topn`` or ``apply_greedy`` with
+    ``absolute``, then pruned); ``graph`` itself is not changed. All circuits of a batch share
+    one corrupted and one clean forward pass.
+
+    Example:
+        >>> from gimlens.testing import tiny_model
+        >>> from circuits import attribute
+        >>> from circuits.graph import Graph
+        >>> model = tiny_model("gpt2")
+        >>> clean, corrupted = model.to_tokens(["When Mary and John went"]), model.to_tokens(["When Anna and John went"])
+        >>> metric = lambda logits, idx: logits[:, -1, 0] - logits[:, -1, 1]
+        >>> g = attribute(model, Graph.from_model(model), clean, corrupted, metric)
+        >>> curve = faithfulness_curve(model, g, clean, corrupted, metric, sizes=(0, 50, 100))
+        >>> round(curve.faithfulness[0], 4), round(curve.faithfulness[-1], 4)
+        (0.0, 1.0)
+    """
+    try:
+        selection = Selection(selection)
+    except ValueError:
+        selection = None
+    if selection not in _SELECT:
+        raise GimlensError(f"selection must be one of {[m.value for m in _SELECT]}, got {selection!r}")
+    sizes = _check_sizes(sizes)
+    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    masks, n_edges = [], []
+    for size in sizes:
+        circuit = graph.copy()
+        _SELECT[selection](circuit, round(size / 100 * graph.n_valid_edges), absolute)
+        masks.append(circuit.in_graph)
+        n_edges.append(circuit.n_edges_in_graph)
+    circuits, clean_m, base_m = _run_circuits(model, graph, s, masks, reference=True)
+    f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in circuits]
+    x = [size / 100 for size in sizes]
+    return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), _trapezoid(f, x),
+                             _trapezoid([abs(1 - v) for v in f], x), float(clean_m.mean()),
+                             float(base_m.mean()))
+
+
+def _check_sizes(sizes) -> list[float]:
+    try:
+        values = [float(v) for v in sizes]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(not (0 <= v <= 100) or math.isnan(v) for v in values) \
+            or values != sorted(set(values)):
+        raise GimlensError(f"sizes must be increasing percentages in [0, 100], got {sizes!r}")
+    return values
+
+
+def _trapezoid(y: Sequence[float], x: Sequence[float]) -> float:
+    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
