@@ -1,5 +1,5 @@
 """circuits.evaluate: exact edge patching against the per-edge reference forward of
-test_circuits_attribute.py, the empty / full circuit identities, faithfulness and its curve."""
+test_attribute.py, the empty / full circuit identities, faithfulness and its curve."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import TINY
 from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
-from test_circuits_attribute import edge_reference, ioi
+from test_attribute import edge_reference, ioi
 
 
 def logits_of(model, graph, clean, corrupted, **kwargs):
