@@ -1,0 +1,142 @@
+"""``gimlens discover``: find a circuit for a task with edge attribution patching.
+
+Loads the model (the embedded SmolLM2-135M-Instruct unless ``--model`` names a folder or hub
+model), builds the task, scores every edge (``circuits.attribute``), keeps the ``--edges`` best
+(top-n by absolute score, then dangling edges pruned), reports the circuit's normalised
+faithfulness (exact edge patching on the same examples) and writes the circuit. All outputs are
+written together at the end, each atomically; a failure leaves none of them. Bad arguments raise
+:class:`~gimlens.errors.GimlensError` before the model is loaded.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="gimlens discover")
+    >>> add_arguments(parser)
+    >>> args = parser.parse_args(["--task", "ioi", "-o", "circuit.json", "--gim"])
+    >>> args.method, args.edges, args.gim, args.kv_edges
+    ('EAP-IG-inputs', 500, True, 'grouped')
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from gimlens.errors import GimlensError
+
+from .tasks import TASKS
+
+__all__ = ["add_arguments", "run"]
+
+_METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
+#: output option -> (allowed suffixes, Graph method writing it)
+_OUTPUTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "output": ((".json",), "to_json"),
+    "png": ((".png", ".svg", ".pdf"), "render"),
+    "graphml": ((".graphml",), "to_graphml"),
+    "eap_json": ((".json",), "to_eap_json"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``discover``'s options to ``parser``."""
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to find a circuit for")
+    parser.add_argument("--model", default=None, help="model folder or hub name (default: embedded SmolLM2)")
+    parser.add_argument("--method", default="EAP-IG-inputs", choices=_METHODS, help="edge scoring method")
+    parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
+    parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")
+    parser.add_argument("--n", type=int, default=64, help="number of task examples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's examples")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the IG methods")
+    parser.add_argument("--kv-edges", default="grouped", choices=("grouped", "per_query_head"),
+                        help="k/v edges per KV head (grouped) or per query head (EAP-IG/MIB layout)")
+    parser.add_argument("--ablation", default="corrupted", choices=("corrupted", "mean", "zero"))
+    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    parser.add_argument("-o", "--output", required=True, help="circuit JSON (own format, exact scores)")
+    parser.add_argument("--png", default=None, help="image of the circuit (.png, .svg or .pdf)")
+    parser.add_argument("--graphml", default=None, help="GraphML file of the circuit")
+    parser.add_argument("--eap-json", default=None, help="EAP-IG / MIB compatible JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check(args: argparse.Namespace) -> dict[str, Path]:
+    """Validate everything that can be checked without the model; return the output paths."""
+    for name, low in (("edges", 1), ("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0)):
+        value = getattr(args, name)
+        if value < low:
+            raise GimlensError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    outputs: dict[str, Path] = {}
+    for key, (suffixes, _) in _OUTPUTS.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        flag = "-o/--output" if key == "output" else f"--{key.replace('_', '-')}"
+        if path.suffix.lower() not in suffixes:
+            raise GimlensError(f"{flag} {value!r}: expected a file ending in {' or '.join(suffixes)}")
+        if not path.parent.is_dir():
+            raise GimlensError(f"{flag} {value!r}: folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise GimlensError(f"{flag} {value!r} is a folder; expected a file name")
+        if not os.access(path.parent, os.W_OK):
+            raise GimlensError(f"{flag} {value!r}: folder {str(path.parent)!r} is not writable")
+        if path.resolve() in {p.resolve() for p in outputs.values()}:
+            raise GimlensError(f"{flag} {value!r} is also given for another output; expected distinct files")
+        outputs[key] = path
+    return outputs
+
+
+def _write_all(graph, outputs: dict[str, Path]) -> None:
+    """Write every output to a temporary file beside it, then move them all into place."""
+    staged: list[tuple[Path, Path]] = []
+    folders: list[Path] = []
+    try:
+        for key, path in outputs.items():
+            folder = Path(tempfile.mkdtemp(prefix=".gimlens-discover-", dir=path.parent))
+            folders.append(folder)
+            tmp = folder / path.name
+            write: Callable = getattr(graph, _OUTPUTS[key][1])
+            write(str(tmp))
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gimlens discover``; returns the exit status (0)."""
+    outputs = _check(args)
+
+    from gimlens.models import load_model
+
+    from .attribute import attribute
+    from .evaluate import faithfulness
+    from .graph import Graph
+    from .tasks import make
+
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+    task = make(args.task, model, n=args.n, seed=args.seed)
+    graph = Graph.from_model(model, kv_edges=args.kv_edges)
+    if args.edges > graph.n_valid_edges:
+        raise GimlensError(f"--edges {args.edges} exceeds the {graph.n_valid_edges} edges of this model's graph")
+    method = f"{args.method}{' + GIM' if args.gim else ''}"
+    print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
+          file=sys.stderr)
+    attribute(model, graph, task, method=args.method, ig_steps=args.ig_steps, gim=args.gim or None,
+              batch_size=args.batch_size, ablation=args.ablation, progress=not args.no_progress)
+    graph.apply_topn(args.edges, absolute=True)
+    faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation)
+    _write_all(graph, outputs)
+    print(f"circuit: {graph.n_edges_in_graph} edges (top {args.edges} by |score|, dangling pruned), "
+          f"{int(graph.nodes_in_graph.sum())} nodes; normalised faithfulness {faith:.3f}")
+    print(f"wrote {', '.join(str(p) for p in outputs.values())} in {time.perf_counter() - start:.1f} s")
+    return 0
