@@ -254,6 +254,8 @@ def _json_float(x: float) -> str:
 def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
     """Write the EAP-IG / MIB JSON schema (GQA k/v edges per query head, copied from the group).
 
+    Scores are written with 9 significant digits: exact for float32 (the dense tensors' dtype).
+
     Example:
         >>> import json, os, tempfile
         >>> g = Graph(n_layers=1, n_heads=2, n_kv_heads=1, d_model=8)
@@ -273,9 +275,11 @@ def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
     valid = pq.valid
     scores = pq.scores.cpu()[valid].tolist()
     members = pq.in_graph.cpu()[valid].tolist()
-    fmt = repr if all(map(math.isfinite, scores)) else _json_float
-    edges = ", ".join(f'"{name}": {{"score": {fmt(s)}, "in_graph": {"true" if m else "false"}}}'
-                      for name, s, m in zip(pq._layout.edge_names, scores, members))
+    # 9 significant digits identify a float32 exactly; NaN / inf as Python's json writes them.
+    number = "{:.9g}" if bool(torch.isfinite(pq.scores).all()) else "{}"
+    scores = scores if number == "{:.9g}" else list(map(_json_float, scores))
+    entry = ('"{}": {{"score": ' + number + ', "in_graph": {}}}').format
+    edges = ", ".join(map(entry, pq._layout.edge_names, scores, map(("false", "true").__getitem__, members)))
     text = f'{{"cfg": {json.dumps(cfg)}, "nodes": {json.dumps(nodes)}, "edges": {{{edges}}}}}'
     return _write_text(path, text)
 

@@ -24,6 +24,11 @@ def scored_graph(kv="grouped", seed=0, **shape):
     return g
 
 
+def f32(x):
+    """The float32 a JSON number denotes (files hold float32 scores as 9-digit decimals)."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
 def eap_index(L, H, src, dst):
     """EAP-IG/MIB indices written from the published layout (not from circuits.graph)."""
     def fwd(name):
@@ -132,9 +137,11 @@ def test_eap_export_copies_gqa_edges_to_every_query_head(tmp_path):
     assert set(doc["nodes"]) == set(g.forward_names) | {"logits"}
     for h in range(4):  # query heads 0,1 read KV group 0; 2,3 read group 1
         for x in "kv":
-            src = g.edges[f"a0.h1->a1.g{h // 2}<{x}>"]
-            assert doc["edges"][f"a0.h1->a1.h{h}<{x}>"] == {"score": src.score, "in_graph": src.in_graph}
-    assert doc["edges"]["a0.h1->a1.h3<q>"]["score"] == g.edges["a0.h1->a1.h3<q>"].score
+            src, written = g.edges[f"a0.h1->a1.g{h // 2}<{x}>"], doc["edges"][f"a0.h1->a1.h{h}<{x}>"]
+            assert f32(written["score"]) == src.score and written["in_graph"] == src.in_graph
+    assert f32(doc["edges"]["a0.h1->a1.h3<q>"]["score"]) == g.edges["a0.h1->a1.h3<q>"].score
+    exact = [f32(doc["edges"][n]["score"]) == e.score for n, e in g.as_kv_edges("per_query_head").edges.items()]
+    assert all(exact) and len(exact) == len(doc["edges"])
     assert Graph.from_eap_json(tmp_path / "e.json", kv_edges="grouped").equals(g)
     assert Graph.from_eap_json(tmp_path / "e.json").equals(g.as_kv_edges("per_query_head"))
 
