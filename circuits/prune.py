@@ -3,7 +3,7 @@
 Every selection works on the dense tensors (``graph.scores``, ``graph.valid``) and replaces
 ``graph.in_graph``; with ``prune=True`` (default) it then removes dangling edges and nodes.
 
-**Pruning rule** (:func:`prune_dangling`, a vectorised fixed point, no recursion). Starting from
+**Pruning rule** (:func:`prune_dangling`, a vectorised fixed point on the edge list, no recursion). From
 ``E = in_graph & valid``, repeat until ``E`` stops changing:
 
 1. a source node is *alive* if it has an outgoing edge in ``E`` **and** it is ``input`` or one of its
