@@ -3,8 +3,8 @@
 Every selection works on the dense tensors (``graph.scores``, ``graph.valid``) and replaces
 ``graph.in_graph``; with ``prune=True`` (default) it then removes dangling edges and nodes.
 
-**Pruning rule** (:func:`prune_dangling`, a vectorised fixed point on the edge list, no recursion). From
-``E = in_graph & valid``, repeat until ``E`` stops changing:
+**Pruning rule** (:func:`prune_dangling`, a vectorised fixed point on the edge list, no
+recursion). From ``E = in_graph & valid``, repeat until ``E`` stops changing:
 
 1. a source node is *alive* if it has an outgoing edge in ``E`` **and** it is ``input`` or one of its
    input slots has an incoming edge in ``E`` (a head's q, k and v slots all count as its inputs; a
