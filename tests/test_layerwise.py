@@ -147,18 +147,18 @@ def test_flows_match_an_independent_block_reference(any_model, hf_models, gim, b
     hf, rules = hf_models[_arch(any_model)], (GIM_RULES if gim else Rules())
     l = 1
     tokens, clean, _ = _clean(any_model, l)
-    res = layerwise_ig(any_model, tokens, layers=l, granularity="all", baseline=baseline, gim=gim, steps=16)
+    res = layerwise_ig(any_model, tokens, layers=l, granularity="all", baseline=baseline, gim=gim, steps=8)
     z, u = clean["hook_resid_pre"], clean["hook_resid_mid"]
     T, d = z.shape
     H = any_model.cfg.n_heads
     for j in (2, T - 1):
         base = torch.zeros_like(z) if baseline == "zero" else z[j].expand(T, d)
-        want = _ref_ig(lambda x: _ref_block(hf, l, x, rules)[2][:, j], z, base, 16)
+        want = _ref_ig(lambda x: _ref_block(hf, l, x, rules)[2][:, j], z, base, 8)
         torch.testing.assert_close(res.flow(l, "layer").matrix[:, j].double(), want, atol=2e-4, rtol=2e-4)
         for h in range(H):
-            want = _ref_ig(lambda x: _ref_attention(hf, l, x, rules)[:, j, h], z, base, 16)
+            want = _ref_ig(lambda x: _ref_attention(hf, l, x, rules)[:, j, h], z, base, 8)
             torch.testing.assert_close(res.flow(l, "att").heads[h, :, j].double(), want, atol=2e-4, rtol=2e-4)
-        want = _ref_ig(lambda x: _ref_attention(hf, l, x, rules)[:, j].sum(1), z, base, 16)
+        want = _ref_ig(lambda x: _ref_attention(hf, l, x, rules)[:, j].sum(1), z, base, 8)
         torch.testing.assert_close(res.flow(l, "att").matrix[:, j].double(), want, atol=2e-4, rtol=2e-4)
     # mlp: per residual dimension of u_j, for every target at once
     if baseline == "zero":
@@ -166,7 +166,7 @@ def test_flows_match_an_independent_block_reference(any_model, hf_models, gim, b
     else:
         with torch.no_grad():
             ubase = torch.stack([_ref_block(hf, l, z[j].expand(T, d)[None], rules)[1][0, j] for j in range(T)])
-    alpha, w = _gl(16)
+    alpha, w = _gl(8)
     x = (ubase + alpha[:, None, None] * (u - ubase)).requires_grad_(True)
     with torch.no_grad():
         ref = _ref_mlp_phi(hf, l, ubase, rules)
@@ -473,11 +473,15 @@ def test_smollm2_layer_and_att_flows_are_complete_and_causal():
     model = load_model()
     before = model_state(model)
     text = "When Mary and John went to the store, John gave a drink to"
-    res = layerwise_ig(model, text, layers=[3, 20], granularity=["layer", "att"], steps=32)
-    for f in res.flows.values():
-        big = f.total > 1e-3 * float(f.total.max())
-        assert (f.completeness_error.abs()[big] <= 1e-3 * f.total[big]).all()
-        assert torch.count_nonzero(torch.tril(f.matrix, -1)) == 0
-        assert torch.count_nonzero(torch.diagonal(f.matrix)) == 0
-        assert math.isfinite(float(f.matrix.abs().sum()))
+    # Deep layers route almost everything through the BOS attention sink (massive activations):
+    # the integrand gets sharp there, so layer 20 needs 64 nodes for 1e-3 (measured: 2.7e-2 at 32,
+    # 2.1e-4 at 64); layer 3 is at 1e-5 with 32.
+    for layer, steps in ((3, 32), (20, 64)):
+        res = layerwise_ig(model, text, layers=layer, granularity=["layer", "att"], steps=steps)
+        for f in res.flows.values():
+            big = f.total > 1e-3 * float(f.total.max())
+            assert big.sum() == f.total.numel() - 1  # all but BOS, which sees only itself
+            assert (f.completeness_error.abs()[big] <= 1e-3 * f.total[big]).all(), (layer, f.granularity)
+            assert torch.count_nonzero(torch.tril(f.matrix, -1)) == 0
+            assert torch.count_nonzero(torch.diagonal(f.matrix)) == 0
     assert_state_equal(before, model_state(model))

@@ -265,6 +265,29 @@ def _chunks(n_rows: int, ctx: _Ctx, pos: int, d_model: int):
         yield torch.arange(start, min(start + size, n_rows))
 
 
+def _target_chunks(ctx: _Ctx, T: int, per_target: int, d_model: int) -> list[tuple[int, int, int]]:
+    """``(first row, end row, positions)`` per pass; rows are ordered by target.
+
+    On a causal model the outputs at targets ``<= j`` do not depend on later positions, so a pass
+    whose last target is ``j`` runs on the first ``j + 1`` positions only (about half the work
+    over a prompt). Without ``batch_size``, a pass holds about ``_ELEMENTS_PER_PASS`` elements.
+    """
+    causal = getattr(ctx.model.cfg, "attention_dir", "causal") == "causal"
+    budget = max(1, _ELEMENTS_PER_PASS // d_model)
+    total, chunks, start = T * per_target, [], 0
+    while start < total:
+        end = start
+        while end < total:
+            P = end // per_target + 1 if causal else T
+            allowed = (ctx.batch_size or max(1, budget // P)) - (end - start)
+            if allowed <= 0:
+                break
+            end += min(allowed, (end // per_target + 1) * per_target - end)
+        chunks.append((start, end, (end - 1) // per_target + 1 if causal else T))
+        start = end
+    return chunks
+
+
 def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
     """``layer`` and ``att``: one row per (target, head group, node)."""
     bound = BOUNDARIES[g]
@@ -313,17 +336,17 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
 
     K = ctx.alpha.numel()
     acc = torch.zeros(T * G, T, dtype=torch.float32, device=dev)
-    for rows in _chunks(T * G * K, ctx, T, d):
-        rows = rows.to(dev)
+    for start, end, P in _target_chunks(ctx, T, G * K, d):
+        rows = torch.arange(start, end, device=dev)
         j, gi, k = rows // (G * K), (rows // K) % G, rows % K
-        base = bases[base_of[j]]
-        delta = z[None] - base
+        base = bases[base_of[j], :P]
+        delta = z[None, :P] - base
         x = (base + ctx.alpha[k][:, None, None] * delta).requires_grad_(True)
-        out = run_block(ctx.model, ctx.tokens, in_hook, x, out_hook, ctx.hooks)
+        out = run_block(ctx.model, ctx.tokens[:, :P], in_hook, x, out_hook, ctx.hooks)
         loss = (objective(out, j, gi) - ref[j, gi]).norm(dim=-1).sum()
         (grad,) = torch.autograd.grad(loss, x)
-        contrib = (grad * delta).sum(-1).float() * ctx.weights[k][:, None]  # [n, T_src]
-        acc.index_add_(0, j * G + gi, contrib)
+        contrib = (grad * delta).sum(-1).float() * ctx.weights[k][:, None]  # [n, P sources]
+        acc[:, :P].index_add_(0, j * G + gi, contrib)
     flows = acc.view(T, G, T).permute(1, 2, 0)  # [G, src, tgt]
     if g is Granularity.LAYER:
         return Flow(ctx.layer, g, baseline, flows[0].contiguous(), total[:, 0])
