@@ -32,6 +32,7 @@ from enum import Enum
 from numbers import Real
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
@@ -115,18 +116,16 @@ def select_greedy(graph: "Graph", n: int, absolute: bool = True) -> Bool[Tensor,
     # Each column's best entries, fetched lazily: a small batch for all, more on demand.
     first = min(n, n_fwd, 8)
     head = torch.topk(keys, first, dim=1).indices.numpy() if first else None
-    more: dict[int, list[int]] = {}
-    values = ranked.numpy()
+    keys_np, values = keys.numpy(), ranked.numpy()
+    more: dict[int, np.ndarray] = {}  # columns whose first batch ran out: full descending order
     slots_of = graph.input_slots
 
     def entry(col: int, k: int) -> int:  # row of the k-th best valid entry of column col
-        if k < first and col not in more:
+        if k < first:
             return int(head[col, k])
-        rows = more.get(col)
-        if rows is None or k >= len(rows):
-            size = min(max(4 * k, 64), counts[col])
-            rows = more[col] = torch.topk(keys[col, : counts[col]], size).indices.tolist()
-        return rows[k]
+        if col not in more:
+            more[col] = np.argsort(-keys_np[col, : counts[col]])
+        return int(more[col][k])
 
     chosen_rows: list[int] = []
     chosen_cols: list[int] = []
@@ -174,28 +173,32 @@ def prune_dangling(graph: "Graph") -> tuple[Bool[Tensor, "n_forward n_backward"]
     """
     device = graph.in_graph.device
     n_fwd, n_bwd = graph.n_forward, graph.n_backward
-    pair_b, pair_f = graph.slot_nodes.to(device).nonzero(as_tuple=True)  # slot b feeds node f
-    # The fixed point runs on the in-graph edge list (vectorised; cost ~ edges, not n_fwd*n_bwd).
-    rows, cols = (graph.in_graph & graph.valid.to(device)).nonzero(as_tuple=True)
+    slots = graph.input_slots  # slot pair_b[i] feeds node pair_f[i]
+    pair_f = np.repeat(np.arange(n_fwd), [len(x) for x in slots])
+    pair_b = np.fromiter((b for x in slots for b in x), dtype=np.int64, count=len(pair_f))
+    # The fixed point runs on the in-graph edge list in numpy: its cost follows the number of
+    # edges, and small index operations stay single-threaded (torch's thread pool costs more
+    # than the work here, badly so on a busy machine).
+    rows, cols = np.nonzero((graph.in_graph & graph.valid.to(device)).cpu().numpy())
     while True:
-        has_out = torch.zeros(n_fwd, dtype=torch.bool, device=device)
+        has_out = np.zeros(n_fwd, dtype=bool)
         has_out[rows] = True
-        fed = torch.zeros(n_bwd, dtype=torch.bool, device=device)
+        fed = np.zeros(n_bwd, dtype=bool)
         fed[cols] = True
-        has_in = torch.zeros(n_fwd, dtype=torch.bool, device=device)
+        has_in = np.zeros(n_fwd, dtype=bool)
         has_in[pair_f[fed[pair_b]]] = True
         has_in[0] = True
         alive = has_out & has_in
-        slot_alive = torch.zeros(n_bwd, dtype=torch.bool, device=device)
+        slot_alive = np.zeros(n_bwd, dtype=bool)
         slot_alive[pair_b[alive[pair_f]]] = True
         slot_alive[-1] = True
         keep = alive[rows] & slot_alive[cols]
-        if bool(keep.all()):
+        if keep.all():
             break
         rows, cols = rows[keep], cols[keep]
-    edges = torch.zeros(n_fwd, n_bwd, dtype=torch.bool, device=device)
+    edges = np.zeros((n_fwd, n_bwd), dtype=bool)
     edges[rows, cols] = True
-    return edges, alive
+    return torch.from_numpy(edges).to(device), torch.from_numpy(alive).to(device)
 
 
 #: One entry per strategy: (graph, n-or-threshold, absolute) -> in_graph mask.
