@@ -201,9 +201,9 @@ def _linear_toy():
     T = tokens.shape[1]
     pattern = torch.tril(torch.ones(T, T))
     pattern = pattern / pattern.sum(-1, keepdim=True)  # uniform causal attention
-    hooks = [
-        ("blocks.0.ln1.hook_scale", lambda t, hook: sigma.expand_as(t)),
-        ("blocks.0.attn.hook_pattern", lambda t, hook: pattern.expand_as(t)),
+    hooks = [  # sliced: passes for early targets run on a prefix of the prompt
+        ("blocks.0.ln1.hook_scale", lambda t, hook: sigma[:, : t.shape[1]].expand_as(t)),
+        ("blocks.0.attn.hook_pattern", lambda t, hook: pattern[: t.shape[2], : t.shape[3]].expand_as(t)),
         ("blocks.0.hook_mlp_out", lambda t, hook: torch.zeros_like(t)),
     ]
     # Closed form. Φ_{j,h}(x) = sum_i P[j,i] (LNlin(x_i) W_V[h] W_O[h]) + const, so source i moves

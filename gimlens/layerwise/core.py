@@ -16,7 +16,9 @@ that is constant or linear along the path is still integrated exactly.
 
 Every target, head and quadrature node of a layer is one row of a batched pass; rows are
 chunked to ``batch_size`` and each chunk needs one forward and one backward: since ``L_j`` of a
-row depends only on that row, the gradient of the sum over rows gives every row its own.
+row depends only on that row, the gradient of the sum over rows gives every row its own. On
+causal models a pass whose last target is ``j`` runs on the first ``j + 1`` tokens only (hooks a
+caller keeps on the model during the call see those shorter batches).
 
 Example:
     >>> from gimlens.testing import tiny_model
@@ -31,7 +33,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -49,6 +52,8 @@ __all__ = ["layerwise_ig"]
 
 #: Default chunk: about this many residual-stream elements (rows x positions x d_model) per pass.
 _ELEMENTS_PER_PASS = 1 << 23
+#: On causal models the targets are split over at least this many passes (see _target_chunks).
+_MIN_PASSES = 8
 
 
 def layerwise_ig(
@@ -148,7 +153,8 @@ def _tokens(model, text) -> tuple[Int[Tensor, "1 pos"], str | None]:
         tokens = check_tokens(text, model, name="text")
         if tokens.shape[0] != 1:
             raise GimlensError(f"expected one prompt, got a batch of {tokens.shape[0]}")
-        return tokens, None
+        param = next(model.parameters(), None)
+        return (tokens if param is None else tokens.to(param.device)), None
     raise GimlensError(f"text must be a string or a tensor of token ids, got {type(text).__name__}")
 
 
@@ -218,9 +224,19 @@ def _fold_zero_node(
 # Computation
 
 
+@dataclass(frozen=True)
 class _Ctx:
-    def __init__(self, **kw) -> None:
-        self.__dict__.update(kw)
+    """What every pass over one layer needs."""
+
+    model: Any
+    tokens: Tensor  # [1, T]
+    layer: int
+    clean: dict  # ("resid_pre" | "resid_mid" | "pattern", layer) -> activation of the prompt
+    alpha: Tensor  # quadrature nodes, model dtype
+    weights: Tensor  # quadrature weights, float32
+    hooks: list  # GIM's forward hooks inside this block
+    heads: HeadScores
+    batch_size: int | None
 
 
 def _clean_pass(model, tokens, layers, need_mid: bool, need_pattern: bool) -> dict:
@@ -249,9 +265,8 @@ def _flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
     itb = compute(ctx, g, Baseline.INPUT_TOKEN)
     if baseline is Baseline.ITB_ZERO_RATIO:
         zero = compute(ctx, g, Baseline.ZERO)
-        fix = lambda m, zm: zero_ratio(m, zm)  # noqa: E731
-        matrix = fix(itb.matrix, zero.matrix)
-        heads = None if itb.heads is None else fix(itb.heads, zero.heads)
+        matrix = zero_ratio(itb.matrix, zero.matrix)
+        heads = None if itb.heads is None else zero_ratio(itb.heads, zero.heads)
     else:
         a = torch.diagonal(ctx.clean[("pattern", ctx.layer)][0], dim1=-2, dim2=-1).float()
         matrix = map_ratio(itb.matrix, a.mean(0))  # whole attention: the heads' mean a_jj
@@ -274,12 +289,15 @@ def _target_chunks(ctx: _Ctx, T: int, per_target: int, d_model: int) -> list[tup
     """
     causal = getattr(ctx.model.cfg, "attention_dir", "causal") == "causal"
     budget = max(1, _ELEMENTS_PER_PASS // d_model)
+    # At most ~1/8 of the targets per pass, so that short prefixes run short: work ~ 1.1x the
+    # triangular minimum instead of 2x, for ~8 passes' overhead.
+    span = -(-T // _MIN_PASSES) * per_target if causal else T * per_target
     total, chunks, start = T * per_target, [], 0
     while start < total:
         end = start
         while end < total:
             P = end // per_target + 1 if causal else T
-            allowed = (ctx.batch_size or max(1, budget // P)) - (end - start)
+            allowed = min(ctx.batch_size or max(1, budget // P), span) - (end - start)
             if allowed <= 0:
                 break
             end += min(allowed, (end // per_target + 1) * per_target - end)
@@ -301,7 +319,6 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
         bases, base_of = z[:, None, :].expand(T, T, d), torch.arange(T, device=dev)
 
     if g is Granularity.LAYER:
-        value_sel = grad_sel = None
         G = 1
 
         def objective(out, j, gi):
@@ -325,11 +342,13 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
 
     # Anchor pass: Φ at the prompt and at every baseline, for the references and the totals.
     with torch.no_grad():
-        out = run_block(ctx.model, ctx.tokens, in_hook, torch.cat([z[None], bases]), out_hook, ctx.hooks)
+        x0 = torch.cat([z[None], bases])
+        out = run_block(ctx.model, ctx.tokens, in_hook, x0, out_hook, ctx.hooks)
         if g is Granularity.LAYER:
             phi = out[:, :, None, :]  # [1 + B, T, 1, d]
         else:
-            phi = torch.einsum("gh,nthd->ntgd", value_sel, head_outputs(out.flatten(0, 1), w_o).unflatten(0, out.shape[:2]))
+            ho = head_outputs(out.flatten(0, 1), w_o).unflatten(0, out.shape[:2])  # [1+B, T, H, d]
+            phi = torch.einsum("gh,nthd->ntgd", value_sel, ho)
         ar = torch.arange(T, device=dev)
         ref = phi[1 + base_of, ar]  # [T, G, d]: Φ_j at the baseline of target j
         total = (phi[0] - ref).norm(dim=-1).float()  # [T, G]

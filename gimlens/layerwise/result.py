@@ -209,10 +209,11 @@ class LayerwiseResult:
             err = f.completeness_error
             for j, t in targets.items():
                 e = float(err[int(j)])
-                t["u2z"] = {"baseline": f.baseline.value, "description": desc,
-                            "contributions": f.matrix[int(j)].tolist(),
-                            "l2_total": float(f.total[int(j)]),
-                            "completeness": {"error": e, "mean_abs_error": abs(e), "max_abs_error": abs(e)}}
+                t["u2z"] = {
+                    "baseline": f.baseline.value, "description": desc,
+                    "contributions": f.matrix[int(j)].tolist(), "l2_total": float(f.total[int(j)]),
+                    "completeness": {"error": e, "mean_abs_error": abs(e), "max_abs_error": abs(e)},
+                }
         return out
 
     def to_json(self, *, lig_compat: bool = True, indent: int | None = None) -> str:
@@ -225,7 +226,9 @@ class LayerwiseResult:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise GimlensError(f"not a {FORMAT} JSON document (missing or wrong 'format' field)")
         if data.get("version") != VERSION:
-            raise GimlensError(f"unsupported {FORMAT} version {data.get('version')!r}; expected {VERSION}")
+            raise GimlensError(
+                f"unsupported {FORMAT} version {data.get('version')!r}; expected {VERSION}"
+            )
         cfg = data["config"]
         keys = {v[0]: g for g, v in _LIG.items()}
         flows: dict[tuple[int, Granularity], Flow] = {}
@@ -233,12 +236,12 @@ class LayerwiseResult:
             for key, g in keys.items():
                 if key not in entry:
                     continue
-                e, comp = entry[key], entry[key]["completeness"]
-                t = lambda k, src=comp: None if k not in src else torch.tensor(src[k], dtype=torch.float32)  # noqa: E731
+                e = entry[key]
                 flows[(int(l_str), g)] = Flow(
                     int(l_str), g, Baseline.parse(e["baseline"]),
                     torch.tensor(e["matrix"], dtype=torch.float32).reshape(e["shape"]),
-                    t("total"), t("heads", e), t("head_total"),
+                    _tensor(e["completeness"], "total"), _tensor(e, "heads"),
+                    _tensor(e["completeness"], "head_total"),
                 )
         gim = cfg.get("gim")
         return cls(
@@ -294,6 +297,10 @@ class LayerwiseResult:
         fig = self.plot(**kwargs)
         fmt = Path(path).suffix.lstrip(".") or "png"
         return atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
+
+
+def _tensor(src: dict, key: str) -> Tensor | None:
+    return torch.tensor(src[key], dtype=torch.float32) if key in src else None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
