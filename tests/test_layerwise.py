@@ -9,7 +9,6 @@ checked against code that shares none of them.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import numpy as np
