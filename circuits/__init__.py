@@ -1,1 +1,38 @@
-"""circuits: edge attribution patching (EAP, EAP-IG) over a networkx-exportable circuit graph."""
+"""circuits: edge attribution patching (EAP, EAP-IG) over a networkx-exportable circuit graph.
+
+Example:
+    >>> import circuits
+    >>> from gimlens.testing import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> graph = circuits.Graph.from_model(model)
+    >>> graph.n_valid_edges > 0
+    True
+"""
+
+from . import tasks
+from ._model import Ablation
+from .attribute import Method, attribute
+from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
+from .export import load, save
+from .graph import Edge, Graph, KVEdges, Node, NodeKind
+from .prune import Selection, prune_dangling
+
+__all__ = [
+    "Ablation",
+    "Edge",
+    "FaithfulnessCurve",
+    "Graph",
+    "KVEdges",
+    "Method",
+    "Node",
+    "NodeKind",
+    "Selection",
+    "attribute",
+    "evaluate",
+    "faithfulness",
+    "faithfulness_curve",
+    "load",
+    "prune_dangling",
+    "save",
+    "tasks",
+]
