@@ -66,8 +66,9 @@ display(fig)
 #
 # - `gim`: gradient × input with GIM's backward rules (one backward pass);
 # - `gradient_x_input`: the same with plain gradients;
-# - `integrated_gradients`: the gradient integrated from the baseline to the input (Gauss-Legendre nodes; the
-#   completeness delta says how exact the integral is — more `steps`, smaller delta);
+# - `integrated_gradients`: the gradient integrated from the baseline to the input (Gauss-Legendre nodes). Its
+#   completeness delta `|Σ scores − (F(x) − F(x'))|` says how exact the integral is: when it is not small next to
+#   `F(x) − F(x')`, raise `steps` (the integrand is rough on real models, so check the delta again);
 # - `feature_ablation`: leave-one-out, the logit drop when a token is replaced by the baseline.
 
 # %%
@@ -80,7 +81,8 @@ methods = {
 }
 results = {m: attribute(model, prompt, method=m, **kw) for m, kw in methods.items()}
 ig = results["integrated_gradients"]
-print("target:", ig.describe_target(), "| IG completeness delta:", float(ig.delta[0]))
+print("target:", ig.describe_target(), "| IG: sum of scores", float(ig.scores.sum()),
+      "| completeness delta", float(ig.delta[0]))
 
 tokens = results["gim"].tokens[0]
 matrix = torch.stack([r.scores[0] / r.scores[0].abs().max() for r in results.values()])
