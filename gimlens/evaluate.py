@@ -176,13 +176,16 @@ def faithfulness(
             keep_t += [t] * (len(replaced) - start)
             spans.append((start, K, s_start, n))
 
-    device = model_device(model)
-    b_idx = torch.tensor(keep_rows, dtype=torch.long)
-    t_idx = torch.tensor(keep_t, dtype=torch.long)
-    variants = a.token_ids[b_idx].clone()
-    for v, pos in enumerate(replaced):
-        variants[v, pos] = a.baseline_token_id
-    values = _variant_values(model, a, variants, b_idx, t_idx, batch_size, progress, device)
+    # Identical replacements of a row (e.g. sufficiency ratios that round to the same count, or
+    # the targets of a continuation) share one forward.
+    unique: dict[tuple, int] = {}
+    slot = [unique.setdefault((b, tuple(sorted(p.tolist()))), len(unique)) for b, p in zip(keep_rows, replaced)]
+    u_rows = torch.tensor([key[0] for key in unique], dtype=torch.long)
+    variants = a.token_ids[u_rows].clone()
+    for u, (_, pos) in enumerate(unique):
+        variants[u, list(pos)] = a.baseline_token_id
+    all_targets = _variant_values(model, a, variants, u_rows, batch_size, progress, model_device(model))
+    values = all_targets[torch.tensor(slot), torch.tensor(keep_t, dtype=torch.long)]
 
     n_ratios = len(ratios)
     comp = torch.full((B * T,), float("nan"), dtype=torch.float64)
@@ -338,13 +341,13 @@ def _resolved(a: Attribution, device) -> ResolvedTarget:
     )
 
 
-def _variant_values(model, a, variants, b_idx, t_idx, batch_size, progress, device) -> Tensor:
-    """The objective of target ``t_idx`` of row ``b_idx`` on each variant prompt (float64, CPU)."""
+def _variant_values(model, a, variants, rows, batch_size, progress, device) -> Tensor:
+    """Every target's objective on each variant of prompt row ``rows``: ``[n, T]`` float64, CPU."""
     target = _resolved(a, device)
-    variants, b_idx, t_idx = variants.to(device), b_idx.to(device), t_idx.to(device)
-    mask = None if a.attention_mask is None else a.attention_mask.to(device)[b_idx]
+    variants, rows = variants.to(device), rows.to(device)
+    mask = None if a.attention_mask is None else a.attention_mask.to(device)[rows]
     tokens, mask, _ = with_continuation(variants, mask, target.continuation)
-    out = torch.empty(len(variants), dtype=torch.float64)
+    out = torch.empty(len(variants), target.n_targets, dtype=torch.float64)
     starts = range(0, len(variants), batch_size)
     if progress and len(starts) > 1:
         from tqdm.auto import tqdm
@@ -356,6 +359,5 @@ def _variant_values(model, a, variants, b_idx, t_idx, batch_size, progress, devi
             sl = slice(s, s + batch_size)
             kwargs = {} if mask is None else {"attention_mask": mask[sl]}
             logits = model(tokens[sl], **kwargs)
-            value, _ = target.pick(logits, b_idx[sl], t_idx[sl])
-            out[sl] = value.double().cpu()
+            out[sl] = target.values(logits, rows[sl]).double().cpu()
     return out
