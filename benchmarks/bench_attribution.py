@@ -60,8 +60,9 @@ def main() -> None:
         for r, a in zip(rows, answers):
             if int(model(model.to_tokens(r["prompt"]))[0, -1].argmax()) == a:
                 correct.append(r)
+    counts = ", ".join(f"{t} {sum(r['task'] == t for r in correct)}" for t in ("ioi", "capitals", "factual"))
     print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads: {len(correct)} of {len(rows)} prompts "
-          f"answered correctly ({', '.join(f'{t} {sum(r['task'] == t for r in correct)}' for t in ('ioi', 'capitals', 'factual'))})")
+          f"answered correctly ({counts})")
     if args.per_task:
         correct = [r for t in ("ioi", "capitals", "factual") for r in [x for x in correct if x["task"] == t][: args.per_task]]
         print(f"evaluating the first {args.per_task} correct prompts of each task: {len(correct)} prompts")
