@@ -4,6 +4,12 @@ Every rule returns nodes ``alpha`` and weights ``w`` with ``sum(w) == 1`` exactl
 rounding), so a constant integrand integrates exactly. Gauss-Legendre with ``n`` nodes is exact
 for polynomials of degree ``2n - 1``; it is the default.
 
+``gauss_legendre_graded`` is composite Gauss-Legendre on the geometrically graded panels
+``[0, 1e-6, 1e-5, ..., 1e-1, 1]``. Use it when the integrand changes almost entirely in a thin
+layer near ``alpha = 0`` — e.g. a zero baseline seen through an RMSNorm, where the normalised
+input is constant once ``alpha * |x|`` exceeds ``sqrt(eps)``: plain Gauss-Legendre nodes never
+land in that layer.
+
 Example:
     >>> import torch
     >>> alpha, w = nodes_and_weights(4)
@@ -33,6 +39,11 @@ class Quadrature(str, Enum):
     RIEMANN_RIGHT = "riemann_right"
     RIEMANN_MIDDLE = "riemann_middle"
     TRAPEZOID = "trapezoid"
+    GAUSS_LEGENDRE_GRADED = "gauss_legendre_graded"
+
+
+#: Panel edges of the graded rule: each panel is ten times wider than the one before.
+GRADED_EDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def nodes_and_weights(
@@ -45,7 +56,9 @@ def nodes_and_weights(
     """Nodes in [0, 1] and weights summing to 1 for ``steps`` evaluations of the integrand.
 
     Args:
-        steps: number of integrand evaluations (``>= 1``; ``>= 2`` for the trapezoid rule).
+        steps: number of integrand evaluations (``>= 1``; ``>= 2`` for the trapezoid rule;
+            ``>= 7``, one per panel, for the graded rule, whose nodes go to the wider panels
+            first when ``steps`` is not a multiple of 7).
         rule: a :class:`Quadrature` member or its value.
 
     Returns:
@@ -61,6 +74,17 @@ def nodes_and_weights(
     if rule is Quadrature.GAUSS_LEGENDRE:
         x, w = np.polynomial.legendre.leggauss(steps)
         alpha, weights = (x + 1.0) / 2.0, w / 2.0
+    elif rule is Quadrature.GAUSS_LEGENDRE_GRADED:
+        panels = len(GRADED_EDGES) - 1
+        if steps < panels:
+            raise GimlensError(f"the graded Gauss-Legendre rule needs steps >= {panels}, got {steps}")
+        per_panel = [steps // panels + (1 if i >= panels - steps % panels else 0) for i in range(panels)]
+        parts = []
+        for (lo, hi), n in zip(zip(GRADED_EDGES[:-1], GRADED_EDGES[1:]), per_panel):
+            x, w = np.polynomial.legendre.leggauss(n)
+            parts.append((lo + (x + 1.0) * (hi - lo) / 2.0, w * (hi - lo) / 2.0))
+        alpha = np.concatenate([a for a, _ in parts])
+        weights = np.concatenate([w for _, w in parts])
     elif rule is Quadrature.TRAPEZOID:
         if steps < 2:
             raise GimlensError("the trapezoid rule needs steps >= 2")

@@ -135,7 +135,8 @@ def test_completeness_error_below_1e_3_relative_with_32_gauss_legendre_steps(any
 
 
 def test_zero_baseline_completeness_on_layernorm_model(gpt2_model):
-    res = layerwise_ig(gpt2_model, PROMPT, granularity="all", baseline="zero", steps=32)
+    res = layerwise_ig(gpt2_model, PROMPT, granularity="all", baseline="zero", steps=32,
+                       quadrature="gauss_legendre")
     for f in res.flows.values():
         assert (f.completeness_error.abs() <= 1e-3 * f.total).all()
 
@@ -146,7 +147,8 @@ def test_flows_match_an_independent_block_reference(any_model, hf_models, gim, b
     hf, rules = hf_models[_arch(any_model)], (GIM_RULES if gim else Rules())
     l = 1
     tokens, clean, _ = _clean(any_model, l)
-    res = layerwise_ig(any_model, tokens, layers=l, granularity="all", baseline=baseline, gim=gim, steps=8)
+    res = layerwise_ig(any_model, tokens, layers=l, granularity="all", baseline=baseline, gim=gim, steps=8,
+                       quadrature="gauss_legendre")
     z, u = clean["hook_resid_pre"], clean["hook_resid_mid"]
     T, d = z.shape
     H = any_model.cfg.n_heads
@@ -300,7 +302,7 @@ def _zero_ratio_column(itb, zero, j):
 
 
 def test_itb_zero_ratio_follows_lig_formula(gpt2_model):
-    kw = dict(layers=1, granularity=["layer", "att"], steps=8)
+    kw = dict(layers=1, granularity=["layer", "att"], steps=8, quadrature="gauss_legendre")
     itb = layerwise_ig(gpt2_model, PROMPT, baseline="input_token", **kw)
     zero = layerwise_ig(gpt2_model, PROMPT, baseline="zero", **kw)
     ratio = layerwise_ig(gpt2_model, PROMPT, baseline="itb_zero_ratio", **kw)
@@ -486,3 +488,18 @@ def test_smollm2_layer_and_att_flows_are_complete_and_causal():
             assert torch.count_nonzero(torch.tril(f.matrix, -1)) == 0
             assert torch.count_nonzero(torch.diagonal(f.matrix)) == 0
     assert_state_equal(before, model_state(model))
+
+
+def test_default_quadrature_is_graded_for_zero_baselines_only(llama_model):
+    from gimlens.layerwise import layerwise_ig
+
+    text = "When Mary and John went"
+    zero = layerwise_ig(llama_model, text, layers=0, baseline="zero", steps=14)
+    itb = layerwise_ig(llama_model, text, layers=0, baseline="input_token", steps=14)
+    assert zero.quadrature == "gauss_legendre_graded" and itb.quadrature == "gauss_legendre"
+    explicit = layerwise_ig(llama_model, text, layers=0, baseline="zero", steps=14,
+                            quadrature="gauss_legendre")
+    assert explicit.quadrature == "gauss_legendre"
+    # the graded default is at least as complete as plain Gauss-Legendre on the zero path
+    err = lambda r: float(r.flow(0, "layer").completeness_error.abs().max())  # noqa: E731
+    assert err(zero) <= err(explicit) + 1e-6

@@ -9,7 +9,7 @@ from gimlens.quadrature import Quadrature, nodes_and_weights
 
 @pytest.mark.parametrize("rule", list(Quadrature))
 def test_weights_sum_to_one_and_nodes_lie_in_unit_interval(rule):
-    for steps in (2, 5, 32):
+    for steps in (7, 9, 32):
         alpha, w = nodes_and_weights(steps, rule)
         assert abs(float(w.sum()) - 1.0) < 1e-12
         assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
@@ -43,3 +43,23 @@ def test_bad_steps_are_a_gimlens_error(bad):
 def test_unknown_rule_lists_known_ones():
     with pytest.raises(GimlensError, match="gauss_legendre"):
         nodes_and_weights(4, "simpson")
+
+
+def test_graded_rule_resolves_a_boundary_layer_that_plain_gauss_legendre_misses():
+    # f(a) = d/da [a / sqrt(a^2 + e^2)]: all of its integral (1/sqrt(1+e^2)) lies in a ~e-wide layer
+    e = 1e-4
+    f = lambda a: e**2 / (a**2 + e**2) ** 1.5  # noqa: E731
+    exact = 1.0 / math.sqrt(1.0 + e**2)
+    a, w = nodes_and_weights(35, "gauss_legendre")
+    plain = abs(float((w * f(a)).sum()) - exact)
+    a, w = nodes_and_weights(35, "gauss_legendre_graded")
+    graded = abs(float((w * f(a)).sum()) - exact)
+    assert plain > 0.5 and graded < 5e-3
+    assert len(a) == 35 and bool((a[1:] > a[:-1]).all())
+    a, w = nodes_and_weights(63, "gauss_legendre_graded")
+    assert abs(float((w * f(a)).sum()) - exact) < 1e-4  # and it converges
+
+
+def test_graded_rule_needs_one_node_per_panel():
+    with pytest.raises(GimlensError, match="steps >= 7"):
+        nodes_and_weights(6, "gauss_legendre_graded")

@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="zero, input_token, itb_zero_ratio or itb_map_ratio, or per granularity "
                              "as layer=zero,att=input_token (default: input_token)")
     parser.add_argument("--steps", type=int, default=32, help="quadrature nodes (default: 32)")
-    parser.add_argument("--quadrature", default=Quadrature.GAUSS_LEGENDRE.value,
-                        choices=[q.value for q in Quadrature], help="default: gauss_legendre")
+    parser.add_argument("--quadrature", default=None, choices=[q.value for q in Quadrature],
+                        help="default: gauss_legendre, graded towards 0 for zero baselines")
     parser.add_argument("--gim", action="store_true", help="GIM's backward rules (default settings)")
     parser.add_argument("--head-scores", default=HeadScores.OWN.value,
                         choices=[h.value for h in HeadScores],
