@@ -1,15 +1,35 @@
 """gimlens: faithful gradient-based interpretability for TransformerLens models.
 
+- :class:`GIM` / :class:`GIMConfig`: GIM's backward rules on TransformerLens hook points.
+- :func:`explain` (the ``gim-explain`` call form) and :func:`attribute` (every method and target)
+  for token attribution; :mod:`gimlens.evaluate` for faithfulness metrics.
+- :func:`layerwise_ig`: token-to-token flows inside each layer.
+- :func:`load_model`: the embedded SmolLM2 model, or any name, folder or HuggingFace model.
+
 Example:
     >>> import gimlens
     >>> sorted(gimlens.__all__)[:3]
-    ['GIM', 'GIMConfig', 'GimlensError']
+    ['Attribution', 'GIM', 'GIMConfig']
 """
 
+from . import evaluate
+from .attribution import Attribution, attribute, explain
 from .errors import GimlensError
-from .attribution import explain
 from .gim import GIM, GIMConfig, gim_hooks
+from .layerwise import LayerwiseResult, layerwise_ig
 from .models import load_model
 
-__all__ = ["GIM", "GIMConfig", "GimlensError", "explain", "gim_hooks", "load_model"]
+__all__ = [
+    "Attribution",
+    "GIM",
+    "GIMConfig",
+    "GimlensError",
+    "LayerwiseResult",
+    "attribute",
+    "evaluate",
+    "explain",
+    "gim_hooks",
+    "layerwise_ig",
+    "load_model",
+]
 __version__ = "0.1.0"
