@@ -29,11 +29,13 @@ from typing import Callable
 
 from gimlens.errors import GimlensError
 
+from ._model import Ablation
+from .attribute import Method
+from .graph import KVEdges
 from .tasks import TASKS
 
 __all__ = ["add_arguments", "run"]
 
-_METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
 #: output option -> (allowed suffixes, Graph method writing it)
 _OUTPUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "output": ((".json",), "to_json"),
@@ -47,16 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``discover``'s options to ``parser``."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to find a circuit for")
     parser.add_argument("--model", default=None, help="model folder or hub name (default: embedded SmolLM2)")
-    parser.add_argument("--method", default="EAP-IG-inputs", choices=_METHODS, help="edge scoring method")
+    parser.add_argument("--method", default="EAP-IG-inputs", choices=[m.value for m in Method],
+                        help="edge scoring method")
     parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
     parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")
     parser.add_argument("--n", type=int, default=64, help="number of task examples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task's examples")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the IG methods")
-    parser.add_argument("--kv-edges", default="grouped", choices=("grouped", "per_query_head"),
+    parser.add_argument("--kv-edges", default="grouped", choices=[k.value for k in KVEdges],
                         help="k/v edges per KV head (grouped) or per query head (EAP-IG/MIB layout)")
-    parser.add_argument("--ablation", default="corrupted", choices=("corrupted", "mean", "zero"))
+    parser.add_argument("--ablation", default="corrupted", choices=[a.value for a in Ablation],
+                        help="what edges outside the circuit carry")
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("-o", "--output", required=True, help="circuit JSON (own format, exact scores)")
     parser.add_argument("--png", default=None, help="image of the circuit (.png, .svg or .pdf)")
