@@ -14,13 +14,15 @@ is the expected answer's logit; as in the GIM paper, only prompts the model answ
 A random ranking is included as a floor. Then the paired differences GIM − gradient × input and
 GIM − integrated gradients in comprehensiveness (mean ± standard error, and how often GIM wins).
 
-    python benchmarks/bench_attribution.py [--per-task 12] [--steps 8] [--ig-gim] [--batch 16]
+    python benchmarks/bench_attribution.py [--per-task 12] [--steps 32] [--ig-gim] [--threads 1]
 
 Cost on CPU: every method's faithfulness needs ~20 forwards per prompt, integrated gradients
-``steps`` forward+backward passes. The default (12 correct prompts per task, 36 in all; 8
-Gauss-Legendre steps, whose median completeness delta is printed; IG under GIM only with
-``--ig-gim``) takes about 15 minutes on 2 busy CPU cores; ``--per-task 0`` evaluates every correct
-prompt (114), about three times as long.
+``steps`` forward+backward passes (SmolLM2 needs about 32 Gauss-Legendre steps for a completeness
+delta well under a logit; 8 steps leave deltas of several logits). The default (12 correct prompts
+per task, 36 in all; IG under GIM only with ``--ig-gim``) takes about 10 minutes on one CPU thread;
+``--per-task 0`` evaluates every correct prompt (114), about three times as long. One thread is
+the default because on a shared machine two OpenMP threads stall on each other's time slices
+(measured here: a one-row forward took 0.27 s on one thread, 0.87 s on two).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-task", type=int, default=12, help="correct prompts per task (0: all)")
-    parser.add_argument("--steps", type=int, default=8, help="integrated-gradients steps (Gauss-Legendre)")
+    parser.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (Gauss-Legendre)")
     parser.add_argument("--ig-gim", action="store_true", help="also integrated gradients under GIM")
     parser.add_argument("--batch", type=int, default=16, help="prompts per attribute() call")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
