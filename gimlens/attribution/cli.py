@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or hub name (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default=Method.GIM.value, choices=[m.value for m in Method], help="attribution method (default: gim)")
     parser.add_argument("--target", default=None, help="target token text, e.g. ' Paris' (several tokens: a continuation); default: the top prediction")
-    parser.add_argument("--contrast", default=None, help="explain logit(target) - logit(contrast), e.g. ' Rome'")
+    parser.add_argument("--contrast", default=None, help="explain logit(target) - logit(contrast), e.g. ' Rome' (without --target: the top prediction)")
     parser.add_argument("--logprob", action="store_true", help="explain the log-probability instead of the logit")
     parser.add_argument("--position", type=int, default=-1, help="position of the target logit (default: -1, the last token)")
     parser.add_argument("--baseline", default=None, help="baseline token text (one token; default ' ')")
