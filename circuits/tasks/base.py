@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -31,7 +31,7 @@ from gimlens.errors import GimlensError
 __all__ = ["Task", "MetricKind", "Indices", "tokenizer_and_bos", "encode", "single_tokens", "pair_batch"]
 
 #: Which examples: ``None`` (all), a slice, a list / LongTensor of indices, or a bool mask.
-Indices = "None | slice | Sequence[int] | Tensor"
+Indices = Union[None, slice, Sequence[int], Tensor]
 
 
 class MetricKind(str, Enum):
@@ -112,7 +112,7 @@ class Task:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
-    def _index(self, indices) -> Int[Tensor, " b"]:
+    def _index(self, indices: Indices) -> Int[Tensor, " b"]:
         try:
             return torch.arange(len(self))[indices if indices is not None else slice(None)].reshape(-1)
         except (IndexError, TypeError, RuntimeError) as e:
@@ -121,7 +121,7 @@ class Task:
                 "None, a slice, a list or LongTensor of indices, or a bool mask"
             ) from e
 
-    def answer_logits(self, logits: Float[Tensor, "b pos vocab"], indices=None) -> Float[Tensor, "b vocab"]:
+    def answer_logits(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Float[Tensor, "b vocab"]:
         """The float32 logits at each example's answer position (``logits`` of exactly ``indices``)."""
         idx = self._index(indices)
         if logits.ndim != 3 or logits.shape[0] != len(idx):
@@ -137,7 +137,7 @@ class Task:
         rows = torch.arange(len(idx), device=logits.device)
         return logits[rows, pos.to(logits.device)].float()
 
-    def metric(self, logits: Float[Tensor, "b pos vocab"], indices=None) -> Float[Tensor, " b"]:
+    def metric(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Float[Tensor, " b"]:
         """Per-example metric (float32, differentiable) of the examples ``indices`` (None = all).
 
         Logit difference ``logit[correct] - logit[incorrect]`` at the answer position, or for
@@ -151,17 +151,17 @@ class Task:
         probs = final.softmax(-1)[:, self.answer_tokens.to(final.device)]
         return (probs * self.answer_sign[idx].to(final)).sum(-1)
 
-    def metric_for(self, indices=None) -> Callable[[Tensor], Tensor]:
+    def metric_for(self, indices: Indices = None) -> Callable[[Tensor], Tensor]:
         """``metric`` with the examples fixed: ``task.metric_for(idx)(logits) == task.metric(logits, idx)``."""
         idx = self._index(indices)
         return lambda logits: self.metric(logits, idx)
 
-    def top1(self, logits: Float[Tensor, "b pos vocab"], indices=None) -> Bool[Tensor, " b"]:
+    def top1(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Bool[Tensor, " b"]:
         """Whether the argmax over the vocabulary at the answer position is the correct label."""
         final = self.answer_logits(logits, indices)
         return final.argmax(-1) == self.labels[self._index(indices)].to(final.device)[:, 0]
 
-    def subset(self, indices) -> "Task":
+    def subset(self, indices: Indices) -> "Task":
         """A task with only the examples ``indices`` (e.g. a held-out split)."""
         idx = self._index(indices)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
