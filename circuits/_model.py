@@ -126,19 +126,20 @@ class Norm:
         out = self.stats(x).x_hat * self.weight
         return out if self.bias is None else out + self.bias
 
-    def backward(self, stats: NormStats, grad: Float[Tensor, "n *batch d"], frozen: bool
+    def backward(self, stats: NormStats, g: Float[Tensor, "n *batch d"], frozen: bool
                  ) -> Float[Tensor, "n *batch d"]:
-        """Gradient at the norm's input for output gradients ``grad`` (leading dim: heads).
+        """Gradient at the norm's input from ``g = w * grad`` (``grad``: at the norm's output;
+        leading dim: heads). Works in place on ``g``.
 
-        Exact: ``(g' - [mean(g')] - x_hat * mean(x_hat * g')) / sigma`` with ``g' = w * g`` (the
-        bracket only for LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
+        Exact: ``(g - [mean(g)] - x_hat * mean(x_hat * g)) / sigma`` (the bracket only for
+        LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
         """
-        g = grad * self.weight
         if self.kind is NormKind.LAYER_NORM:
-            g = g - g.mean(-1, keepdim=True)
+            g.sub_(g.mean(-1, keepdim=True))
         if not frozen:
-            g = g - stats.x_hat * (stats.x_hat * g).mean(-1, keepdim=True)
-        return g * stats.inv_scale
+            mean = torch.linalg.vecdot(g, stats.x_hat).unsqueeze(-1) / g.shape[-1]
+            g.addcmul_(stats.x_hat, mean, value=-1.0)
+        return g.mul_(stats.inv_scale)
 
 
 def _read_norm(bridge_norm, kind: NormKind, cfg) -> Norm:
@@ -232,23 +233,39 @@ class ModelSpec:
         return n + self.n_heads if mlp and not self.parallel_attn_mlp else n
 
 
-def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"]) -> Float[Tensor, "H B S d"]:
-    """Each head's contribution to the attention output, in float32."""
+def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"],
+                 minus: Tensor | None = None, out: Tensor | None = None) -> Float[Tensor, "H B S d"]:
+    """Each head's contribution to the attention output of ``z - minus``, in float32 (written
+    into ``out`` if given)."""
     B, S, H, dh = z.shape
-    out = torch.bmm(z.detach().permute(2, 0, 1, 3).reshape(H, B * S, dh).float(), W_O.float())
-    return out.view(H, B, S, -1)
+    z = z.detach().float()
+    if minus is not None:
+        z = z - minus.float()
+    z = z.permute(2, 0, 1, 3).reshape(H, B * S, dh)
+    d = W_O.shape[-1]
+    if out is None:
+        return torch.bmm(z, W_O.float()).view(H, B, S, d)
+    torch.bmm(z, W_O.float(), out=out.view(H, B * S, d))
+    return out
 
 
 def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"], norm: Norm,
-                     stats: NormStats, frozen: bool) -> Float[Tensor, "n B S d"]:
+                     stats: NormStats, frozen: bool, out: Tensor | None = None
+                     ) -> Float[Tensor, "n B S d"]:
     """Gradient at each head's own copy of the residual stream before ``norm`` (float32).
 
     ``grad`` is the gradient at the head's projection output (``hook_q/k/v``), ``W`` the head's
-    projection ``[n, d_model, d_head]``; ``stats`` describe the norm's input.
+    projection ``[n, d_model, d_head]``; ``stats`` describe the norm's input. Written into
+    ``out`` (contiguous) if given.
     """
     B, S, n, dh = grad.shape
-    g = torch.bmm(grad.permute(2, 0, 1, 3).reshape(n, B * S, dh).float(), W.float().transpose(1, 2))
-    return norm.backward(stats, g.view(n, B, S, -1), frozen)
+    d = W.shape[1]
+    weighted = (W.float() * norm.weight[:, None]).transpose(1, 2)  # w * (g @ W^T) = g @ (w W)^T
+    g = grad.permute(2, 0, 1, 3).reshape(n, B * S, dh).float()
+    if out is None:
+        out = torch.empty(n, B, S, d, device=g.device)
+    torch.bmm(g, weighted, out=out.view(n, B * S, d))
+    return norm.backward(stats, out, frozen)
 
 
 def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
@@ -274,27 +291,81 @@ def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
         )
 
 
-def source_hooks(spec: ModelSpec, write: Callable[[slice, Tensor], None]) -> list[Hook]:
-    """Forward hooks that hand every source node's activation to ``write(rows, values)``.
+@dataclass
+class Sources:
+    """Source activations of one batch in the graph's forward order: the ``input`` and MLP rows
+    of ``resid`` (float32; head rows are left for the caller) and each layer's ``z``, from which
+    head ``h``'s output is ``z[..., h, :] @ W_O[h]``."""
 
-    ``values`` is float32 ``[n, B, S, d]`` for the forward-index rows ``rows``: the token
-    embedding (``input``), each head's output ``z[h] @ W_O[h]``, each MLP's output.
-    """
-    def embed(x, hook):
-        write(slice(0, 1), x.detach().float()[None])
+    resid: Float[Tensor, "n_fwd B S d"]
+    z: list[Float[Tensor, "B S H dh"]]
 
-    def heads(x, hook, layer):
-        write(spec.head_rows(layer), head_outputs(x, spec.attn[layer].W_O))
 
-    def mlp(x, hook, layer):
-        row = spec.mlp_row(layer)
-        write(slice(row, row + 1), x.detach().float()[None])
 
-    hooks: list[Hook] = [(Site.EMBED.at(), embed)]
+def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
+                 z: Callable[[int, Tensor], None]) -> list[Hook]:
+    """Forward hooks handing over each source activation: ``resid(row, [B, S, d] float32)`` for
+    the token embedding (``input``, row 0) and each MLP output, ``z(layer, hook_z value)``."""
+    hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: resid(0, x.detach().float()))]
     for l in range(spec.n_layers):
-        hooks.append((Site.Z.at(l), lambda x, hook, l=l: heads(x, hook, l)))
-        hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: mlp(x, hook, l)))
+        hooks.append((Site.Z.at(l), lambda x, hook, l=l: z(l, x.detach())))
+        hooks.append((Site.MLP_OUT.at(l),
+                      lambda x, hook, l=l: resid(spec.mlp_row(l), x.detach().float())))
     return hooks
+
+
+def recorded_sources(model, spec: ModelSpec, tokens: Tensor, mask: Tensor | None
+                     ) -> tuple[Sources, Tensor]:
+    """A no-grad run's :class:`Sources` and logits."""
+    B, S = tokens.shape
+    src = Sources(torch.empty(spec.n_forward, B, S, spec.d_model, device=spec.device),
+                  [None] * spec.n_layers)
+
+    def put(row, x):
+        src.resid[row] = x
+
+    def put_z(layer, x):
+        src.z[layer] = x
+
+    with torch.no_grad():
+        logits = run_model(model, tokens, mask, source_hooks(spec, put, put_z))
+    return src, logits
+
+
+def mean_sources(model, spec: ModelSpec, batches) -> Sources:
+    """Per-position means (``B = 1``) of the sources over ``batches`` of ``(tokens, mask)``,
+    each example weighted by its attention mask (positions nobody reaches are 0)."""
+    total: Sources | None = None
+    count = 0
+    for tokens, mask in batches:
+        src, _ = recorded_sources(model, spec, tokens, mask)
+        w = torch.ones(tokens.shape, device=spec.device) if mask is None else mask.float()
+        resid = torch.einsum("nbsd,bs->nsd", src.resid, w)[:, None]
+        z = [torch.einsum("bshk,bs->shk", x.float(), w)[None] for x in src.z]
+        if total is None:
+            total = Sources(resid, z)
+        else:
+            total.resid += resid
+            total.z = [a + b for a, b in zip(total.z, z)]
+        count = count + w.sum(0)
+    count = count.clamp(min=1)
+    return Sources(total.resid / count[:, None], [x / count[:, None, None] for x in total.z])
+
+
+def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, mask,
+                    mean: Sources | None) -> tuple[Sources, Tensor | None]:
+    """The ablated sources of a batch (the corrupted run's, the mean, or zeros) and, for
+    ``corrupted``, the corrupted run's logits."""
+    B, S = tokens.shape
+    shape = (spec.n_forward, B, S, spec.d_model)
+    if ablation is Ablation.CORRUPTED:
+        return recorded_sources(model, spec, tokens, mask)
+    if ablation is Ablation.MEAN:
+        z = [x.expand(B, -1, -1, -1).to(spec.dtype) for x in mean.z]
+        return Sources(mean.resid.expand(shape).contiguous(), z), None
+    zero = torch.zeros(B, S, spec.n_heads, spec.attn[0].W_O.shape[1], device=spec.device,
+                       dtype=spec.dtype)
+    return Sources(torch.zeros(shape, device=spec.device), [zero] * spec.n_layers), None
 
 
 def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:

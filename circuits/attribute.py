@@ -44,7 +44,6 @@ gradients masked out. Summed over a group they equal the grouped score.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -56,8 +55,8 @@ from torch import Tensor
 from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 
-from ._model import (Ablation, Hook, ModelSpec, NormStats, Site, check_norm, head_input_grads,
-                     run_model, source_hooks)
+from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, check_norm,
+                     head_input_grads, head_outputs, mean_sources, run_model, source_hooks)
 from .graph import Graph, KVEdges
 
 __all__ = ["attribute", "Method", "Examples"]
@@ -143,6 +142,11 @@ class Examples:
         mask = None if self.attention_mask is None else self.attention_mask[idx].to(device)
         return toks, mask
 
+    def mean_sources(self, model, spec: ModelSpec, batch_size) -> Sources:
+        """Per-position mean source activations over all corrupted examples."""
+        return mean_sources(model, spec, (self.tokens("corrupted", idx, spec.device)
+                                          for idx in self.batches(batch_size)))
+
     def score(self, logits: Tensor, idx: Tensor) -> Float[Tensor, " b"]:
         """``metric(logits, idx)``, checked: a finite float tensor ``[b]``."""
         values = self.metric(logits, idx)
@@ -159,47 +163,6 @@ def _describe(x) -> str:
     if isinstance(x, Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return repr(x) if not hasattr(x, "__len__") else type(x).__name__
-
-
-# ---------------------------------------------------------------------------- ablated activations
-
-
-def mean_sources(model, spec: ModelSpec, ex: Examples, batch_size) -> Float[Tensor, "n_fwd S d"]:
-    """Per-position mean of every source activation over the corrupted examples (mask-weighted)."""
-    n_pos = ex.clean.shape[1]
-    total = torch.zeros(spec.n_forward, n_pos, spec.d_model, device=spec.device)
-    count = torch.zeros(n_pos, 1, device=spec.device)
-    for idx in ex.batches(batch_size):
-        toks, mask = ex.tokens("corrupted", idx, spec.device)
-        w = torch.ones(toks.shape, device=spec.device) if mask is None else mask.float()
-
-        def add(rows, values, w=w):
-            total[rows] += torch.einsum("nbsd,bs->nsd", values, w)
-
-        with torch.no_grad():
-            run_model(model, toks, mask, source_hooks(spec, add))
-        count += w.sum(0)[:, None]
-    return total / count.clamp(min=1)
-
-
-def ablated_sources(model, spec: ModelSpec, ex: Examples, idx: Tensor, ablation: Ablation,
-                    mean: Tensor | None) -> tuple[Float[Tensor, "n_fwd B S d"], Tensor | None]:
-    """The ablated value of every source for the examples ``idx`` (float32), and the corrupted
-    run's logits when ``ablation`` is ``corrupted`` (else ``None``)."""
-    B, S = len(idx), ex.clean.shape[1]
-    acts = torch.zeros(spec.n_forward, B, S, spec.d_model, device=spec.device)
-    if ablation is Ablation.ZERO:
-        return acts, None
-    if ablation is Ablation.MEAN:
-        return acts.copy_(mean[:, None]), None
-    toks, mask = ex.tokens("corrupted", idx, spec.device)
-
-    def put(rows, values):
-        acts[rows] = values
-
-    with torch.no_grad():
-        logits = run_model(model, toks, mask, source_hooks(spec, put))
-    return acts, logits
 
 
 # ------------------------------------------------------------------------------- gradient points
@@ -233,8 +196,7 @@ class _Scorer:
 
     spec: ModelSpec
     graph: Graph
-    scores: Float[Tensor, "n_fwd n_bwd"]
-    diff: Float[Tensor, "n_fwd B S d"]
+    ablated: Sources  # its ``resid`` becomes diff = a_abl - a_clean in the clean run
     frozen: bool
     split_kv: bool  # per-query-head k/v slots on a grouped-KV model
     keep_clean: bool  # keep the clean destination inputs (activation interpolation follows)
@@ -242,6 +204,7 @@ class _Scorer:
     clean_in: dict = field(default_factory=dict)  # destination site -> clean input (activations IG)
     shift: dict = field(default_factory=dict)  # destination site -> x_abl - x_clean
     kept: dict = field(default_factory=dict)  # (layer, name) -> tensors for split k/v
+    acc: "_Accumulator" = None
     leaf: Tensor | None = None
     ln1_x0: Tensor | None = None
 
@@ -249,7 +212,7 @@ class _Scorer:
         spec, clean = self.spec, point.alpha == 1.0
         hooks: list[Hook] = []
         if clean:
-            hooks += source_hooks(spec, self._subtract)
+            hooks += source_hooks(spec, self._subtract, self._heads)
         hooks.append((Site.EMBED.at(), lambda x, hook: self._embed(x, point)))
         for l in range(spec.n_layers):
             hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._ln1_in(x, l, point)))
@@ -260,17 +223,25 @@ class _Scorer:
                 for site in (Site.SCORES, Site.Z):
                     hooks.append((site.at(l), lambda x, hook, l=l, s=site: self._keep(x, l, s)))
             hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._dest(
-                x, Site.LN2_IN.at(l), self.graph.backward_index(l), spec.upstream(l, True), point)))
+                x, Site.LN2_IN.at(l), l, self.graph.backward_index(l), point)))
         hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._dest(
-            x, Site.LN_FINAL_IN.at(), self.graph.n_backward - 1, spec.n_forward, point)))
+            x, Site.LN_FINAL_IN.at(), spec.n_layers - 1, self.graph.n_backward - 1, point)))
         if check_norm_once:
             hooks.append((Site.LN1_OUT.at(0), lambda x, hook: check_norm(
                 spec.ln1[0], self.ln1_x0, x, "blocks.0.ln1")))
         return hooks
 
     # -- forward side
-    def _subtract(self, rows: slice, values: Tensor) -> None:
-        self.diff[rows] -= values
+    @property
+    def diff(self) -> Float[Tensor, "n_fwd B S d"]:
+        return self.ablated.resid
+
+    def _subtract(self, row: int, values: Tensor) -> None:
+        self.diff[row] -= values
+
+    def _heads(self, layer: int, z: Tensor) -> None:
+        head_outputs(self.ablated.z[layer], self.spec.attn[layer].W_O, minus=z,
+                     out=self.diff[self.spec.head_rows(layer)])
 
     def _embed(self, x: Tensor, point: _Point) -> Tensor:
         if point.inputs and point.alpha != 1.0:
@@ -311,29 +282,35 @@ class _Scorer:
         if self.split_kv and qkv != "q":
             self.kept[layer, qkv] = x
         else:
-            x.register_hook(lambda g: self._head_grads(g, layer, qkv))
+            x.register_hook(lambda g: self._head_grads_arrive(g, layer, qkv))
         return x
+
+    def _head_grads_arrive(self, g: Tensor, layer: int, qkv: str) -> None:
+        out = self.acc.slot(layer, self.graph.backward_slice(layer, qkv))
+        self._head_grads(g, layer, qkv, out)
+        self.acc.filled(layer)
 
     def _keep(self, x: Tensor, layer: int, site: Site) -> Tensor:
         self.kept[layer, site] = x
         x.register_hook(lambda g: self.kept.__setitem__((layer, site, "grad"), g))
         return x
 
-    def _dest(self, x: Tensor, site: str, col: int, n_up: int, point: _Point) -> Tensor:
+    def _dest(self, x: Tensor, site: str, layer: int, col: int, point: _Point) -> Tensor:
         y = self._interpolated(x, site, point)
         y = y.view_as(y) if y is x else y  # a tensor of its own: its gradient is this input's
-        y.register_hook(lambda g: self._accumulate(n_up, slice(col, col + 1), g.float()[None]))
+        y.register_hook(lambda g: self._dest_arrive(g, layer, col))
         return y
 
-    # -- backward side
-    def _accumulate(self, n_up: int, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
-        d = self.diff[:n_up].reshape(n_up, -1)
-        self.scores[:n_up, cols].addmm_(d, grads.reshape(grads.shape[0], -1).T)
+    def _dest_arrive(self, g: Tensor, layer: int, col: int) -> None:
+        if col == self.graph.n_backward - 1:  # logits: the first gradient of the backward pass
+            self.acc.see_logits_grad(g)
+        self.acc.slot(layer, slice(col, col + 1))[0] = g
+        self.acc.filled(layer)
 
-    def _head_grads(self, g: Tensor, layer: int, qkv: str, cols: slice | None = None) -> None:
+    def _head_grads(self, g: Tensor, layer: int, qkv: str, out: Tensor | None = None
+                    ) -> Float[Tensor, "n B S d"]:
         W = getattr(self.spec.attn[layer], f"W_{qkv.upper()}")
-        grads = head_input_grads(g, W, self.spec.ln1[layer], self.stats[layer], self.frozen)
-        self._accumulate(self.spec.upstream(layer), cols or self.graph.backward_slice(layer, qkv), grads)
+        return head_input_grads(g, W, self.spec.ln1[layer], self.stats[layer], self.frozen, out)
 
     def split_kv_grads(self) -> None:
         """Per-query-head k/v scores: differentiate each layer's scores (k) and z (v) with the
@@ -350,8 +327,114 @@ class _Scorer:
                     mask = (torch.arange(H, device=g.device) % rep == r).view(shape)
                     (part,) = torch.autograd.grad(y, self.kept[l, qkv], g * mask.to(g.dtype),
                                                   retain_graph=True)
-                    self._head_grads(part, l, qkv, slice(start + r, start + H, rep))
+                    self.acc.gemm(self.spec.upstream(l), slice(start + r, start + H, rep),
+                                  self._head_grads(part, l, qkv))
         self.kept.clear()
+
+
+#: Destination columns gathered per score GEMM (thin GEMMs run at a fraction of the speed).
+_MIN_COLUMNS = 64
+
+
+@dataclass
+class _Accumulator:
+    """Destination gradients -> ``scores``. The gradients of consecutive layers (the last layer's
+    with the logits') gather in one buffer of at least ``_MIN_COLUMNS`` destinations; when the
+    buffer is complete one GEMM per example adds ``diff . grads`` to its columns (with ``defer``
+    the buffers are summed over all gradient points and multiplied once, in :meth:`flush`).
+    Entries off ``valid`` collect garbage and are cleared at the end.
+
+    Each example's GEMM spans only positions ``[start, end)``: before ``start`` (its first
+    differing clean/corrupted token) the causal runs agree, so ``diff`` is 0; from ``end`` on
+    (after the last position whose logits the metric reads) every destination's gradient is 0."""
+
+    scores: Float[Tensor, "n_fwd n_bwd"]
+    diff: Float[Tensor, "n_fwd B S d"]
+    chunks: list  # (first column, end column, source rows, gradient arrivals)
+    chunk_of: list  # layer -> chunk
+    starts: list[int]
+    defer: bool
+    split_kv: bool
+    ends: list[int] = field(default_factory=list)
+    pending: dict = field(default_factory=dict)  # chunk -> [pooled buffer, arrivals still due]
+    summed: dict = field(default_factory=dict)  # chunk -> buffer summed over points
+    free: list = field(default_factory=list)  # buffers to reuse (fresh memory is slow to touch)
+
+    @classmethod
+    def build(cls, spec: ModelSpec, graph: Graph, scores, diff, *, split_kv: bool,
+              starts: list[int], defer: bool) -> "_Accumulator":
+        L = spec.n_layers
+        per = max(1, math.ceil(_MIN_COLUMNS * L / graph.n_backward))
+        chunks, chunk_of = [], []
+        for first in range(0, L, per):
+            last = min(first + per, L) - 1
+            final = last == L - 1
+            c1 = graph.n_backward if final else graph.backward_index(last) + 1
+            rows = spec.n_forward if final else spec.upstream(last, mlp=True)
+            arrivals = (last - first + 1) * (2 if split_kv else 4) + final
+            chunk_of += [len(chunks)] * (last - first + 1)
+            chunks.append((graph.backward_index(first, 0, "q"), c1, rows, arrivals))
+        return cls(scores, diff, chunks, chunk_of, starts, defer, split_kv)
+
+    def see_logits_grad(self, g: Float[Tensor, "B S d"]) -> None:
+        """Per example, one past the last position with a gradient (kept as the max over points)."""
+        live = g.detach().ne(0).any(-1)  # [B, S]
+        S = live.shape[1]
+        ends = torch.where(live.any(1), S - live.flip(1).int().argmax(1), 0).tolist()
+        self.ends = ends if not self.ends else [max(a, b) for a, b in zip(self.ends, ends)]
+
+    def slot(self, layer: int, cols: slice) -> Float[Tensor, "n B S d"]:
+        """The part of ``layer``'s buffer that receives the gradients of columns ``cols``."""
+        chunk = self.chunk_of[layer]
+        c0, c1, _, arrivals = self.chunks[chunk]
+        if chunk not in self.pending:
+            self.pending[chunk] = [self._buffer(), arrivals]
+            if self.split_kv:  # its k/v columns are never filled here
+                self.pending[chunk][0][: c1 - c0].zero_()
+        return self.pending[chunk][0][cols.start - c0: cols.stop - c0]
+
+    def _buffer(self) -> Float[Tensor, "n B S d"]:
+        """A buffer as wide as the widest chunk (chunks use its leading rows)."""
+        if self.free:
+            return self.free.pop()
+        widest = max(c1 - c0 for c0, c1, _, _ in self.chunks)
+        return torch.empty(widest, *self.diff.shape[1:], device=self.diff.device)
+
+    def filled(self, layer: int) -> None:
+        """One more of ``layer``'s chunk's gradients is in its slot; multiply when complete."""
+        chunk = self.chunk_of[layer]
+        entry = self.pending[chunk]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.pending[chunk]
+            c0, c1, rows, _ = self.chunks[chunk]
+            if not self.defer:
+                self.gemm(rows, slice(c0, c1), entry[0][: c1 - c0])
+            elif chunk not in self.summed:
+                self.summed[chunk] = entry[0]
+                return
+            else:
+                self.summed[chunk].add_(entry[0])
+            self.free.append(entry[0])
+
+    def flush(self) -> None:
+        assert not self.pending, "a destination's gradient never arrived"
+        for chunk, grads in self.summed.items():
+            c0, c1, rows, _ = self.chunks[chunk]
+            self.gemm(rows, slice(c0, c1), grads[: c1 - c0])
+        self.summed.clear()
+
+    def gemm(self, rows: int, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
+        """``scores[:rows, cols] += diff[:rows] . grads``, summed over positions and d_model."""
+        out, n, S = self.scores[:rows, cols], grads.shape[0], grads.shape[2]
+        windows = list(zip(self.starts, self.ends or [S] * len(self.starts)))
+        if all(w == (0, S) for w in windows):
+            out.addmm_(self.diff[:rows].reshape(rows, -1), grads.reshape(n, -1).T)
+            return
+        for b, (start, end) in enumerate(windows):
+            if start < end:
+                out.addmm_(self.diff[:rows, b, start:end].reshape(rows, -1),
+                           grads[:, b, start:end].reshape(n, -1).T)
 
 
 # ------------------------------------------------------------------------------------ attribute
@@ -410,12 +493,15 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method
 
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
     with torch.enable_grad():
-        mean = mean_sources(model, spec, ex, batch_size) if ablation is Ablation.MEAN else None
+        mean = ex.mean_sources(model, spec, batch_size) if ablation is Ablation.MEAN else None
         bar = _progress(len(batches) * len(points), progress)
         for i, idx in enumerate(batches):
-            diff, _ = ablated_sources(model, spec, ex, idx, ablation, mean)
-            scorer = _Scorer(spec, graph, scores, diff, config.freeze_norm, split_kv,
-                             keep_clean=any(not p.inputs for p in points))
+            ablated, _ = ablated_sources(model, spec, ablation, *ex.tokens("corrupted", idx, spec.device),
+                                         mean)
+            acc = _Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
+                                     defer=len(points) > 1, starts=_first_differences(ex, idx, ablation))
+            scorer = _Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
+                             keep_clean=any(not p.inputs for p in points), acc=acc)
             toks, mask = ex.tokens("clean", idx, spec.device)
             for j, point in enumerate(points):
                 hooks = scorer.hooks(point, check_norm_once=i == 0 and j == 0) + extra
@@ -429,9 +515,19 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method
                     scorer.split_kv_grads()
                 del logits, values
                 bar.update(1)
+            acc.flush()
         bar.close()
     graph.scores = (scores / len(ex)).to(graph.scores.device)
     return graph
+
+
+def _first_differences(ex: Examples, idx: Tensor, ablation: Ablation) -> list[int]:
+    """Per example, the first position whose clean and corrupted tokens differ (0 unless
+    ``ablation`` is ``corrupted``): the (causal) runs agree before it."""
+    if ablation is not Ablation.CORRUPTED:
+        return [0] * len(idx)
+    differ = ex.clean[idx] != ex.corrupted[idx]
+    return torch.where(differ.any(1), differ.int().argmax(1), differ.shape[1]).tolist()
 
 
 def _progress(total: int, show: bool):

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 
-from ._model import Ablation, Hook, ModelSpec, Site, head_projection_deltas, run_model, source_hooks
-from .attribute import Examples, ablated_sources, mean_sources
+from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, head_outputs,
+                     head_projection_deltas, run_model, source_hooks)
+from .attribute import Examples
 from .graph import Graph, KVEdges
 from .prune import Selection
 
@@ -50,13 +51,13 @@ class _Patcher:
     graph: Graph
     missing: Bool[Tensor, "n_fwd n_bwd"]  # on the model's device
     blocks: dict  # (layer | None, part) -> (n_up, cols, W or None): destinations with missing edges
-    ablated: Float[Tensor, "n_fwd B S d"]
+    ablated: Sources
     delta: Float[Tensor, "n_fwd B S d"] = None  # a - a_abl of this run's sources
     pending: dict = field(default_factory=dict)
 
     def hooks(self) -> list[Hook]:
-        self.delta = torch.empty_like(self.ablated)
-        hooks = source_hooks(self.spec, self._record)
+        self.delta = torch.empty_like(self.ablated.resid)
+        hooks = source_hooks(self.spec, self._record, self._record_heads)
         for l in range(self.spec.n_layers):
             if any((l, p) in self.blocks for p in "qkv"):
                 hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._heads(x, l)))
@@ -72,8 +73,12 @@ class _Patcher:
     def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
         return x - self._correction(layer, part)[0].to(x.dtype)
 
-    def _record(self, rows: slice, values: Tensor) -> None:
-        self.delta[rows] = values - self.ablated[rows]
+    def _record(self, row: int, values: Tensor) -> None:
+        torch.sub(values, self.ablated.resid[row], out=self.delta[row])
+
+    def _record_heads(self, layer: int, z: Tensor) -> None:
+        self.delta[self.spec.head_rows(layer)] = head_outputs(z, self.spec.attn[layer].W_O,
+                                                              minus=self.ablated.z[layer])
 
     def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
         n_up, cols, _ = self.blocks[layer, part]
@@ -160,9 +165,10 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
     clean_m = torch.zeros(len(ex)) if reference else None
     base_m = torch.zeros(len(ex)) if reference else None
     with torch.no_grad():
-        mean = mean_sources(model, spec, ex, s.batch_size) if s.ablation is Ablation.MEAN else None
+        mean = ex.mean_sources(model, spec, s.batch_size) if s.ablation is Ablation.MEAN else None
         for idx in s.batches:
-            ablated, corrupted_logits = ablated_sources(model, spec, ex, idx, s.ablation, mean)
+            ablated, corrupted_logits = ablated_sources(
+                model, spec, s.ablation, *ex.tokens("corrupted", idx, spec.device), mean)
             toks, mask = ex.tokens("clean", idx, spec.device)
 
             def patched(plan):

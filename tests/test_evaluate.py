@@ -3,12 +3,13 @@ test_attribute.py, the empty / full circuit identities, faithfulness and its cur
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
-from circuits import evaluate as evaluate_module
 from circuits.attribute import attribute
 from circuits.evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
 from circuits.graph import Graph
@@ -17,6 +18,9 @@ from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
 from test_attribute import edge_reference, ioi
+
+
+evaluate_module = importlib.import_module("circuits.evaluate")  # circuits.evaluate is also a function
 
 
 def logits_of(model, graph, clean, corrupted, **kwargs):
