@@ -565,3 +565,16 @@ def test_model_without_needed_hooks_is_rejected(llama_model):
         attribute(NoHooks(), Graph.from_model(llama_model), clean, corrupted, metric)
     with pytest.raises(GimlensError, match="TransformerLens model"):
         attribute(torch.nn.Linear(2, 2), Graph.from_model(llama_model), clean, corrupted, metric)
+
+
+@pytest.mark.slow
+def test_smollm2_split_free_scores_equal_split_mode_scores():
+    from circuits.tasks import make
+    from gimlens.models import load_model
+
+    model = load_model()
+    task = make("ioi", model, n=3, seed=1)
+    graph = attribute(model, Graph.from_model(model), task)
+    expected = _split_mode_scores(model, task.clean, task.corrupted, task.metric)
+    assert float(expected.abs().max()) > 1e-3
+    _close(graph.scores, expected, rtol=1e-3)

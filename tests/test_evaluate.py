@@ -217,3 +217,22 @@ def test_bad_curve_arguments_raise_gimlens_error(kwargs, message, gpt2_model):
     clean, corrupted, metric = ioi(gpt2_model)
     with pytest.raises(GimlensError, match=message):
         faithfulness_curve(gpt2_model, Graph.from_model(gpt2_model), clean, corrupted, metric, **kwargs)
+
+
+@pytest.mark.slow
+def test_smollm2_empty_and_full_circuits_reproduce_corrupted_and_clean_runs():
+    from circuits.tasks import make
+    from gimlens.models import load_model
+
+    model = load_model()
+    task = make("ioi", model, n=3, seed=1)
+    mask = task.attention_mask
+    graph = Graph.from_model(model)
+    with torch.no_grad():
+        clean = model(task.clean, attention_mask=mask)
+        corrupted = model(task.corrupted, attention_mask=mask)
+    full = logits_of(model, graph, task.clean, task.corrupted, attention_mask=mask)
+    empty = logits_of(model, graph.copy().reset(empty=True), task.clean, task.corrupted,
+                      attention_mask=mask)
+    assert_close(full, clean, atol=1e-5, rtol=0)
+    assert_close(empty, corrupted, atol=1e-4, rtol=0)
