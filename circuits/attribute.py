@@ -44,6 +44,7 @@ gradients masked out. Summed over a group they equal the grouped score.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -52,12 +53,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gimlens.distributed import all_reduce_sum, is_main_process, shard_range
 from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 
 from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, check_norm,
                      head_input_grads, head_outputs, mean_sources, run_model, source_hooks)
 from .graph import Graph, KVEdges
+from .memory import estimate_memory, fit_batch_size
 
 __all__ = ["attribute", "Method", "Examples"]
 
@@ -128,11 +131,11 @@ class Examples:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
-    def batches(self, batch_size: int | None) -> list[Tensor]:
-        """Example indices per batch (CPU ``LongTensor``s)."""
-        n = len(self)
+    def batches(self, batch_size: int | None, n: int | None = None) -> list[Tensor]:
+        """Example indices per batch (CPU ``LongTensor``s) of the first ``n`` (default all)."""
+        n = len(self) if n is None else n
         if batch_size is None:
-            batch_size = n
+            batch_size = max(n, 1)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise GimlensError(f"batch_size must be a positive int or None, got {batch_size!r}")
         return list(torch.arange(n).split(batch_size))
@@ -443,7 +446,8 @@ class _Accumulator:
 def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method: Method | str = "EAP",
               ig_steps: int = 5, gim: GIMConfig | bool | dict | None = None,
               batch_size: int | None = None, ablation: Ablation | str = "corrupted",
-              attention_mask: Tensor | None = None, progress: bool = False) -> Graph:
+              attention_mask: Tensor | None = None, progress: bool = False,
+              max_memory: int | str | None = None) -> Graph:
     """Fill ``graph.scores`` with edge attribution scores (float32, mean over examples).
 
     Args:
@@ -459,7 +463,13 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method
         batch_size: examples per forward pass (``None``: all at once).
         ablation: ``"corrupted"``, ``"mean"`` or ``"zero"``.
         attention_mask: ``[n, pos]`` 1 for real tokens (both runs).
-        progress: show a progress bar.
+        progress: show a progress bar (and print the memory estimate first).
+        max_memory: a budget in bytes (or ``"4GB"``): ``batch_size`` is lowered so the estimate
+            of :func:`circuits.memory.estimate_memory` stays within it.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) each rank scores a
+    contiguous shard of the examples and the score sums are all-reduced: every rank returns the
+    scores of the whole set.
 
     Returns:
         ``graph``, with ``graph.scores[src, dst]`` the estimated change of the mean metric when
@@ -487,14 +497,22 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method
     config = GIMConfig.coerce(gim)
     extra = [] if config.is_off else gim_hooks(model, config)
     ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
-    batches = ex.batches(batch_size)
+    own = shard_range(len(ex))
+    if max_memory is not None:
+        batch_size = fit_batch_size(model, graph, ex.clean.shape[1], max_memory,
+                                    upper=batch_size or max(len(own), 1))
+    batches = [idx + own.start for idx in ex.batches(batch_size, n=len(own))]
+    if progress and is_main_process():
+        size = batch_size or max(len(own), 1)
+        print(f"attribute: {len(ex)} examples in batches of {size}; memory "
+              f"{estimate_memory(model, graph, size, ex.clean.shape[1])}", file=sys.stderr)
     points = _POINTS[method](ig_steps)
     split_kv = graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads
 
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
     with torch.enable_grad():
         mean = ex.mean_sources(model, spec, batch_size) if ablation is Ablation.MEAN else None
-        bar = _progress(len(batches) * len(points), progress)
+        bar = _progress(len(batches) * len(points), progress and is_main_process())
         for i, idx in enumerate(batches):
             ablated, _ = ablated_sources(model, spec, ablation, *ex.tokens("corrupted", idx, spec.device),
                                          mean)
@@ -517,6 +535,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *, method
                 bar.update(1)
             acc.flush()
         bar.close()
+    all_reduce_sum(scores)
     graph.scores = (scores / len(ex)).to(graph.scores.device)
     return graph
 

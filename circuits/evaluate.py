@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from gimlens.distributed import all_reduce_sum, shard_range
 from gimlens.errors import GimlensError
 
 from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, head_outputs,
@@ -147,7 +148,8 @@ def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attenti
     graph.check_matches(model)
     ablation = Ablation.coerce(ablation)
     ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
-    return _Setup(spec, ex, ablation, batch_size, ex.batches(batch_size))
+    own = shard_range(len(ex))  # under torch.distributed: this rank's contiguous share
+    return _Setup(spec, ex, ablation, batch_size, [i + own.start for i in ex.batches(batch_size, n=len(own))])
 
 
 def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, reference: bool
@@ -181,6 +183,10 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
                 clean_m[idx] = ex.score(run_model(model, toks, mask, []), idx).float().cpu()
                 base_m[idx] = patched(empty) if corrupted_logits is None else \
                     ex.score(corrupted_logits, idx).float().cpu()
+    # every example was scored by exactly one rank: the sums over ranks fill in the others
+    for t in (out, clean_m, base_m):
+        if t is not None:
+            all_reduce_sum(t)
     return out, clean_m, base_m
 
 

@@ -42,10 +42,20 @@ def shard_range(n: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+def _comm_device(tensor: Tensor) -> torch.device:
+    """NCCL moves only CUDA tensors: stage CPU tensors on this rank's GPU."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over ranks in place (and return it); identity in a single process."""
     if world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        staged = tensor.to(_comm_device(tensor))
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        if staged is not tensor:
+            tensor.copy_(staged)
     return tensor
 
 
@@ -58,11 +68,11 @@ def all_gather_rows(rows: Tensor) -> Tensor:
     counts[rank] = rows.shape[0]
     all_reduce_sum(counts)
     biggest = int(counts.max())
-    padded = rows.new_zeros((biggest, *rows.shape[1:]))
+    padded = rows.new_zeros((biggest, *rows.shape[1:]), device=_comm_device(rows))
     padded[: rows.shape[0]] = rows
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)], dim=0)
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)], dim=0).to(rows.device)
 
 
 def barrier() -> None:
