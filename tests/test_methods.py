@@ -202,3 +202,24 @@ def test_every_method_leaves_the_model_as_found_after_success_and_error(any_mode
         with pytest.raises(RuntimeError, match="forced failure"):
             attribute(any_model, PROMPT, method=method)
     assert_state_equal(before, model_state(any_model))
+
+
+@pytest.mark.slow
+def test_on_smollm2_ig_converges_and_ablation_matches_single_forwards():
+    model = load_model()
+    text, answer = "When Emily and Peter went to the store, Peter gave a drink to", " Emily"
+    ig = attribute(model, text, target=answer, method="integrated_gradients", steps=64)
+    base = ig.token_ids.clone()
+    base[ig.scored] = ig.baseline_token_id
+    with torch.no_grad():
+        gap = float(ig.target_values[0, 0]) - float(model(base)[0, -1, int(ig.target_ids[0, 0])])
+    assert float(ig.delta[0]) < 0.02 * abs(gap)
+    loo = attribute(model, text, target=answer, method="feature_ablation")
+    ids = loo.token_ids
+    with torch.no_grad():
+        full = float(model(ids)[0, -1, int(loo.target_ids[0, 0])])
+        for i in (2, 5, ids.shape[1] - 1):
+            changed = ids.clone()
+            changed[0, i] = loo.baseline_token_id
+            expected = full - float(model(changed)[0, -1, int(loo.target_ids[0, 0])])
+            assert abs(float(loo.scores[0, i]) - expected) < 1e-3 * max(1.0, abs(expected))
