@@ -39,6 +39,13 @@ pick per-example labels), one differentiable float value per example. ``Task.met
 exact share: the gradient that reaches the KV head through ``h``'s attention scores (k) or
 pattern (v) alone, obtained by differentiating that layer's scores / ``z`` with the other heads'
 gradients masked out. Summed over a group they equal the grouped score.
+
+**Cost.** Per batch: the ablated run (no grad; none for ``zero``/``mean``) and one forward and
+backward pass per gradient point, plus per-head projections of the gradients and one score GEMM
+per group of layers (``diff [n_forward, B, S, d]`` against the destination gradients, float32).
+Each example's GEMM covers only positions from its first differing clean/corrupted token (before
+it the causal runs agree) to the last position with a gradient. The IG methods sum gradients over
+their steps and multiply once, holding ``[n_backward, B, S, d]`` float32 gradients meanwhile.
 """
 
 from __future__ import annotations
