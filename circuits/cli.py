@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="edge scoring method")
     parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
     parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")
-    parser.add_argument("--n", type=int, default=64, help="number of task examples")
+    parser.add_argument("--n-examples", "--n", dest="n", type=int, default=64,
+                        help="number of task examples (spell it --n-examples under torchrun, "
+                             "whose own options --nnodes/--nproc-per-node make --n ambiguous)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task's examples")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the IG methods")
@@ -74,7 +76,8 @@ def _check(args: argparse.Namespace) -> dict[str, Path]:
     for name, low in (("edges", 1), ("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0)):
         value = getattr(args, name)
         if value < low:
-            raise GimlensError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            flag = "n-examples" if name == "n" else name.replace("_", "-")
+            raise GimlensError(f"--{flag} must be >= {low}, got {value}")
     outputs: dict[str, Path] = {}
     for key, (suffixes, _) in _OUTPUTS.items():
         value = getattr(args, key)
@@ -126,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     from .graph import Graph
     from .tasks import make
 
+    from gimlens.distributed import init_from_env, is_main_process
+
+    init_from_env()  # under `torchrun --nproc_per_node N`: each rank scores its share
+    main = is_main_process()
     start = time.perf_counter()
     model = load_model(args.model, device=args.device)
     task = make(args.task, model, n=args.n, seed=args.seed)
@@ -133,12 +140,15 @@ def run(args: argparse.Namespace) -> int:
     if args.edges > graph.n_valid_edges:
         raise GimlensError(f"--edges {args.edges} exceeds the {graph.n_valid_edges} edges of this model's graph")
     method = f"{args.method}{' + GIM' if args.gim else ''}"
-    print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
-          file=sys.stderr)
+    if main:
+        print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
+              file=sys.stderr)
     attribute(model, graph, task, method=args.method, ig_steps=args.ig_steps, gim=args.gim or None,
               batch_size=args.batch_size, ablation=args.ablation, progress=not args.no_progress)
     graph.apply_topn(args.edges, absolute=True)
     faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation)
+    if not main:  # every rank holds the same circuit; rank 0 writes it
+        return 0
     _write_all(graph, outputs)
     print(f"circuit: {graph.n_edges_in_graph} edges (top {args.edges} by |score|, dangling pruned), "
           f"{int(graph.nodes_in_graph.sum())} nodes; normalised faithfulness {faith:.3f}")

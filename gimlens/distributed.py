@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world", "is_main_process", "shard_range", "all_reduce_sum", "all_gather_rows", "barrier"]
+__all__ = ["world", "is_main_process", "shard_range", "all_reduce_sum", "all_gather_rows", "barrier",
+           "init_from_env"]
 
 
 def world() -> tuple[int, int]:
@@ -27,6 +28,22 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
+    environment) unless one is already initialised: NCCL where CUDA is available, else gloo.
+    Returns whether more than one process takes part."""
+    import os
+
+    if not (dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return world()[1] > 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return world()[1] > 1
 
 
 def is_main_process() -> bool:

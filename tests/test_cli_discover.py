@@ -67,7 +67,7 @@ def test_discover_writes_the_circuit_a_direct_library_run_finds(model_dir, tmp_p
     "bad, message",
     [
         (["--edges", "0"], "--edges must be >= 1"),
-        (["--n", "0"], "--n must be >= 1"),
+        (["--n", "0"], "--n-examples must be >= 1"),
         (["--png", "{tmp}/circuit.txt"], "--png"),
         (["--graphml", "{tmp}/missing/c.graphml"], "does not exist"),
         (["--eap-json", "{tmp}/circuit.json"], "distinct files"),

@@ -88,3 +88,29 @@ def test_bf16_model_gives_float32_scores_close_to_the_float32_models():
     corr = torch.corrcoef(torch.stack([s32[valid], s16[valid]]))[0, 1]
     assert corr > 0.95
     assert ((s16 - s32)[valid].norm() / s32[valid].norm()) < 0.2
+
+
+def test_discover_cli_under_torchrun_writes_the_single_process_circuit(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from gimlens.testing import tiny_hf_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_hf_model(**ARGS).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    exe = shutil.which("gimlens")
+    assert exe, "the gimlens console script must be installed (pip install -e .)"
+    args = ["discover", "--task", "ioi", "--model", str(folder), "--n-examples", "8", "--batch-size", "3",
+            "--ig-steps", "2", "--edges", "40", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([exe, *args, "-o", str(one)], check=True, env=env, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--no-python", exe, *args, "-o", str(two)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = circuits.Graph.from_json(one), circuits.Graph.from_json(two)
+    assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.in_graph, b.in_graph)
+    assert not list(tmp_path.glob(".gimlens-*"))  # rank 1 staged nothing
