@@ -50,6 +50,7 @@ from .attribution import Attribution, attribute
 from .attribution._core import attribution_mode
 from .attribution.inputs import model_device
 from .attribution.targets import Readout, ResolvedTarget, TargetKind, with_continuation
+from .distributed import all_reduce_sum, is_main_process, shard_range
 from .errors import GimlensError
 from .gim import _NORM_REBUILD_WARNING
 
@@ -347,17 +348,18 @@ def _variant_values(model, a, variants, rows, batch_size, progress, device) -> T
     variants, rows = variants.to(device), rows.to(device)
     mask = None if a.attention_mask is None else a.attention_mask.to(device)[rows]
     tokens, mask, _ = with_continuation(variants, mask, target.continuation)
-    out = torch.empty(len(variants), target.n_targets, dtype=torch.float64)
-    starts = range(0, len(variants), batch_size)
-    if progress and len(starts) > 1:
+    out = torch.zeros(len(variants), target.n_targets, dtype=torch.float64)
+    own = shard_range(len(variants))  # under torch.distributed: this rank's block of variants
+    starts = range(own.start, own.stop, batch_size)
+    if progress and len(starts) > 1 and is_main_process():
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="faithfulness", unit="batch")
     with attribution_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
         for s in starts:
-            sl = slice(s, s + batch_size)
+            sl = slice(s, min(s + batch_size, own.stop))
             kwargs = {} if mask is None else {"attention_mask": mask[sl]}
             logits = model(tokens[sl], **kwargs)
             out[sl] = target.values(logits, rows[sl]).double().cpu()
-    return out
+    return all_reduce_sum(out)  # each variant was computed by exactly one rank

@@ -114,3 +114,39 @@ def test_discover_cli_under_torchrun_writes_the_single_process_circuit(tmp_path)
     assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.in_graph, b.in_graph)
     assert not list(tmp_path.glob(".gimlens-*"))  # rank 1 staged nothing
+
+
+PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The capital of France is",
+           "Alice and Bob went to the park", "The capital of Italy is", "Then Anna said to"]
+
+
+def _token_worker(rank, size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        import gimlens
+
+        model = tiny_model(**ARGS)
+        attr = gimlens.attribute(model, PROMPTS, method="integrated_gradients", steps=4, batch_size=2)
+        faith = gimlens.evaluate.faithfulness(model, attr, max_k=3, batch_size=4)
+        torch.save({"scores": attr.scores, "targets": attr.target_ids, "delta": attr.delta,
+                    "comp": faith.comprehensiveness, "suff": faith.sufficiency}, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_token_attribution_and_faithfulness_under_two_processes_equal_one(tmp_path):
+    import gimlens
+
+    mp.spawn(_token_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = tiny_model(**ARGS)
+    attr = gimlens.attribute(model, PROMPTS, method="integrated_gradients", steps=4, batch_size=2)
+    faith = gimlens.evaluate.faithfulness(model, attr, max_k=3, batch_size=4)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["targets"], attr.target_ids)  # top predictions gathered back too
+        assert_close(got["scores"], attr.scores, rtol=1e-5, atol=1e-6)
+        assert_close(got["delta"], attr.delta, rtol=1e-4, atol=1e-6)
+        assert_close(got["comp"], faith.comprehensiveness, equal_nan=True)
+        assert_close(got["suff"], faith.sufficiency, equal_nan=True)

@@ -12,7 +12,8 @@ from ..gim import GIMConfig
 from ..quadrature import Quadrature, nodes_and_weights
 from ._core import as_bridge
 from .inputs import prepare_prompt, resolve_baseline
-from .methods import METHODS, Job, Method, as_method, run_method
+from ..distributed import all_gather_rows, is_main_process, shard_range, world
+from .methods import METHODS, Job, Method, MethodOutput, as_method, run_method
 from .result import Attribution
 from .targets import TargetKind, as_target, resolve_target, with_continuation
 
@@ -64,7 +65,9 @@ def attribute(
 
     Returns:
         An :class:`Attribution` (scores ``[batch, pos]``, or ``[batch, n_targets, pos]`` for a
-        continuation; float32, on the CPU).
+        continuation; float32, on the CPU). Under ``torchrun`` (an initialised
+        ``torch.distributed`` process group) each rank computes a contiguous block of rows and
+        every rank returns the whole result.
 
     Example:
         >>> from gimlens.attribution import attribute
@@ -95,7 +98,7 @@ def attribute(
     scored = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, scored_prompt)
     base_tokens = torch.where(scored, torch.full_like(tokens, baseline_id), tokens)
 
-    out = run_method(
+    out = _run_sharded(
         method,
         Job(model, tokens, mask, base_tokens, resolved, config, steps, Quadrature(quadrature), batch_size, progress),
     )
@@ -130,6 +133,29 @@ def attribute(
         method=method.value,
         config=run_config,
         delta=None if delta is None else cpu(delta).float(),
+    )
+
+
+def _run_sharded(method: Method, job: Job) -> MethodOutput:
+    """Run ``job``; under torch.distributed each rank takes a contiguous block of rows and the
+    rows (and the top-prediction targets they fixed) are gathered back in order on every rank."""
+    if world()[1] == 1:
+        return run_method(method, job)
+    own = shard_range(job.tokens.shape[0])
+    rows = slice(own.start, own.stop)
+    t = job.target
+    part = dataclasses.replace(
+        t, ids=t.ids[rows].clone(), positions=t.positions[rows],
+        contrast=None if t.contrast is None else t.contrast[rows],
+    )
+    out = run_method(method, dataclasses.replace(
+        job, tokens=job.tokens[rows], base_tokens=job.base_tokens[rows], target=part,
+        mask=None if job.mask is None else job.mask[rows], progress=job.progress and is_main_process(),
+    ))
+    t.ids.copy_(all_gather_rows(part.ids))
+    return MethodOutput(
+        all_gather_rows(out.scores), all_gather_rows(out.values),
+        None if out.delta is None else all_gather_rows(out.delta),
     )
 
 
