@@ -36,14 +36,16 @@ class MemoryEstimate:
     sources: int  #: ablated activations and their differences, float32
     gradients: int  #: one block of destination-input gradients, float32
     activations: int  #: the model's forward activations kept for the backward pass
+    logits: int  #: clean and corrupted logits and the metric's gradient, float32
     scores: int  #: the dense score matrix and its accumulator
 
     @property
     def total(self) -> int:
-        return self.sources + self.gradients + self.activations + self.scores
+        return self.sources + self.gradients + self.activations + self.logits + self.scores
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{k} {_human(getattr(self, k))}" for k in ("sources", "gradients", "activations", "scores"))
+        parts = ", ".join(f"{k} {_human(getattr(self, k))}"
+                          for k in ("sources", "gradients", "activations", "logits", "scores"))
         return f"about {_human(self.total)} per batch ({parts})"
 
 
@@ -82,10 +84,13 @@ def estimate_memory(model, graph, batch_size: int, n_pos: int) -> MemoryEstimate
         item = next(model.parameters()).element_size()
     except StopIteration:  # pragma: no cover
         item = _F32
-    # per layer: residual/norm/q/k/v/z/out copies (~12 d), scores and pattern (2 H S), MLP (3 d_mlp)
-    activations = L * per_pos * (12 * d + 2 * H * n_pos + 3 * d_mlp) * item
+    # Per layer and position: residual, norm, q/k/v (with RoPE and repeated KV heads), z and
+    # output copies, float32 upcasts, scores and pattern, gated-MLP intermediates. The constants
+    # were calibrated on SmolLM2 (benchmarks/bench_scale.py: estimate within ~10% of the peak).
+    activations = L * per_pos * (40 * d + 6 * H * n_pos + 10 * d_mlp) * item
+    logits = 3 * per_pos * int(cfg.d_vocab) * _F32
     scores = 2 * graph.n_forward * graph.n_backward * _F32
-    return MemoryEstimate(sources, gradients, activations, scores)
+    return MemoryEstimate(sources, gradients, activations, logits, scores)
 
 
 def fit_batch_size(model, graph, n_pos: int, max_memory: int | str, upper: int | None = None) -> int:
