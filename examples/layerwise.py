@@ -37,7 +37,6 @@ import torch
 from IPython.display import display
 
 import gimlens
-from gimlens.layerwise import layerwise_ig
 
 model = gimlens.load_model()  # embedded SmolLM2-135M-Instruct, offline
 prompt = "When Mary and John went to the store, John gave a drink to"
@@ -52,7 +51,7 @@ print(model.to_str_tokens(prompt))
 
 # %%
 layer = 20
-res = layerwise_ig(model, prompt, layers=layer, granularity=["layer", "att"], steps=32)
+res = gimlens.layerwise_ig(model, prompt, layers=layer, granularity=["layer", "att"], steps=32)
 flow = res.flow(layer, "layer")
 print("matrix [source, target]:", tuple(flow.matrix.shape))
 has_flow = flow.total.abs() > 0  # BOS has nothing to read but itself: its total is 0

@@ -29,7 +29,7 @@ import torch
 from IPython.display import display
 
 import gimlens
-from gimlens.attribution import Continuation, LogitDiff, attribute
+from gimlens.attribution import Continuation, LogitDiff
 from gimlens.evaluate import ablation_agreement, faithfulness
 
 torch.manual_seed(0)
@@ -51,12 +51,12 @@ for token, score in zip(model.to_str_tokens(ids), scores.tolist()):
     print(f"{token!r:>16} {score:+.3f}")
 
 # %% [markdown]
-# `attribute` is the general entry point: text or token inputs, any method, any target. It returns an
+# `gimlens.attribute` is the general entry point: text or token inputs, any method, any target. It returns an
 # `Attribution`, which plots itself as a heatmap and renders as coloured HTML in a notebook. By default a leading
 # BOS token is not scored (it is its own baseline, so it scores 0); `explain` scores it, as `gim-explain` does.
 
 # %%
-attr = attribute(model, "The capital of France is", target=" Paris")
+attr = gimlens.attribute(model, "The capital of France is", target=" Paris")
 display(attr)
 fig = attr.plot()
 display(fig)
@@ -79,7 +79,7 @@ methods = {
     "integrated_gradients": {"steps": 16},
     "feature_ablation": {},
 }
-results = {m: attribute(model, prompt, method=m, **kw) for m, kw in methods.items()}
+results = {m: gimlens.attribute(model, prompt, method=m, **kw) for m, kw in methods.items()}
 ig = results["integrated_gradients"]
 print("target:", ig.describe_target(), "| IG: sum of scores", float(ig.scores.sum()),
       "| completeness delta", float(ig.delta[0]))
@@ -100,7 +100,7 @@ plt.show()
 # A **logit difference** explains a contrast: what makes the model say " Mary" rather than " John"?
 
 # %%
-diff = attribute(model, prompt, target=LogitDiff(" Mary", " John"))
+diff = gimlens.attribute(model, prompt, target=LogitDiff(" Mary", " John"))
 display(diff.plot())
 
 # %% [markdown]
@@ -109,7 +109,7 @@ display(diff.plot())
 # tokens long becomes a continuation automatically.
 
 # %%
-cont = attribute(model, "The Eiffel Tower is in the city of", target=Continuation(" Paris, France"))
+cont = gimlens.attribute(model, "The Eiffel Tower is in the city of", target=Continuation(" Paris, France"))
 print(cont.scores.shape, "(batch, continuation tokens, positions)")
 display(cont.plot())
 
@@ -131,7 +131,7 @@ prompts = [
     "In the morning I drink a cup of hot coffee, and in the evening a cup of",
 ]
 batch_methods = {**methods, "integrated_gradients": {"steps": 8}}
-batch = {m: attribute(model, prompts, method=m, batch_size=32, **kw) for m, kw in batch_methods.items()}
+batch = {m: gimlens.attribute(model, prompts, method=m, batch_size=32, **kw) for m, kw in batch_methods.items()}
 reference = batch["feature_ablation"]
 table = {}
 for m, a in batch.items():
