@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a local torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def model_state(model) -> dict:

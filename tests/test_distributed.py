@@ -1,19 +1,13 @@
 """gimlens.distributed on 2 CPU processes (gloo) against the single-process result."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gimlens import distributed as gd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def _worker(rank, size, port, out):
@@ -41,7 +35,7 @@ def test_single_process_is_the_identity():
 
 
 def test_two_processes_shard_contiguously_and_reduce_to_the_single_process_result(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["range"] == (0, 6) and r1["range"] == (6, 11)
     expected = torch.arange(11, dtype=torch.float32) * 2

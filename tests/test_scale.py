@@ -1,7 +1,6 @@
 """Scaling out: 2 processes (gloo) equal 1, chunked equals unchunked, bf16 accumulates in float32."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import circuits
 from circuits.memory import estimate_memory, fit_batch_size, parse_bytes
 from gimlens import GimlensError
 from gimlens.testing import tiny_model
+from helpers import free_port
 
 ARGS = dict(arch="llama", scale=3.0, seed=5)
 
@@ -21,12 +21,6 @@ def _setup(dtype=torch.float32):
     model = tiny_model(**ARGS, dtype=dtype)
     task = circuits.tasks.make("ioi", model, n=10, seed=0)
     return model, task
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, size, port, out):
@@ -45,7 +39,7 @@ def _worker(rank, size, port, out):
 
 
 def test_two_processes_give_the_single_process_scores_and_evaluation(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, task = _setup()
     g = circuits.attribute(model, circuits.Graph.from_model(model), task, method="EAP-IG-inputs",
                            ig_steps=2, batch_size=3)
@@ -139,7 +133,7 @@ def _token_worker(rank, size, port, out):
 def test_token_attribution_and_faithfulness_under_two_processes_equal_one(tmp_path):
     import gimlens
 
-    mp.spawn(_token_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_token_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = tiny_model(**ARGS)
     attr = gimlens.attribute(model, PROMPTS, method="integrated_gradients", steps=4, batch_size=2)
     faith = gimlens.evaluate.faithfulness(model, attr, max_k=3, batch_size=4)
