@@ -19,8 +19,9 @@ GIM − integrated gradients in comprehensiveness (mean ± standard error, and h
 Cost on CPU: every method's faithfulness needs ~20 forwards per prompt, integrated gradients
 ``steps`` forward+backward passes (SmolLM2 needs about 32 Gauss-Legendre steps for a completeness
 delta well under a logit; 8 steps leave deltas of several logits). The default (12 correct prompts
-per task, 36 in all; IG under GIM only with ``--ig-gim``) takes about 10 minutes on one CPU thread;
-``--per-task 0`` evaluates every correct prompt (114), about three times as long. One thread is
+per task, 36 in all; IG under GIM only with ``--ig-gim``) took 7.5 minutes (3.6 min of CPU) on one
+thread of a busy 2-core machine; ``--per-task 0`` evaluates every correct prompt (114): 35 minutes
+there (13 min of CPU). One thread is
 the default because on a shared machine two OpenMP threads stall on each other's time slices
 (measured here: a one-row forward took 0.27 s on one thread, 0.87 s on two).
 """
