@@ -79,6 +79,12 @@ for label, gim in (("EAP-IG", False), ("EAP-IG + GIM", True)):
 graph = graphs["EAP-IG + GIM"]
 print(graph)
 print("valid edges:", graph.n_valid_edges)
+# IG's completeness: every destination reads the embedding through the residual stream, so the edges leaving
+# `input` add up (up to the error of 5 Riemann steps) to the metric's change from clean to corrupted. GIM's
+# gradients are deliberately not the true gradients, so under GIM the sum need not match.
+change = float(task.metric(corrupted_logits).mean() - clean_diff.mean())
+print(f"m_corrupt - m_clean = {change:.2f}; sum of the input's edge scores:",
+      {k: round(float(g.scores[g.forward_index_of("input")].sum()), 2) for k, g in graphs.items()})
 for label, g in graphs.items():  # Graph.edges is a read-only view built from the dense tensors
     strongest = sorted(g.edges.values(), key=lambda e: -abs(e.score))[:5]
     print(f"{label:>13}:", ", ".join(f"{e.name} {e.score:+.3f}" for e in strongest))
