@@ -24,7 +24,7 @@
 #    list its most important attention heads.
 #
 # This runs offline on the embedded SmolLM2-135M-Instruct in a few minutes on 2 CPU cores because it uses only
-# 12 prompts, 5 integration steps and 5 circuit sizes. With so few prompts the curves are noisy: more prompts
+# 32 prompts, 5 integration steps and 7 circuit sizes. With so few prompts the curves are noisy: more prompts
 # (the literature uses hundreds) give better estimates; on a GPU use `n=256` or more and the default sizes.
 
 # %%
@@ -52,7 +52,7 @@ out = Path(tempfile.mkdtemp())  # everything we write goes here, not into the wo
 # `logit(IO) − logit(S)` at the last position.
 
 # %%
-task = make("ioi", model, n=12, seed=0)
+task = make("ioi", model, n=32, seed=0)
 for clean, corrupted in list(zip(task.prompts, task.corrupted_prompts))[:3]:
     print(f"{clean!r}\n  corrupted: {corrupted!r}")
 with torch.no_grad():
@@ -75,7 +75,7 @@ print(f"{len(task)} prompts; logit difference clean {float(clean_diff.mean()):.2
 graphs = {}
 for label, gim in (("EAP-IG", False), ("EAP-IG + GIM", True)):
     graphs[label] = circuits.attribute(model, circuits.Graph.from_model(model), task, method="EAP-IG-inputs",
-                                       ig_steps=5, gim=gim)
+                                       ig_steps=5, gim=gim, batch_size=16)
 graph = graphs["EAP-IG + GIM"]
 print(graph)
 print("valid edges:", graph.n_valid_edges)
@@ -99,8 +99,8 @@ for label, g in graphs.items():  # Graph.edges is a read-only view built from th
 # better). Both areas are taken over the sizes evaluated here (the default grid is 0.1 … 100 %).
 
 # %%
-sizes = (1, 2, 5, 10, 100)
-curves = {label: circuits.faithfulness_curve(model, g, task, sizes=sizes)
+sizes = (0.5, 1, 2, 5, 10, 20, 100)
+curves = {label: circuits.faithfulness_curve(model, g, task, sizes=sizes, batch_size=16)
           for label, g in graphs.items()}
 
 fig, ax = plt.subplots(figsize=(7, 4))

@@ -20,8 +20,8 @@
 # 4. faithfulness: comprehensiveness, sufficiency and agreement with leave-one-out ablation.
 #
 # Everything runs offline on the embedded SmolLM2-135M-Instruct in a few minutes on a laptop CPU. The data sets
-# here are deliberately tiny (6 prompts, 8–16 integration steps) so that it runs in CI: more prompts and more
-# steps give better estimates of the faithfulness numbers.
+# here are deliberately tiny (8 prompts, 16 integration steps) so that it runs in CI in a minute: more prompts and
+# more steps give better estimates of the faithfulness numbers.
 
 # %%
 import matplotlib.pyplot as plt
@@ -118,8 +118,7 @@ display(cont.plot())
 #
 # Comprehensiveness (higher is better): replace the top-k tokens (k = 1, 2, …) by the baseline and measure the
 # relative drop of the target logit. Sufficiency (lower is better): replace the least important 50–99 % of the
-# tokens. The first and last tokens are never replaced. We use 6 prompts and 8 integration steps; the GIM paper
-# uses thousands of prompts.
+# tokens. The first and last tokens are never replaced. We use 8 prompts; the GIM paper uses thousands.
 
 # %%
 prompts = [
@@ -129,9 +128,10 @@ prompts = [
     "She opened the fridge, took out a bottle of cold milk and poured it into a",
     "The capital of Germany, a large country in the middle of Europe, is the city of",
     "In the morning I drink a cup of hot coffee, and in the evening a cup of",
+    "The teacher asked the students to open their books and turn to page",
+    "Alice and Bob played chess all afternoon, and in the end the winner was",
 ]
-batch_methods = {**methods, "integrated_gradients": {"steps": 8}}
-batch = {m: gimlens.attribute(model, prompts, method=m, batch_size=32, **kw) for m, kw in batch_methods.items()}
+batch = {m: gimlens.attribute(model, prompts, method=m, batch_size=32, **kw) for m, kw in methods.items()}
 reference = batch["feature_ablation"]
 table = {}
 for m, a in batch.items():
@@ -154,5 +154,5 @@ for ax in axes:
 plt.show()
 
 # %% [markdown]
-# With 6 prompts these numbers are noisy; run the same cells on a few hundred prompts (and more integration
+# With 8 prompts these numbers are noisy; run the same cells on a few hundred prompts (and more integration
 # steps) before drawing conclusions. Feature ablation agrees with itself by construction (Spearman 1).
