@@ -31,6 +31,7 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 from gimlens.gim import _NORM_REBUILD_WARNING
+from gimlens.heads import head_outputs as shared_head_outputs
 
 Hook = tuple[str, Callable]
 
@@ -235,18 +236,12 @@ class ModelSpec:
 
 def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"],
                  minus: Tensor | None = None, out: Tensor | None = None) -> Float[Tensor, "H B S d"]:
-    """Each head's contribution to the attention output of ``z - minus``, in float32 (written
-    into ``out`` if given)."""
-    B, S, H, dh = z.shape
+    """Each head's contribution to the attention output of ``z - minus``, detached, in float32
+    (written into ``out`` if given)."""
     z = z.detach().float()
     if minus is not None:
         z = z - minus.float()
-    z = z.permute(2, 0, 1, 3).reshape(H, B * S, dh)
-    d = W_O.shape[-1]
-    if out is None:
-        return torch.bmm(z, W_O.float()).view(H, B, S, d)
-    torch.bmm(z, W_O.float(), out=out.view(H, B * S, d))
-    return out
+    return shared_head_outputs(z, W_O.float(), out=out)
 
 
 def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"], norm: Norm,

@@ -47,7 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .attribution import Attribution, attribute
-from .attribution._core import attribution_mode
+from .runtime import prepared as attribution_mode
 from .attribution.inputs import model_device
 from .attribution.targets import Readout, ResolvedTarget, TargetKind, with_continuation
 from .distributed import all_reduce_sum, is_main_process, shard_range

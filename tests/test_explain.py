@@ -109,7 +109,7 @@ def test_training_mode_is_restored(gpt2_model):
 
 
 def test_baseline_inference_prefers_space_then_pad_then_unk(llama_model):
-    from gimlens.attribution._core import default_baseline_token
+    from gimlens.attribution.gradients import default_baseline_token
 
     tok = llama_model.tokenizer
     assert default_baseline_token(tok) == tok.encode(" ", add_special_tokens=False)[0]

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import GimlensError
 from ..gim import GIMConfig
 from ..quadrature import Quadrature, nodes_and_weights
-from ._core import as_bridge
+from .gradients import as_bridge
 from .inputs import prepare_prompt, resolve_baseline
 from ..distributed import all_gather_rows, is_main_process, shard_range, world
 from .methods import METHODS, Job, Method, MethodOutput, as_method, run_method

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import GimlensError
 from ..gim import GIMConfig
-from ._core import as_bridge
+from .gradients import as_bridge
 from .attribute import attribute
 from .inputs import model_device
 from .targets import TokenTarget

@@ -19,7 +19,8 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ._core import check_mask, check_tokens, default_baseline_token
+from ..runtime import check_tokens
+from .gradients import check_mask, default_baseline_token
 
 __all__ = ["Prompt", "prepare_prompt", "resolve_baseline", "model_device"]
 

@@ -35,7 +35,8 @@ from torch import Tensor
 from ..errors import GimlensError
 from ..gim import GIMConfig, _NORM_REBUILD_WARNING
 from ..quadrature import Quadrature, nodes_and_weights
-from ._core import attribution_mode, embedding_gradients, token_embeddings
+from ..runtime import prepared as attribution_mode
+from .gradients import embedding_gradients, token_embeddings
 from .targets import ResolvedTarget
 
 __all__ = ["Method", "Job", "MethodOutput", "METHODS", "known_methods", "run_method"]

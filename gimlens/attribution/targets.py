@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ._core import resolve_positions
+from .gradients import resolve_positions
 
 __all__ = [
     "Readout",

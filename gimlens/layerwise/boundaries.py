@@ -142,10 +142,3 @@ def run_block(
         pass
     assert captured, f"the forward pass never reached {output_hook}"
     return captured[0]
-
-
-def head_outputs(
-    hook_z: Float[Tensor, "n head d_head"], w_o: Float[Tensor, "head d_head d_model"]
-) -> Float[Tensor, "n head d_model"]:
-    """Each head's own contribution to the attention output (bias ``b_O`` excluded)."""
-    return torch.einsum("nhe,hed->nhd", hook_z, w_o)

@@ -40,12 +40,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attribution._core import attribution_mode, check_tokens
+from ..runtime import check_tokens, prepared as attribution_mode
 from ..errors import GimlensError
 from ..gim import GIMConfig, gim_hooks
 from ..quadrature import Quadrature, nodes_and_weights
 from .baselines import Baseline, map_ratio, zero_ratio
-from .boundaries import BOUNDARIES, Granularity, HeadScores, head_outputs, run_block
+from ..heads import head_outputs
+from .boundaries import BOUNDARIES, Granularity, HeadScores, run_block
 from .result import Flow, LayerwiseResult
 
 __all__ = ["layerwise_ig"]
@@ -343,7 +344,7 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
         G = value_sel.shape[0]
 
         def objective(out, j, gi):
-            ho = head_outputs(out[torch.arange(len(j), device=dev), j], w_o)  # [n, H, d]
+            ho = head_outputs(out[torch.arange(len(j), device=dev), j], w_o).movedim(0, -2)  # [n, H, d]
             v, s = value_sel[gi], grad_sel[gi]
             live = torch.einsum("nh,nhd->nd", v * s, ho)
             return live + torch.einsum("nh,nhd->nd", v * (1 - s), ho.detach())
@@ -355,7 +356,7 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
         if g is Granularity.LAYER:
             phi = out[:, :, None, :]  # [1 + B, T, 1, d]
         else:
-            ho = head_outputs(out.flatten(0, 1), w_o).unflatten(0, out.shape[:2])  # [1+B, T, H, d]
+            ho = head_outputs(out, w_o).movedim(0, -2)  # [1+B, T, H, d]
             phi = torch.einsum("gh,nthd->ntgd", value_sel, ho)
         ar = torch.arange(T, device=dev)
         ref = phi[1 + base_of, ar]  # [T, G, d]: Φ_j at the baseline of target j

@@ -1,18 +1,18 @@
-"""Shared machinery of the attribution methods: model preparation, the embedding leaf, targets."""
+"""The attribution methods' shared passes: the model as a bridge, inputs and positions, token
+embeddings, and the gradient of an objective at the embedding leaf."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 import weakref
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ..gim import GIMConfig, _NORM_REBUILD_WARNING, gim_hooks
+from ..gim import GIMConfig, gim_hooks
+from ..runtime import check_tokens, prepared, run_hooked
 
 #: Bridges booted around HuggingFace models passed in directly, so each is booted once.
 _BOOTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -43,42 +43,6 @@ def as_bridge(model, tokenizer=None):
         f"expected a TransformerLens model (TransformerBridge or HookedTransformer) or a "
         f"HuggingFace PreTrainedModel, got {type(model).__name__}"
     )
-
-
-@contextlib.contextmanager
-def attribution_mode(model) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored exactly afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        for m, training in modes:
-            m.training = training
-
-
-def check_tokens(tokens, model, name: str = "input_ids") -> Int[Tensor, "batch pos"]:
-    """Validate integer token ids; 1-D becomes a batch of one."""
-    if not isinstance(tokens, torch.Tensor):
-        raise GimlensError(f"{name} must be an integer torch.Tensor, got {type(tokens).__name__}")
-    if tokens.is_floating_point() or tokens.dtype == torch.bool:
-        raise GimlensError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.ndim == 1:
-        tokens = tokens.unsqueeze(0)
-    if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
-        raise GimlensError(f"{name} must have shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
-    vocab = int(model.cfg.d_vocab)
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise GimlensError(
-            f"{name} holds ids outside the vocabulary [0, {vocab}): "
-            f"min {int(tokens.min())}, max {int(tokens.max())}"
-        )
-    return tokens
 
 
 def check_mask(mask, tokens: Tensor) -> Int[Tensor, "batch pos"] | None:
@@ -188,11 +152,8 @@ def embedding_gradients(
         return leaf.to(t.dtype)
 
     hooks = [("hook_embed", replace_embed)] + (gim_hooks(model, config) if not config.is_off else [])
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with attribution_mode(model), warnings.catch_warnings(), torch.enable_grad():
-        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
-        with model.hooks(fwd_hooks=hooks):
-            logits = model(tokens, **kwargs)
+    with prepared(model), torch.enable_grad():
+        logits = run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)
         values = objective(logits)
         if values.shape != (tokens.shape[0],):
             raise GimlensError(
