@@ -10,7 +10,7 @@ Example:
 """
 
 from . import tasks
-from ._model import Ablation
+from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
 from .export import load, save

@@ -26,7 +26,7 @@ the clean run):
 - ``clean-corrupted``: the mean of the clean-run gradient and the gradient at ``alpha = 0`` of
   the previous path (for ``ablation="corrupted"`` that is the corrupted run's).
 
-Ablations (:class:`~circuits._model.Ablation`): ``corrupted`` (the corrupted example's
+Ablations (:class:`~circuits.model.Ablation`): ``corrupted`` (the corrupted example's
 activations), ``mean`` (per position, the mean over all given corrupted examples, weighted by
 ``attention_mask``), ``zero``.
 
@@ -64,7 +64,7 @@ from gimlens.distributed import all_reduce_sum, is_main_process, shard_range
 from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 
-from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, check_norm,
+from .model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, check_norm,
                      head_input_grads, head_outputs, mean_sources, run_model, source_hooks)
 from .graph import Graph, KVEdges
 from .memory import estimate_memory, fit_batch_size

@@ -29,7 +29,7 @@ from typing import Callable
 
 from gimlens.errors import GimlensError
 
-from ._model import Ablation
+from .model import Ablation
 from .attribute import Method
 from .graph import KVEdges
 from .tasks import TASKS

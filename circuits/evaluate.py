@@ -7,7 +7,7 @@
 
 where ``a`` are the source activations of this patched run (captured as it proceeds: token
 embedding, per-head outputs ``z[h] @ W_O[h]``, MLP outputs) and ``a_abl`` the ablated ones
-(:class:`~circuits._model.Ablation`). Per-head q/k/v inputs are realised by recomputing each
+(:class:`~circuits.model.Ablation`). Per-head q/k/v inputs are realised by recomputing each
 head's projection from its own corrected residual stream with the layer's ln1 (exact norm):
 ``hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]`` (before RoPE, so RoPE still applies); the MLP
 input is corrected at ``ln2.hook_in``, the logits' at ``ln_final.hook_in``.
@@ -33,7 +33,7 @@ from torch import Tensor
 from gimlens.distributed import all_reduce_sum, shard_range
 from gimlens.errors import GimlensError
 
-from ._model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, head_outputs,
+from .model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, head_outputs,
                      head_projection_deltas, run_model, source_hooks)
 from .attribute import Examples
 from .graph import Graph, KVEdges

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from circuits._model import ModelSpec, head_outputs
+from circuits.model import ModelSpec, head_outputs
 from circuits.attribute import Method, attribute
 from circuits.graph import Graph
 from conftest import TINY
@@ -60,7 +60,7 @@ def ioi(model):
 
 
 def _hf_weights(hf):
-    """Per-head weights straight from the HF modules (independent of circuits._model)."""
+    """Per-head weights straight from the HF modules (independent of circuits.model)."""
     c = hf.config
     if c.model_type == "gpt2":
         d, H = c.n_embd, c.n_head
