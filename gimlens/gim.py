@@ -1,128 +1,48 @@
 """GIM (Gradient Interaction Modifications, Edin et al. 2025) on TransformerLens hook points.
 
-``with GIM(model):`` installs forward hooks that leave every activation's value unchanged but
-insert GIM's backward rules (:mod:`gimlens.rules`) into the autograd graph of each forward pass
-run inside the block:
+`with GIM(model):` installs forward hooks that leave every activation's value unchanged but
+insert GIM's backward rules ([`gimlens.rules`][gimlens.rules]) into the autograd graph of each
+forward pass run inside the block:
 
-==================  =====================================  ==============================
-rule (config)       hook points                            backward
-==================  =====================================  ==============================
-freeze_norm         every ``*.hook_scale``                 the norm's scale is a constant
-softmax_temperature ``attn.hook_attn_scores`` + ``hook_pattern``  softmax at temperature T
-q/k/v_scale         ``attn.hook_q`` / ``hook_k`` / ``hook_v``  gradient × scale
-gate/up_scale       ``mlp.hook_pre`` / ``hook_pre_linear``  gradient × scale (gated MLPs)
-==================  =====================================  ==============================
+| rule (config field)   | hook points                                   | backward                        |
+|-----------------------|-----------------------------------------------|---------------------------------|
+| `freeze_norm`         | every `*.hook_scale`                          | the norm's scale is a constant  |
+| `softmax_temperature` | `attn.hook_attn_scores` + `attn.hook_pattern` | softmax at temperature `T`      |
+| `q/k/v_scale`         | `attn.hook_q` / `hook_k` / `hook_v`           | gradient × scale                |
+| `gate/up_scale`       | `mlp.hook_pre` / `hook_pre_linear`            | gradient × scale (gated MLPs)   |
+
+**One table.** Each rule is one [`Rule`][gimlens.gim.Rule] entry of
+[`RULES`][gimlens.gim.RULES]: its config field, default, "off" value, validation, hook points
+and hook functions. [`GIMConfig`][gimlens.gim.GIMConfig]'s fields, their validation,
+`GIMConfig.off()`, `is_off`, [`gim_hooks`][gimlens.gim.gim_hooks] and the GIM keywords of
+[`explain`][gimlens.attribution.explain.explain] are all built from it, so adding a rule is one
+entry.
 
 **Backward after the block.** The rules live in the graph built by the forward pass, so a
-backward pass run after the ``with`` block still follows GIM, and a forward pass run outside the
+backward pass run after the `with` block still follows GIM, and a forward pass run outside the
 block is plain, whatever block its backward runs in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
+from .runtime import quiet_norm_rebuild, require_lens_model
 
-__all__ = ["GIMConfig", "GIM", "gim_hooks"]
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords"]
 
 Hook = tuple[str, Callable]
 
 
-@dataclass(frozen=True)
-class GIMConfig:
-    """Which GIM rules run, with their constants. ``None`` (or 1 for scales) switches one off.
-
-    Args:
-        freeze_norm: treat every LayerNorm/RMSNorm scale as a constant in the backward pass.
-        softmax_temperature: temperature ``T`` of the attention-softmax gradient.
-        q_scale, k_scale, v_scale: gradient multipliers at ``attn.hook_q/k/v``.
-        gate_scale, up_scale: gradient multipliers at ``mlp.hook_pre`` / ``mlp.hook_pre_linear``
-            (gated MLPs only; plain MLPs are never scaled).
-
-    Example:
-        >>> GIMConfig().softmax_temperature
-        2.0
-        >>> GIMConfig.off().is_off
-        True
-    """
-
-    freeze_norm: bool = True
-    softmax_temperature: float | None = 2.0
-    q_scale: float | None = 0.25
-    k_scale: float | None = 0.25
-    v_scale: float | None = 0.5
-    gate_scale: float | None = 0.5
-    up_scale: float | None = 0.5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.freeze_norm, bool):
-            raise GimlensError(f"freeze_norm must be True or False, got {self.freeze_norm!r}")
-        t = self.softmax_temperature
-        if t is not None and not (_is_number(t) and t > 0 and math.isfinite(t)):
-            raise GimlensError(
-                f"softmax_temperature must be a positive finite number or None, got {t!r}"
-            )
-        for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
-            v = getattr(self, name)
-            if v is not None and not (_is_number(v) and math.isfinite(v)):
-                raise GimlensError(f"{name} must be a finite number or None, got {v!r}")
-
-    @classmethod
-    def off(cls) -> "GIMConfig":
-        """Every rule switched off: gradients are plain autograd."""
-        return cls(False, None, None, None, None, None, None)
-
-    @classmethod
-    def coerce(cls, gim: "GIMConfig | bool | dict | None") -> "GIMConfig":
-        """``True`` → defaults, ``False``/``None`` → :meth:`off`, a dict → overrides of the defaults."""
-        if gim is None or gim is False:
-            return cls.off()
-        if gim is True:
-            return cls()
-        if isinstance(gim, cls):
-            return gim
-        if isinstance(gim, dict):
-            return cls.replace_defaults(**gim)
-        raise GimlensError(f"gim must be a GIMConfig, True/False, a dict or None; got {gim!r}")
-
-    @classmethod
-    def replace_defaults(cls, **overrides) -> "GIMConfig":
-        """The defaults with some fields replaced; unknown names are an error."""
-        return cls().with_overrides(**overrides)
-
-    def with_overrides(self, **overrides) -> "GIMConfig":
-        """This config with some fields replaced; unknown names are an error."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise GimlensError(f"unknown GIM option(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **overrides) if overrides else self
-
-    @property
-    def is_off(self) -> bool:
-        return not any(_rule_on(self, r.field) for r in _RULES)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _rule_on(config: GIMConfig, field: str) -> bool:
-    v = getattr(config, field)
-    if field == "freeze_norm":
-        return bool(v)
-    return v is not None and v != 1
-
-
 # ---------------------------------------------------------------------------------------------
-# The rule table: config field -> hook points -> hook functions. Adding a rule is one entry.
+# Hook points and hook functions of the rules.
 
 
 def _n_layers(model) -> int:
@@ -137,30 +57,29 @@ def _norm_scale_names(model) -> list[str]:
     return names
 
 
-def _per_layer(template: str) -> Callable:
-    return lambda model: [template.format(l=l) for l in range(_n_layers(model))]
+def per_layer(*templates: str) -> Callable:
+    """Hook names: each template (with `{l}`) for every layer, template by template."""
+    return lambda model: [t.format(l=l) for t in templates for l in range(_n_layers(model))]
 
 
-def _is_gated(model) -> bool:
-    return bool(getattr(model.cfg, "gated_mlp", False))
+def _gated(template: str) -> Callable:
+    """Per-layer names on gated MLPs only (plain MLPs have `hook_pre` too and are never scaled)."""
+    names = per_layer(template)
+    return lambda model: names(model) if getattr(model.cfg, "gated_mlp", False) else []
 
 
-def _gated_names(template: str) -> Callable:
-    return lambda model: _per_layer(template)(model) if _is_gated(model) else []
+def _freeze_hooks(model, value, names: Sequence[str]) -> list[Hook]:
+    return [(n, lambda tensor, hook: freeze(tensor)) for n in names]
 
 
-def _freeze_hook(tensor, hook):
-    return freeze(tensor)
+def scale_hooks(model, value, names: Sequence[str]) -> list[Hook]:
+    """Identity forward at every name; the gradient there multiplied by `value`."""
+    scale = float(value)
+    return [(n, lambda tensor, hook: scale_grad(tensor, scale)) for n in names]
 
 
-def _scale_hook(scale: float) -> Callable:
-    def hook_fn(tensor, hook):
-        return scale_grad(tensor, scale)
-
-    return hook_fn
-
-
-def _temperature_hooks(model, temperature: float) -> list[Hook]:
+def _temperature_hooks(model, value, names: Sequence[str]) -> list[Hook]:
+    temperature = float(value)
     hooks: list[Hook] = []
     for l in range(_n_layers(model)):
         stored: list = [None]
@@ -186,51 +105,196 @@ def _temperature_hooks(model, temperature: float) -> list[Hook]:
     return hooks
 
 
+# ---------------------------------------------------------------------------------------------
+# The rule table.
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
+    """One GIM rule: a config field and how it becomes hooks.
+
+    Attributes:
+        field: the [`GIMConfig`][gimlens.gim.GIMConfig] field (and `explain` keyword).
+        default: its default value; `off`: the value that switches the rule off.
+        doc: one line for the config's docstring.
+        names: `model -> [hook name]`, the hook points the rule needs.
+        make: `(model, value, names) -> [(hook name, fn)]`, the forward hooks.
+        valid: whether a value other than `off` is acceptable; `expects` says what is.
+        kind: the field's type annotation.
+        is_on: whether a value switches the rule on (default: not `None` and not 1).
+    """
+
     field: str
-    names: Callable  # model -> hook names the rule needs
-    make: Callable  # (model, value, names) -> [(name, fn)]
+    default: Any
+    off: Any
+    doc: str
+    names: Callable[[Any], list[str]]
+    make: Callable[[Any, Any, Sequence[str]], list[Hook]]
+    valid: Callable[[Any], bool] = _finite
+    expects: str = "a finite number or None"
+    kind: Any = float | None
+    is_on: Callable[[Any], bool] = lambda v: v is not None and v != 1
 
 
-_RULES: tuple[_Rule, ...] = (
-    _Rule("freeze_norm", _norm_scale_names, lambda m, v, ns: [(n, _freeze_hook) for n in ns]),
-    _Rule(
-        "softmax_temperature",
-        lambda m: _per_layer("blocks.{l}.attn.hook_attn_scores")(m)
-        + _per_layer("blocks.{l}.attn.hook_pattern")(m),
-        lambda m, v, ns: _temperature_hooks(m, float(v)),
-    ),
-    *(
-        _Rule(f"{x}_scale", _per_layer(f"blocks.{{l}}.attn.hook_{x}"),
-              lambda m, v, ns: [(n, _scale_hook(float(v))) for n in ns])
-        for x in ("q", "k", "v")
-    ),
-    _Rule("gate_scale", _gated_names("blocks.{l}.mlp.hook_pre"),
-          lambda m, v, ns: [(n, _scale_hook(float(v))) for n in ns]),
-    _Rule("up_scale", _gated_names("blocks.{l}.mlp.hook_pre_linear"),
-          lambda m, v, ns: [(n, _scale_hook(float(v))) for n in ns]),
+def _scale(field: str, default: float, template: str, doc: str, gated: bool = False) -> Rule:
+    names = _gated(template) if gated else per_layer(template)
+    return Rule(field, default, None, doc, names, scale_hooks)
+
+
+#: Every GIM rule, in the order of [`GIMConfig`][gimlens.gim.GIMConfig]'s fields.
+RULES: tuple[Rule, ...] = (
+    Rule("freeze_norm", True, False,
+         "treat every LayerNorm/RMSNorm scale as a constant in the backward pass.",
+         _norm_scale_names, _freeze_hooks, valid=lambda v: isinstance(v, bool),
+         expects="True or False", kind=bool, is_on=bool),
+    Rule("softmax_temperature", 2.0, None,
+         "temperature `T` of the attention-softmax gradient.",
+         per_layer("blocks.{l}.attn.hook_attn_scores", "blocks.{l}.attn.hook_pattern"),
+         _temperature_hooks, valid=lambda v: _finite(v) and v > 0,
+         expects="a positive finite number or None"),
+    _scale("q_scale", 0.25, "blocks.{l}.attn.hook_q", "gradient multiplier at `attn.hook_q`."),
+    _scale("k_scale", 0.25, "blocks.{l}.attn.hook_k", "gradient multiplier at `attn.hook_k`."),
+    _scale("v_scale", 0.5, "blocks.{l}.attn.hook_v", "gradient multiplier at `attn.hook_v`."),
+    _scale("gate_scale", 0.5, "blocks.{l}.mlp.hook_pre",
+           "gradient multiplier at `mlp.hook_pre` (gated MLPs only).", gated=True),
+    _scale("up_scale", 0.5, "blocks.{l}.mlp.hook_pre_linear",
+           "gradient multiplier at `mlp.hook_pre_linear` (gated MLPs only).", gated=True),
 )
 
 
-def gim_hooks(model, config: GIMConfig | None = None) -> list[Hook]:
-    """The forward hooks ``(name, fn)`` that implement ``config`` on ``model``.
+# ---------------------------------------------------------------------------------------------
+# The config, built from the table.
 
-    For callers that combine GIM with hooks of their own in one ``model.hooks(...)`` call.
-    Raises :class:`GimlensError` naming every hook point a switched-on rule needs but the model
-    lacks (never a silent subset). Names that alias one hook point are hooked once.
+
+class _ConfigMethods:
+    """The methods of a GIM config class; its fields and `RULES` come from
+    [`config_class`][gimlens.gim.config_class]."""
+
+    RULES: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for rule in self.RULES:
+            v = getattr(self, rule.field)
+            if not ((v is None and rule.off is None) or rule.valid(v)):
+                raise GimlensError(f"{rule.field} must be {rule.expects}, got {v!r}")
+
+    @classmethod
+    def off(cls):
+        """Every rule switched off: gradients are plain autograd."""
+        return cls(**{r.field: r.off for r in cls.RULES})
+
+    @classmethod
+    def coerce(cls, gim):
+        """`True` -> the defaults, `False`/`None` -> `off()`, a dict -> overrides of the defaults."""
+        if gim is None or gim is False:
+            return cls.off()
+        if gim is True:
+            return cls()
+        if isinstance(gim, cls):
+            return gim
+        if isinstance(gim, dict):
+            return cls.replace_defaults(**gim)
+        raise GimlensError(f"gim must be a GIMConfig, True/False, a dict or None; got {gim!r}")
+
+    @classmethod
+    def replace_defaults(cls, **overrides):
+        """The defaults with some fields replaced; unknown names are an error."""
+        return cls().with_overrides(**overrides)
+
+    def with_overrides(self, **overrides):
+        """This config with some fields replaced; unknown names are an error."""
+        known = [r.field for r in self.RULES]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise GimlensError(f"unknown GIM option(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+    @property
+    def is_off(self) -> bool:
+        """Whether every rule is switched off (a scale of 1 counts as off)."""
+        return not any(r.is_on(getattr(self, r.field)) for r in self.RULES)
+
+
+def config_class(rules: Sequence[Rule], name: str = "GIMConfig") -> type:
+    """A frozen dataclass with one field per rule (its default, validation, `off()`, `is_off`).
+
+    [`GIMConfig`][gimlens.gim.GIMConfig] is `config_class(RULES)`.
+
+    Example:
+        >>> Cfg = config_class(RULES[:1], "NormOnly")
+        >>> Cfg(), Cfg.off().is_off
+        (NormOnly(freeze_norm=True), True)
+    """
+    rules = tuple(rules)
+    args = "\n".join(f"    {r.field}: {r.doc} Default `{r.default!r}`; `{r.off!r}` switches it off."
+                     for r in rules)
+    doc = (
+        "Which GIM rules run, with their constants (one field per entry of `RULES`).\n\n"
+        f"Args:\n{args}\n\n"
+        "Example:\n"
+        "    >>> GIMConfig().softmax_temperature\n"
+        "    2.0\n"
+        "    >>> GIMConfig.off().is_off, GIMConfig.off().with_overrides(q_scale=1.0).is_off\n"
+        "    (True, True)\n"
+    )
+    fields = [(r.field, r.kind, dataclasses.field(default=r.default)) for r in rules]
+    return dataclasses.make_dataclass(
+        name, fields, bases=(_ConfigMethods,), frozen=True,
+        namespace={"RULES": rules, "__doc__": doc, "__module__": __name__},
+    )
+
+
+#: Which GIM rules run, with their constants; one field per entry of [`RULES`][gimlens.gim.RULES]
+#: (`freeze_norm=True, softmax_temperature=2.0, q_scale=0.25, k_scale=0.25, v_scale=0.5,
+#: gate_scale=0.5, up_scale=0.5`). `None` (`False` for `freeze_norm`, or 1 for a scale) switches
+#: a rule off.
+GIMConfig = config_class(RULES)
+
+
+def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:
+    """The keyword-only parameters (one per rule, with its default) that `explain` takes.
+
+    Example:
+        >>> [p.name for p in gim_keywords()][:2]
+        ['freeze_norm', 'softmax_temperature']
+    """
+    return [inspect.Parameter(r.field, inspect.Parameter.KEYWORD_ONLY, default=r.default,
+                              annotation=r.kind) for r in rules]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and the context manager.
+
+
+def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
+    """The forward hooks `(name, fn)` that implement `config` on `model`.
+
+    For callers that combine GIM with hooks of their own in one `model.hooks(...)` call.
+    Raises [`GimlensError`][gimlens.errors.GimlensError] naming every hook point a switched-on
+    rule needs but the model lacks (never a silent subset). Names that alias one hook point are
+    hooked once.
 
     Example:
         >>> from gimlens.testing import tiny_model
         >>> len(gim_hooks(tiny_model("llama", n_layers=1)))  # 3 norms, 2 softmax, q/k/v, gate/up
         10
     """
+    require_lens_model(model)
     config = GIMConfig() if config is None else config
     hook_dict = model.hook_dict
     hooks: list[Hook] = []
     missing: list[str] = []
-    for rule in _RULES:
-        if not _rule_on(config, rule.field):
+    for rule in type(config).RULES:
+        value = getattr(config, rule.field)
+        if not rule.is_on(value):
             continue
         names = rule.names(model)
         absent = [n for n in names if n not in hook_dict]
@@ -239,7 +303,7 @@ def gim_hooks(model, config: GIMConfig | None = None) -> list[Hook]:
             continue
         seen: set[int] = set()
         unique = [n for n in names if not (id(hook_dict[n]) in seen or seen.add(id(hook_dict[n])))]
-        hooks += rule.make(model, getattr(config, rule.field), unique)
+        hooks += rule.make(model, value, unique)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise GimlensError(
@@ -254,14 +318,14 @@ class GIM:
     """Context manager: forward passes run inside it get GIM's backward rules.
 
     Args:
-        model: a TransformerLens ``TransformerBridge`` (or ``HookedTransformer``).
-        config: a :class:`GIMConfig` (or ``True``/``False``/a dict, see :meth:`GIMConfig.coerce`);
-            keyword arguments override its fields.
+        model: a TransformerLens `TransformerBridge` (or `HookedTransformer`).
+        config: a [`GIMConfig`][gimlens.gim.GIMConfig] (or `True`/`False`/a dict, see
+            `GIMConfig.coerce`); keyword arguments override its fields.
 
     Forward values are unchanged (bitwise on LayerNorm models; on RMSNorm bridges an edited
-    ``hook_scale`` makes TransformerLens rebuild the norm from its parts, a rounding-level change
+    `hook_scale` makes TransformerLens rebuild the norm from its parts, a rounding-level change
     whose warning is silenced inside the block). Hooks are removed on exit, also after an
-    exception. The rules live in the graphs built inside the block, so ``backward()`` may run
+    exception. The rules live in the graphs built inside the block, so `backward()` may run
     after it.
 
     Example:
@@ -278,7 +342,7 @@ class GIM:
         True
     """
 
-    def __init__(self, model, config: GIMConfig | bool | dict | None = None, **overrides) -> None:
+    def __init__(self, model, config: "GIMConfig | bool | dict | None" = None, **overrides) -> None:
         base = GIMConfig() if config is None else GIMConfig.coerce(config)
         self.config = base.with_overrides(**overrides)
         self.model = model
@@ -288,9 +352,7 @@ class GIM:
     def __enter__(self) -> "GIM":
         stack = ExitStack()
         try:
-            quiet = stack.enter_context(warnings.catch_warnings())
-            del quiet
-            warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
+            stack.enter_context(quiet_norm_rebuild())
             stack.enter_context(self.model.hooks(fwd_hooks=self._hooks))
         except BaseException:
             stack.close()
@@ -302,7 +364,3 @@ class GIM:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
-
-
-#: TransformerLens warns on every forward that a hook edited hook_scale (GIM's norm freeze).
-_NORM_REBUILD_WARNING = r"A forward hook edited hook_scale/hook_normalized"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import GimlensError
+from .runtime import is_lens_model
 
 __all__ = ["load_model", "default_cache_dir", "DEFAULT_MODEL_NAME"]
 
@@ -68,7 +69,7 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
         ['<|im_start|>', 'When', ' Mary']
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if isinstance(model, torch.nn.Module) and hasattr(model, "run_with_cache"):
+    if is_lens_model(model):
         if device is not None:
             model = model.to(device, print_details=False)
         if dtype is not None:

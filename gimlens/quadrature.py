@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import GimlensError
+from .runtime import coerce_enum
 
 __all__ = ["Quadrature", "nodes_and_weights"]
 
@@ -66,11 +67,7 @@ def nodes_and_weights(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GimlensError(f"steps must be a positive integer, got {steps!r}")
-    try:
-        rule = Quadrature(rule)
-    except ValueError:
-        known = ", ".join(q.value for q in Quadrature)
-        raise GimlensError(f"unknown quadrature rule {rule!r}; expected one of: {known}") from None
+    rule = coerce_enum(Quadrature, rule, "quadrature rule")
     if rule is Quadrature.GAUSS_LEGENDRE:
         x, w = np.polynomial.legendre.leggauss(steps)
         alpha, weights = (x + 1.0) / 2.0, w / 2.0

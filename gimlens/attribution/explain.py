@@ -1,21 +1,34 @@
-"""``explain``: GIM token attribution with the call form of the ``gim-explain`` package."""
+"""`explain`: GIM token attribution with the call form of the `gim-explain` package."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ..gim import GIMConfig
-from .gradients import as_bridge
+from ..gim import GIMConfig, gim_keywords
+from ..runtime import check_tokens
 from .attribute import attribute
+from .gradients import as_bridge
 from .inputs import model_device
 from .targets import TokenTarget
 
 __all__ = ["explain"]
 
 
+def _with_gim_keywords(fn):
+    """Show the rule table's GIM keywords in `fn`'s signature (for `help()` and IDEs) in place
+    of `**gim_options`."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    fn.__signature__ = sig.replace(parameters=params + gim_keywords(GIMConfig.RULES))
+    return fn
+
+
+@_with_gim_keywords
 def explain(
     model,
     input_ids: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
@@ -24,53 +37,57 @@ def explain(
     target_position: int | Tensor = -1,
     baseline_token_id: int | None = None,
     tokenizer=None,
-    freeze_norm: bool = True,
-    softmax_temperature: float | None = 2.0,
-    q_scale: float | None = 0.25,
-    k_scale: float | None = 0.25,
-    v_scale: float | None = 0.5,
     attention_mask: Tensor | None = None,
+    **gim_options,
 ) -> Float[Tensor, "batch pos"] | Float[Tensor, " pos"]:
     """GIM attribution of one target logit to every input token.
 
-    Score of token ``i`` = ``grad_i · (embed(x_i) − embed(baseline))``, the gradient taken under
-    GIM for the target logit, summed over ``d_model``. Every row of a batch gets its own target
+    Score of token `i` = `grad_i · (embed(x_i) − embed(baseline))`, the gradient taken under
+    GIM for the target logit, summed over `d_model`. Every row of a batch gets its own target
     and its own gradient (one backward for the batch). Every position, BOS included, is compared
-    with the baseline. Gated-MLP gradients are scaled by GIM's default 0.5. This is
-    :func:`gimlens.attribute` with ``method="gradient_x_input"``, ``score_bos=True`` and the
-    whole batch in one pass; use that for other methods, targets and text inputs.
+    with the baseline. This is [`attribute`][gimlens.attribution.attribute.attribute] with
+    `method="gradient_x_input"`, `score_bos=True` and the whole batch in one pass; use that for
+    other methods, targets and text inputs.
 
     Args:
-        model: a TransformerLens model, or a HuggingFace ``AutoModelForCausalLM``, which is
-            wrapped in a ``TransformerBridge`` once (booting swaps submodules of that object in
-            place, so keep using the result of :func:`gimlens.load_model` afterwards).
-        input_ids: token ids ``[pos]`` or ``[batch, pos]``.
+        model: a TransformerLens model, or a HuggingFace `AutoModelForCausalLM`, which is
+            wrapped in a `TransformerBridge` once (booting swaps submodules of that object in
+            place, so keep using the result of [`load_model`][gimlens.models.load_model]
+            afterwards).
+        input_ids: token ids `[pos]` or `[batch, pos]`.
         target_token_id: the token whose logit is explained: an int, or one per row
-            (``[batch]``). Default: the model's top prediction at ``target_position``.
-        target_position: position of the target logit (int or ``[batch]``); with an
-            ``attention_mask`` it counts real tokens only, so ``-1`` is each row's last real
+            (`[batch]`). Default: the model's top prediction at `target_position`.
+        target_position: position of the target logit (int or `[batch]`); with an
+            `attention_mask` it counts real tokens only, so `-1` is each row's last real
             token whatever the padding side.
-        baseline_token_id: the reference token; default the token of ``" "``, else pad, else unk.
+        baseline_token_id: the reference token; default the token of `" "`, else pad, else unk.
         tokenizer: used to infer the baseline (default: the model's tokenizer).
-        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale: GIM's rules (``None`` off).
-        attention_mask: ``[batch, pos]`` of 0/1 for padded batches; padded positions score 0.
+        attention_mask: `[batch, pos]` of 0/1 for padded batches; padded positions score 0.
+        **gim_options: GIM's rules, one keyword per [`GIMConfig`][gimlens.gim.GIMConfig] field
+            (`freeze_norm`, `softmax_temperature`, `q_scale`, `k_scale`, `v_scale`,
+            `gate_scale`, `up_scale`), with its defaults; `None` switches a rule off.
 
     Returns:
-        Scores ``[pos]`` for a 1-D input, else ``[batch, pos]``; float32, on the model's device.
+        Scores `[pos]` for a 1-D input, else `[batch, pos]`; float32, on the model's device.
 
     Example:
         >>> import gimlens
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")
         >>> ids = model.to_tokens("The capital of France is")
-        >>> gimlens.explain(model, ids[0]).shape == ids[0].shape
+        >>> gimlens.explain(model, ids[0], q_scale=0.5).shape == ids[0].shape
         True
     """
+    known = {p.name for p in gim_keywords(GIMConfig.RULES)}
+    unknown = sorted(set(gim_options) - known)
+    if unknown:
+        raise GimlensError(
+            f"explain() got unknown keyword(s) {unknown}; its GIM options are {sorted(known)}"
+        )
+    config = GIMConfig.replace_defaults(**gim_options)
     model = as_bridge(model, tokenizer)
-    if not isinstance(input_ids, Tensor):
-        raise GimlensError(f"input_ids must be an integer torch.Tensor, got {type(input_ids).__name__}")
-    single = input_ids.ndim == 1
-    batch = 1 if single else (input_ids.shape[0] if input_ids.ndim == 2 else 1)
+    single = isinstance(input_ids, Tensor) and input_ids.ndim == 1
+    batch = check_tokens(input_ids, model).shape[0]
     if baseline_token_id is not None:
         _check_token_id(baseline_token_id, model, "baseline_token_id")
     targets = None
@@ -78,16 +95,11 @@ def explain(
         targets = torch.as_tensor(target_token_id).long()
         targets = targets.expand(batch) if targets.ndim == 0 else targets
         if targets.shape != (batch,):
-            raise GimlensError(f"target_token_id must be an int or have shape [{batch}], got {tuple(targets.shape)}")
+            raise GimlensError(
+                f"target_token_id must be an int or have shape [{batch}], got {tuple(targets.shape)}"
+            )
         for t in targets.tolist():
             _check_token_id(t, model, "target_token_id")
-    config = GIMConfig(
-        freeze_norm=freeze_norm,
-        softmax_temperature=softmax_temperature,
-        q_scale=q_scale,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
     result = attribute(
         model,
         input_ids,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import GimlensError
 from ..gim import GIMConfig, gim_hooks
-from ..runtime import check_tokens, prepared, run_hooked
+from ..runtime import is_lens_model, prepared, run_hooked
 
 #: Bridges booted around HuggingFace models passed in directly, so each is booted once.
 _BOOTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -25,7 +25,7 @@ def as_bridge(model, tokenizer=None):
     (TransformerLens swaps its submodules for bridge components); the bridge is cached per HF
     object, so later calls reuse it. Keep using the returned bridge rather than the HF object.
     """
-    if hasattr(model, "hook_dict") and hasattr(model, "cfg"):
+    if is_lens_model(model):
         return model
     try:
         from transformers import PreTrainedModel

@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..runtime import coerce_enum
 from .gradients import resolve_positions
 
 __all__ = [
@@ -274,11 +275,7 @@ def _row_ends(tokens: Tensor, mask: Tensor | None) -> Int[Tensor, " batch"]:
 
 
 def _readout(value) -> Readout:
-    try:
-        return Readout(value)
-    except ValueError:
-        known = ", ".join(r.value for r in Readout)
-        raise GimlensError(f"unknown readout {value!r}; expected one of: {known}") from None
+    return coerce_enum(Readout, value, "readout")
 
 
 def _encode(tokenizer, text: str) -> list[int]:

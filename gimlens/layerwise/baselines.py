@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import GimlensError
+from ..runtime import coerce_enum
 
 __all__ = ["Baseline", "zero_ratio", "map_ratio"]
 
@@ -56,17 +56,10 @@ class Baseline(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "Baseline":
-        if isinstance(value, cls):
-            return value
+        """A member, its value or one of LIG's names (`self_input_token` and `att_itb_a0` mean
+        `input_token`), else a [`GimlensError`][gimlens.errors.GimlensError]."""
         name = _ALIASES.get(value, value) if isinstance(value, str) else value
-        try:
-            return cls(name)
-        except ValueError:
-            known = ", ".join(b.value for b in cls)
-            raise GimlensError(
-                f"unknown baseline {value!r}; expected one of: {known} "
-                "(LIG's 'self_input_token' and 'att_itb_a0' mean 'input_token')"
-            ) from None
+        return coerce_enum(cls, name, "baseline")
 
     @property
     def is_ratio(self) -> bool:

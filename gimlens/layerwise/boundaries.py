@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -39,8 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import GimlensError
-from ..gim import _NORM_REBUILD_WARNING
+from ..runtime import coerce_enum, run_hooked
 
 __all__ = ["Granularity", "HeadScores", "Boundary", "BOUNDARIES", "run_block"]
 
@@ -54,15 +52,8 @@ class Granularity(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "Granularity":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            known = ", ".join(g.value for g in cls)
-            raise GimlensError(
-                f"unknown granularity {value!r}; expected one of: {known} (or 'all')"
-            ) from None
+        """A member or its value, else a [`GimlensError`][gimlens.errors.GimlensError]."""
+        return coerce_enum(cls, value, "granularity")
 
 
 class HeadScores(str, Enum):
@@ -79,15 +70,8 @@ class HeadScores(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "HeadScores":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise GimlensError(
-                f"unknown head_scores {value!r}; expected 'own' (each head's own norm, as LIG) "
-                "or 'shared' (heads sum to the whole attention output)"
-            ) from None
+        """A member or its value, else a [`GimlensError`][gimlens.errors.GimlensError]."""
+        return coerce_enum(cls, value, "head_scores")
 
 
 @dataclass(frozen=True)
@@ -96,13 +80,12 @@ class Boundary:
 
     input_hook: str
     output_hook: str
-    per_target: bool  # one batch row per target (False: position-wise map, rows share targets)
 
 
 BOUNDARIES: dict[Granularity, Boundary] = {
-    Granularity.LAYER: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.hook_resid_post", True),
-    Granularity.ATT: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.attn.hook_z", True),
-    Granularity.MLP: Boundary("blocks.{l}.hook_resid_mid", "blocks.{l}.hook_mlp_out", False),
+    Granularity.LAYER: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.hook_resid_post"),
+    Granularity.ATT: Boundary("blocks.{l}.hook_resid_pre", "blocks.{l}.attn.hook_z"),
+    Granularity.MLP: Boundary("blocks.{l}.hook_resid_mid", "blocks.{l}.hook_mlp_out"),
 }
 
 
@@ -134,10 +117,7 @@ def run_block(
         raise _Stop
 
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
-            with model.hooks(fwd_hooks=list(hooks) + [(input_hook, patch), (output_hook, capture)]):
-                model(tokens)
+        run_hooked(model, tokens, fwd_hooks=[*hooks, (input_hook, patch), (output_hook, capture)])
     except _Stop:
         pass
     assert captured, f"the forward pass never reached {output_hook}"
