@@ -1,11 +1,12 @@
-"""The ``gimlens`` console script: one subcommand per module, loaded on demand.
+"""The `gimlens` console script: one subcommand per module, loaded on demand.
 
-Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Only the chosen
+subcommand's module is imported, and the command line is parsed once.
 
 Example:
     >>> from gimlens.cli import build_parser
-    >>> sorted(build_parser()._subparsers._group_actions[0].choices)
-    ['discover', 'explain', 'layerwise']
+    >>> build_parser("explain").parse_args(["explain", "Hello", "-o", "a.json"]).output
+    'a.json'
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 
 from .errors import GimlensError
 
+__all__ = ["COMMANDS", "build_parser", "main"]
+
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "explain": ("gimlens.attribution.cli", "token attribution for one prompt (GIM by default)"),
@@ -24,27 +27,25 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `command` (one of `COMMANDS`) added, if given."""
     parser = argparse.ArgumentParser(
         prog="gimlens", description="Faithful gradient-based interpretability for TransformerLens."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        p.set_defaults(_add=True)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Let the chosen subcommand add its own arguments, then parse for real.
-    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
-    module = importlib.import_module(known._module)
-    sub = parser._subparsers._group_actions[0].choices[known.command]
-    module.add_arguments(sub)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the subcommand is the first word that is not an option (the top level takes only -h)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
     except GimlensError as err:

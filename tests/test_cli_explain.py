@@ -1,7 +1,10 @@
 """``gimlens explain`` in-process on a tiny model saved to a folder."""
 
 import json
+import os
 import warnings
+
+import matplotlib.image
 
 import pytest
 import torch
@@ -33,15 +36,23 @@ def model(folder):
 
 def test_explain_writes_the_attribution_json_and_a_png(folder, model, tmp_path, capsys):
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    rc = main(["explain", TEXT, "--model", str(folder), "--target", " Paris", "--contrast", " Rome",
-               "-o", str(out), "--plot", str(png), "--no-progress"])
+    old = os.umask(0o022)
+    try:
+        rc = main(["explain", TEXT, "--model", str(folder), "--target", " Paris", "--contrast", " Rome",
+                   "-o", str(out), "--plot", str(png), "--no-progress"])
+    finally:
+        os.umask(old)
     assert rc == 0
-    written = Attribution.from_json(out)
+    assert [os.stat(p).st_mode & 0o777 for p in (out, png)] == [0o644, 0o644]  # umask honoured
+    written = Attribution.load(out)
     expected = attribute(model, TEXT, target=LogitDiff(" Paris", " Rome"))
     assert written.target["kind"] == "logit_diff" and written.tokens == expected.tokens
     assert_close(written.scores, expected.scores, rtol=1e-5, atol=1e-6)
     assert json.loads(out.read_text())["method"] == "gim"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = written.plot()
+    width, height = fig.get_size_inches() * 150  # the CLI draws at 150 dpi
+    assert matplotlib.image.imread(png).shape == (int(height), int(width), 4)  # Agg truncates
     printed = capsys.readouterr().out
     assert "' France'" in printed and "(not scored)" in printed
 
@@ -51,7 +62,7 @@ def test_integrated_gradients_with_a_progress_bar_and_a_log_prob_continuation(fo
     rc = main(["explain", TEXT, "--model", str(folder), "--method", "integrated_gradients", "--steps", "6",
                "--target", " Paris is", "--logprob", "--batch-size", "2", "-o", str(out)])
     assert rc == 0
-    a = Attribution.from_json(out)
+    a = Attribution.load(out)
     assert a.is_continuation and a.target["readout"] == "logprob" and a.config["steps"] == 6
     assert a.scores.shape[:2] == (1, 2) and a.delta is not None
     captured = capsys.readouterr()
@@ -97,4 +108,4 @@ def test_the_default_model_is_the_embedded_one(monkeypatch, model, tmp_path):
     out = tmp_path / "o.json"
     assert main(["explain", TEXT, "-o", str(out), "--no-progress"]) == 0
     assert seen == [None] and out.exists()
-    assert torch.equal(Attribution.from_json(out).token_ids, model.to_tokens(TEXT))
+    assert torch.equal(Attribution.load(out).token_ids, model.to_tokens(TEXT))

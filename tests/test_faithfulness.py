@@ -139,8 +139,8 @@ def test_agreement_with_ablation(llama_model):
 
 def test_metrics_work_on_an_attribution_read_back_from_json(gpt2_model, tmp_path):
     attr = attribute(gpt2_model, TEXTS)
-    attr.to_json(tmp_path / "a.json")
-    again = Attribution.from_json(tmp_path / "a.json")
+    attr.save(tmp_path / "a.json")
+    again = Attribution.load(tmp_path / "a.json")
     assert_close(faithfulness(gpt2_model, again).comprehensiveness, faithfulness(gpt2_model, attr).comprehensiveness)
 
 

@@ -9,8 +9,10 @@ checked against code that shares none of them.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -408,6 +410,26 @@ def test_json_round_trip_keeps_every_tensor_and_has_lig_fields(llama_model, tmp_
     assert t3["u2z"]["contributions"] == res.flow(1, "mlp").matrix[3].tolist()
     assert t3["u2z"]["l2_total"] == pytest.approx(float(res.flow(1, "mlp").total[3]))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    again = LayerwiseResult.from_json(res.to_json(indent=1))
+    assert again.flows.keys() == res.flows.keys()
+    assert all(torch.equal(again.flows[k].matrix, f.matrix) for k, f in res.flows.items())
+
+
+def test_save_honours_the_umask_and_needs_an_existing_folder(gpt2_model, tmp_path):
+    res = layerwise_ig(gpt2_model, PROMPT, layers=0, steps=4)
+    old = os.umask(0o022)
+    try:
+        paths = [res.save(tmp_path / "r.json"), res.save_plot(tmp_path / "r.png")]
+    finally:
+        os.umask(old)
+    assert [os.stat(p).st_mode & 0o777 for p in paths] == [0o644, 0o644]
+    for call in (lambda: res.save(tmp_path / "no" / "r.json"),
+                 lambda: res.save_plot(tmp_path / "no" / "r.png")):
+        with pytest.raises(GimlensError, match="does not exist"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
+    with pytest.raises(GimlensError, match="cannot read"):
+        LayerwiseResult.load(tmp_path / "missing.json")
 
 
 def test_from_json_rejects_other_documents():
@@ -451,8 +473,17 @@ def test_cli_writes_json_and_plot(tiny_folder, tmp_path, capsys):
     assert sorted((l, g.value) for l, g in res.flows) == [(0, "att"), (0, "layer"), (1, "att"), (1, "layer")]
     assert res.flow(0, "layer").baseline is Baseline.ZERO
     assert res.flow(1, "att").baseline is Baseline.ITB_ZERO_RATIO
-    assert png.stat().st_size > 0
+    assert matplotlib.image.imread(png).ndim == 3  # a decodable image
     assert "completeness" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_missing_output_folder_and_writes_nothing(tiny_folder, tmp_path, capsys):
+    from gimlens.cli import main
+
+    code = main(["layerwise", PROMPT, "--model", tiny_folder, "--steps", "4",
+                 "-o", str(tmp_path / "missing" / "flows.json")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_cli_reports_bad_layers_with_exit_code_2(tiny_folder, capsys):

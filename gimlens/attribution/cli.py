@@ -1,9 +1,11 @@
-"""``gimlens explain``: token attribution for one prompt, written as JSON (and a heatmap).
+"""`gimlens explain`: token attribution for one prompt, written as JSON (and a heatmap).
 
-Example (shell)::
+Example (shell):
 
-    gimlens explain "The capital of France is" --target " Paris" --contrast " Rome" \\
-        -o paris.json --plot paris.png
+```sh
+gimlens explain "The capital of France is" --target " Paris" --contrast " Rome" \\
+    -o paris.json --plot paris.png
+```
 
 Everything is validated before the model loads; the JSON and the image are written only after
 the attribution succeeded, each atomically (a failed run leaves no file behind).
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GimlensError
-from ._io import atomic_write, check_writable
+from ..runtime import atomic_write, check_writable
 from .methods import Method
 from .targets import LogitDiff, Readout, TokenTarget
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     image = _render(result, args.plot) if args.plot else None
-    result.to_json(args.output, indent=1)
+    result.save(args.output, indent=1)
     if image is not None:
         atomic_write(args.plot, image)
     _print(result, args)

@@ -1,4 +1,5 @@
-"""The result of :func:`gimlens.attribute`: scores with their tokens, target, method and config.
+"""The result of [`attribute`][gimlens.attribution.attribute.attribute]: scores with their
+tokens, target, method and config.
 
 Tensors are the source of truth; JSON, figures and HTML are views built on demand.
 
@@ -24,7 +25,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ._io import atomic_write
+from ..runtime import atomic_write
 
 __all__ = ["Attribution"]
 
@@ -147,24 +148,40 @@ class Attribution:
             kwargs[f.name] = v
         return cls(**kwargs)
 
-    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = None) -> str:
-        """The JSON text; with ``path`` also written there atomically (complete or not at all)."""
-        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
-        if path is not None:
-            atomic_write(path, text.encode("utf-8"))
-        return text
+    def to_json(self, *, indent: int | None = None) -> str:
+        """The JSON text (exact round trip through [`from_json`][gimlens.attribution.result.Attribution.from_json])."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike) -> "Attribution":
-        """From JSON text or a path to a file written by :meth:`to_json` (exact round-trip)."""
-        text = source
-        if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
-            text = Path(source).read_text(encoding="utf-8")
+    def from_json(cls, text: str) -> "Attribution":
+        """Inverse of [`to_json`][gimlens.attribution.result.Attribution.to_json]."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GimlensError(f"attribution JSON does not parse: {e}") from e
+        except (json.JSONDecodeError, TypeError) as e:
+            raise GimlensError(f"attribution JSON does not parse: {e}") from None
         return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike, *, indent: int | None = None) -> Path:
+        """Write the JSON to `path` atomically (complete or not at all; the folder must exist).
+
+        Example:
+            >>> import os, tempfile
+            >>> from gimlens.testing import tiny_model
+            >>> a = attribute(tiny_model("gpt2"), "Hello there")
+            >>> path = a.save(os.path.join(tempfile.mkdtemp(), "a.json"))
+            >>> Attribution.load(path) == a
+            True
+        """
+        return atomic_write(path, self.to_json(indent=indent))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Attribution":
+        """Read a file written by [`save`][gimlens.attribution.result.Attribution.save]."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise GimlensError(f"cannot read the attribution file {str(path)!r}: {e}") from None
+        return cls.from_json(text)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Attribution):
@@ -183,8 +200,9 @@ class Attribution:
     # --- views -----------------------------------------------------------------------------
 
     def plot(self, row: int | None = None, **kwargs):
-        """A matplotlib ``Figure``: a signed heatmap over the tokens (one strip per row), or a
-        target × input matrix for a continuation. See :func:`gimlens.plot.plot_attribution`."""
+        """A matplotlib `Figure`: a signed heatmap over the tokens (one strip per row), or a
+        target × input matrix for a continuation. See
+        [`plot_attribution`][gimlens.plot.plot_attribution]."""
         from ..plot import plot_attribution
 
         return plot_attribution(self, row=row, **kwargs)

@@ -1,11 +1,14 @@
-"""``gimlens layerwise``: layer-wise IG flows of one prompt, written as JSON (and a heatmap).
+"""`gimlens layerwise`: layer-wise IG flows of one prompt, written as JSON (and a heatmap).
 
-Example (shell)::
+Example (shell):
 
-    gimlens layerwise "When Mary and John went to the store" --layers 0,5 \\
-        --granularity layer,att -o flows.json --plot flows.png
+```sh
+gimlens layerwise "When Mary and John went to the store" --layers 0,5 \\
+    --granularity layer,att -o flows.json --plot flows.png
+```
 
-Without ``--model`` the embedded SmolLM2-135M-Instruct is used (offline).
+Without `--model` the embedded SmolLM2-135M-Instruct is used (offline). The output paths are
+checked before the model loads; each file is written atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 
 from ..errors import GimlensError
 from ..quadrature import Quadrature
+from ..runtime import check_writable
 from .baselines import Baseline
 from .boundaries import HeadScores
 
@@ -51,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     layers = _int_list(args.layers, "--layers")
     granularity = [g.strip() for g in args.granularity.split(",") if g.strip()]
     baseline = _baseline(args.baseline)
+    if args.output:
+        check_writable(args.output, "-o")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model = load_model(args.model, device=args.device)
     result = layerwise_ig(
         model, args.text, layers=layers,

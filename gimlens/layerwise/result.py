@@ -45,10 +45,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -56,6 +55,7 @@ from torch import Tensor
 
 from ..errors import GimlensError
 from ..gim import GIMConfig
+from ..runtime import atomic_write
 from .baselines import Baseline
 from .boundaries import Granularity, HeadScores
 
@@ -257,18 +257,24 @@ class LayerwiseResult:
         """Inverse of :meth:`to_json`."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, TypeError) as err:
             raise GimlensError(f"invalid JSON for a layer-wise result: {err}") from None
         return cls.from_dict(data)
 
-    def save(self, path: str | os.PathLike, *, lig_compat: bool = True) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically (a temporary file, then a rename)."""
-        text = self.to_json(lig_compat=lig_compat)
-        return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    def save(self, path: str | os.PathLike, *, lig_compat: bool = True,
+             indent: int | None = None) -> Path:
+        """Write [`to_json`][gimlens.layerwise.result.LayerwiseResult.to_json] to `path`
+        atomically (complete or not at all; the folder must exist)."""
+        return atomic_write(path, self.to_json(lig_compat=lig_compat, indent=indent))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerwiseResult":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a file written by [`save`][gimlens.layerwise.result.LayerwiseResult.save]."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise GimlensError(f"cannot read the layer-wise result {str(path)!r}: {err}") from None
+        return cls.from_json(text)
 
     # -- plots -----------------------------------------------------------------------------
 
@@ -301,22 +307,3 @@ class LayerwiseResult:
 
 def _tensor(src: dict, key: str) -> Tensor | None:
     return torch.tensor(src[key], dtype=torch.float32) if key in src else None
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
