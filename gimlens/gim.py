@@ -198,7 +198,7 @@ class _ConfigMethods:
             return cls.off()
         if gim is True:
             return cls()
-        if isinstance(gim, cls):
+        if isinstance(gim, _ConfigMethods):  # GIMConfig, or a config_class of another table
             return gim
         if isinstance(gim, dict):
             return cls.replace_defaults(**gim)

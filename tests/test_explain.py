@@ -52,6 +52,19 @@ def test_gim_switched_off_is_plain_gradient_times_input(gpt2_model):
     assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gate_and_up_scales_are_explain_keywords_too(llama_model):
+    hf = tiny_hf_model(**TINY["llama"])
+    ids = _rows(llama_model)[1]
+    emb = token_embeddings(hf, ids[None]).detach().requires_grad_()
+    logits = reference_forward(hf, emb, Rules(True, 2.0, 0.25, 0.25, 0.5, 0.1, None))
+    (grad,) = torch.autograd.grad(logits[0, -1, 7], emb)
+    base = hf.get_input_embeddings().weight[3]
+    expected = (grad[0] * (emb[0].detach() - base)).sum(-1)
+    got = gimlens.explain(llama_model, ids, target_token_id=7, baseline_token_id=3,
+                          gate_scale=0.1, up_scale=None)
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_batch_rows_equal_one_at_a_time_calls(any_model):
     rows = _rows(any_model)
     n = min(len(r) for r in rows)
@@ -137,6 +150,8 @@ def test_baseline_inference_prefers_space_then_pad_then_unk(llama_model):
         (dict(baseline_token_id=10**6), "baseline_token_id"),
         (dict(target_token_id=torch.tensor([1, 2])), "target_token_id"),
         (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(temprature=2.0), "unknown keyword"),
+        (dict(q_scale="half"), "q_scale"),
     ],
 )
 def test_bad_input_is_a_gimlens_error(llama_model, kwargs, match):

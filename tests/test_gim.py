@@ -7,7 +7,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import TINY
-from gimlens import GIM, GIMConfig, GimlensError
+import dataclasses
+import inspect
+
+from gimlens import GIM, GIMConfig, GimlensError, explain
+from gimlens.gim import RULES, Rule, config_class, gim_hooks, gim_keywords, scale_hooks
 from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
 from reference import Rules, reference_forward, token_embeddings
@@ -84,8 +88,10 @@ def test_each_rule_matches_the_reference(setup, case):
     error = ((got - expected).norm() / expected.norm()).item()
     assert error <= 1e-5
     effect = ((expected - plain).norm() / plain.norm()).item()
-    if arch == "gpt2" and case in ("gate_scale", "up_scale"):
-        assert torch.equal(got, plain.to(got.dtype)) or effect == 0.0
+    if arch == "gpt2" and case in ("gate_scale", "up_scale"):  # plain MLPs: no hook, same gradient
+        assert gim_hooks(model, config) == []
+        _, bridge_plain = _bridge_grad(model, tokens, emb, weights, GIMConfig.off())
+        assert torch.equal(got, bridge_plain)
     else:
         assert effect > 100 * max(error, 1e-7), f"{case} does not visibly act on {arch}"
 
@@ -179,3 +185,39 @@ def test_gim_config_coercion():
     assert GIMConfig.coerce({"q_scale": 0.1}).q_scale == 0.1
     assert not GIMConfig().is_off
     assert GIMConfig.off().with_overrides(q_scale=1.0).is_off  # a scale of 1 is off
+
+
+def test_config_off_validation_and_explain_keywords_come_from_the_rule_table():
+    fields = [f.name for f in dataclasses.fields(GIMConfig)]
+    assert fields == [r.field for r in RULES]
+    assert GIMConfig() == GIMConfig(**{r.field: r.default for r in RULES})
+    assert GIMConfig.off() == GIMConfig(**{r.field: r.off for r in RULES})
+    for rule in RULES:  # each rule alone switches is_off, and refuses a wrong value by name
+        assert not GIMConfig.off().with_overrides(**{rule.field: rule.default}).is_off
+        with pytest.raises(GimlensError, match=rule.field):
+            GIMConfig.off().with_overrides(**{rule.field: "wrong"})
+    params = {n: p for n, p in inspect.signature(explain).parameters.items() if n in fields}
+    assert list(params) == fields and all(params[r.field].default == r.default for r in RULES)
+
+
+def test_a_new_rule_is_one_table_entry(llama_model):
+    """A rule added to the table (here: the gradient at the last block's output halved) gets a
+    config field, validation, off(), is_off, hooks and an explain keyword with no other edit."""
+    last = f"blocks.{llama_model.cfg.n_layers - 1}.hook_resid_post"
+    extra = Rule("resid_scale", 0.5, None, "gradient multiplier at the last block's output.",
+                 lambda model: [last], scale_hooks)
+    Config = config_class((*RULES, extra))
+    assert Config().resid_scale == 0.5 and Config.off().resid_scale is None and Config.off().is_off
+    assert "resid_scale" in Config.__doc__
+    only = Config.off().with_overrides(resid_scale=0.5)
+    assert not only.is_off and [n for n, _ in gim_hooks(llama_model, only)] == [last]
+    with pytest.raises(GimlensError, match="resid_scale"):
+        Config(resid_scale=float("inf"))
+    assert gim_keywords((*RULES, extra))[-1].name == "resid_scale"
+    # and the hook does what the entry says: every embedding gradient halved
+    tokens = _tokens(llama_model)
+    emb = llama_model.embed(tokens).detach()
+    w = torch.randn(llama_model.cfg.d_vocab, generator=torch.Generator().manual_seed(1))
+    _, plain = _bridge_grad(llama_model, tokens, emb, w, GIMConfig.off())
+    _, halved = _bridge_grad(llama_model, tokens, emb, w, only)
+    assert_close(halved, 0.5 * plain)
