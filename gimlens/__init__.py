@@ -1,10 +1,10 @@
 """gimlens: faithful gradient-based interpretability for TransformerLens models.
 
-- :class:`GIM` / :class:`GIMConfig`: GIM's backward rules on TransformerLens hook points.
-- :func:`explain` (the ``gim-explain`` call form) and :func:`attribute` (every method and target)
-  for token attribution; :mod:`gimlens.evaluate` for faithfulness metrics.
-- :func:`layerwise_ig`: token-to-token flows inside each layer.
-- :func:`load_model`: the embedded SmolLM2 model, or any name, folder or HuggingFace model.
+- `GIM` / `GIMConfig`: GIM's backward rules on TransformerLens hook points.
+- `explain` (the `gim-explain` call form) and `attribute` (every method and target)
+  for token attribution; `gimlens.evaluate` for faithfulness metrics.
+- `layerwise_ig`: token-to-token flows inside each layer.
+- `load_model`: the embedded SmolLM2 model, or any name, folder or HuggingFace model.
 
 Example:
     >>> import gimlens

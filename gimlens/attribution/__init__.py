@@ -1,7 +1,7 @@
 """Token attribution: which input tokens a prediction depends on.
 
-:func:`attribute` is the entry point (methods, targets, text or token inputs) and returns an
-:class:`Attribution`; :func:`explain` is its ``gim-explain``-compatible special case.
+`attribute` is the entry point (methods, targets, text or token inputs) and returns an
+`Attribution`; `explain` is its `gim-explain`-compatible special case.
 """
 
 from .attribute import attribute

@@ -19,9 +19,9 @@ _BOOTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def as_bridge(model, tokenizer=None):
-    """A TransformerLens model for ``model``: returned as is, or booted around an HF model.
+    """A TransformerLens model for `model`: returned as is, or booted around an HF model.
 
-    Booting a ``TransformerBridge`` around a HuggingFace ``PreTrainedModel`` wraps it in place
+    Booting a `TransformerBridge` around a HuggingFace `PreTrainedModel` wraps it in place
     (TransformerLens swaps its submodules for bridge components); the bridge is cached per HF
     object, so later calls reuse it. Keep using the returned bridge rather than the HF object.
     """
@@ -65,8 +65,8 @@ def check_mask(mask, tokens: Tensor) -> Int[Tensor, "batch pos"] | None:
 def resolve_positions(
     position: int | Tensor, tokens: Tensor, mask: Tensor | None
 ) -> Int[Tensor, " batch"]:
-    """Absolute target positions per row. With a mask, ``position`` counts real tokens only
-    (``-1`` = each row's last real token, whatever the padding side)."""
+    """Absolute target positions per row. With a mask, `position` counts real tokens only
+    (`-1` = each row's last real token, whatever the padding side)."""
     batch, seq = tokens.shape
     pos = torch.as_tensor(position, device=tokens.device).long()
     if pos.ndim == 0:
@@ -88,7 +88,7 @@ def resolve_positions(
 
 
 def default_baseline_token(tokenizer) -> int:
-    """The token of ``" "``, else the pad token, else the unk token."""
+    """The token of `" "`, else the pad token, else the unk token."""
     if tokenizer is None:
         raise GimlensError("a tokenizer is needed to infer the baseline token; pass baseline_token_id")
     ids = tokenizer.encode(" ", add_special_tokens=False)
@@ -105,7 +105,7 @@ def default_baseline_token(tokenizer) -> int:
 
 
 def token_embeddings(model, tokens: Tensor) -> Float[Tensor, "batch pos d_model"]:
-    """The model's ``hook_embed`` values for ``tokens`` (no gradient)."""
+    """The model's `hook_embed` values for `tokens` (no gradient)."""
     captured: list[Tensor] = []
 
     def grab(t, hook):
@@ -131,16 +131,16 @@ def embedding_gradients(
     attention_mask: Tensor | None = None,
     gim: GIMConfig | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos vocab"], Float[Tensor, " batch"]]:
-    """Gradient of ``objective(logits)`` (one value per row) w.r.t. the token embeddings.
+    """Gradient of `objective(logits)` (one value per row) w.r.t. the token embeddings.
 
     One forward and one backward for the whole batch: rows are independent, so the gradient of
-    the summed objective gives every row its own gradient. ``embeds`` replaces the embeddings at
-    ``hook_embed`` (for interpolation); by default the model's own are used. GIM's rules apply
-    when ``gim`` is given and switched on. Parameters are frozen and the model in eval mode only
+    the summed objective gives every row its own gradient. `embeds` replaces the embeddings at
+    `hook_embed` (for interpolation); by default the model's own are used. GIM's rules apply
+    when `gim` is given and switched on. Parameters are frozen and the model in eval mode only
     for the duration.
 
     Returns:
-        ``(grads, logits, values)``: gradients like the embeddings, logits (detached), and the
+        `(grads, logits, values)`: gradients like the embeddings, logits (detached), and the
         objective per row (detached).
     """
     config = gim if gim is not None else GIMConfig.off()

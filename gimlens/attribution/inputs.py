@@ -30,9 +30,9 @@ class Prompt:
     """A batch of prompts on the model's device.
 
     Attributes:
-        tokens: ``[batch, pos]`` token ids (strings are left-padded).
-        mask: ``[batch, pos]`` 0/1 attention mask, or ``None`` when nothing is padded.
-        bos: ``[batch, pos]`` True where a row's first real token is the tokenizer's BOS.
+        tokens: `[batch, pos]` token ids (strings are left-padded).
+        mask: `[batch, pos]` 0/1 attention mask, or `None` when nothing is padded.
+        bos: `[batch, pos]` True where a row's first real token is the tokenizer's BOS.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -52,8 +52,8 @@ def model_device(model) -> torch.device:
 
 
 def prepare_prompt(model, inputs, attention_mask, tokenizer) -> Prompt:
-    """Token ids (``[pos]`` or ``[batch, pos]``, with an optional mask) or text (a string or a
-    list of strings, tokenised by ``model.to_tokens`` and left-padded) as a :class:`Prompt`."""
+    """Token ids (`[pos]` or `[batch, pos]`, with an optional mask) or text (a string or a
+    list of strings, tokenised by `model.to_tokens` and left-padded) as a `Prompt`."""
     device = model_device(model)
     if isinstance(inputs, str) or (
         isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs)
@@ -76,7 +76,7 @@ def prepare_prompt(model, inputs, attention_mask, tokenizer) -> Prompt:
 
 
 def resolve_baseline(baseline, tokenizer, vocab: int) -> int:
-    """The baseline token id: ``None`` → the token of ``" "`` (else pad, else unk); an id; or a
+    """The baseline token id: `None` → the token of `" "` (else pad, else unk); an id; or a
     string that is exactly one token."""
     if baseline is None:
         token_id = default_baseline_token(tokenizer)

@@ -48,22 +48,22 @@ class Attribution:
     """Token attribution scores for a batch of prompts (all tensors on the CPU).
 
     Attributes:
-        tokens: decoded prompt tokens, ``[batch][pos]``.
-        token_ids: ``[batch, pos]`` prompt token ids (left-padded for text batches).
-        attention_mask: ``[batch, pos]`` 0/1, or ``None`` when nothing is padded.
-        scores: ``[batch, pos]``, or ``[batch, n_targets, pos]`` for a continuation; float32.
-            Unscored positions (padding, BOS unless ``score_bos``) are exactly 0.
-        scored: ``[batch, pos]`` True where a position was replaced by the baseline.
-        target: description: ``kind`` (token / logit_diff / continuation), ``readout``,
+        tokens: decoded prompt tokens, `[batch][pos]`.
+        token_ids: `[batch, pos]` prompt token ids (left-padded for text batches).
+        attention_mask: `[batch, pos]` 0/1, or `None` when nothing is padded.
+        scores: `[batch, pos]`, or `[batch, n_targets, pos]` for a continuation; float32.
+            Unscored positions (padding, BOS unless `score_bos`) are exactly 0.
+        scored: `[batch, pos]` True where a position was replaced by the baseline.
+        target: description: `kind` (token / logit_diff / continuation), `readout`,
             decoded target (and contrast) tokens.
-        target_ids, contrast_ids: ``[batch, n_targets]`` token ids (contrast only for logit_diff).
-        target_positions: ``[batch, n_targets]`` positions in the model input that the targets
+        target_ids, contrast_ids: `[batch, n_targets]` token ids (contrast only for logit_diff).
+        target_positions: `[batch, n_targets]` positions in the model input that the targets
             are read at (for continuations the input is the prompt plus the continuation).
-        target_values: ``[batch, n_targets]`` the explained quantity ``F(x)`` on the input.
+        target_values: `[batch, n_targets]` the explained quantity `F(x)` on the input.
         method: the method's name.
-        config: baseline token id, GIM config (``None`` when off), steps, quadrature, ...
-        delta: integrated gradients' completeness delta ``|Σ a − (F(x) − F(x'))|``,
-            ``[batch]`` (``[batch, n_targets]`` for continuations); ``None`` for other methods.
+        config: baseline token id, GIM config (`None` when off), steps, quadrature, ...
+        delta: integrated gradients' completeness delta `|Σ a − (F(x) − F(x'))|`,
+            `[batch]` (`[batch, n_targets]` for continuations); `None` for other methods.
     """
 
     tokens: list[list[str]]
@@ -86,7 +86,7 @@ class Attribution:
 
     @property
     def seq(self) -> Float[Tensor, "batch pos"]:
-        """Scores summed over a continuation's tokens (captum's ``seq_attr``); else ``scores``."""
+        """Scores summed over a continuation's tokens (captum's `seq_attr`); else `scores`."""
         return self.scores.sum(1) if self.is_continuation else self.scores
 
     @property
@@ -98,8 +98,8 @@ class Attribution:
 
     def target_spec(self):
         """A target object that resolves to exactly these targets (for another method on the
-        same inputs: ``attribute(model, a.token_ids, attention_mask=a.attention_mask,
-        target=a.target_spec(), baseline=a.baseline_token_id)``)."""
+        same inputs: `attribute(model, a.token_ids, attention_mask=a.attention_mask,
+        target=a.target_spec(), baseline=a.baseline_token_id)`)."""
         from .targets import Continuation, LogitDiff, TokenTarget
 
         kind, readout = self.target.get("kind"), self.target.get("readout", "logit")
@@ -113,7 +113,7 @@ class Attribution:
         return TokenTarget(self.target_ids[:, 0], position=pos, readout=readout)
 
     def describe_target(self, row: int = 0) -> str:
-        """A one-line human description of row ``row``'s target."""
+        """A one-line human description of row `row`'s target."""
         toks = self.target.get("tokens", [[]])[row]
         readout = self.target.get("readout", "logit")
         kind = self.target.get("kind")
@@ -166,6 +166,7 @@ class Attribution:
 
         Example:
             >>> import os, tempfile
+            >>> from gimlens.attribution import attribute
             >>> from gimlens.testing import tiny_model
             >>> a = attribute(tiny_model("gpt2"), "Hello there")
             >>> path = a.save(os.path.join(tempfile.mkdtemp(), "a.json"))

@@ -1,10 +1,10 @@
 """What an attribution explains: a target token's logit, a logit difference, or a continuation.
 
-Three frozen dataclasses describe targets; :func:`resolve_target` turns one into tensors for a
-batch (:class:`ResolvedTarget`), and :func:`with_continuation` builds the model input when the
+Three frozen dataclasses describe targets; `resolve_target` turns one into tensors for a
+batch (`ResolvedTarget`), and `with_continuation` builds the model input when the
 target is a multi-token continuation (the continuation is appended after each row's last real
 token and every continuation token's logit is read at the position that predicts it, as captum's
-``LLMAttribution`` does; only prompt tokens are scored).
+`LLMAttribution` does; only prompt tokens are scored).
 
 Example:
     >>> from gimlens.attribution.targets import LogitDiff, TokenTarget, as_target
@@ -63,15 +63,15 @@ class TargetKind(str, Enum):
 
 @dataclass(frozen=True)
 class TokenTarget:
-    """The logit (or log-probability) of ``token`` at ``position``.
+    """The logit (or log-probability) of `token` at `position`.
 
     Args:
-        token: ``None`` (the model's top prediction there), a token id, a string that is one
-            token (``" Paris"``; a multi-token string makes :func:`as_target` build a
-            :class:`Continuation`), or one per row (a list or a ``[batch]`` tensor).
-        position: position of the logit, counting real tokens (``-1``: each row's last real
+        token: `None` (the model's top prediction there), a token id, a string that is one
+            token (`" Paris"`; a multi-token string makes `as_target` build a
+            `Continuation`), or one per row (a list or a `[batch]` tensor).
+        position: position of the logit, counting real tokens (`-1`: each row's last real
             token); an int or one per row.
-        readout: ``"logit"`` or ``"logprob"``.
+        readout: `"logit"` or `"logprob"`.
     """
 
     token: TokenSpec = None
@@ -81,7 +81,7 @@ class TokenTarget:
 
 @dataclass(frozen=True)
 class LogitDiff:
-    """``logit(token) − logit(contrast)`` at ``position`` (``token=None``: the top prediction).
+    """`logit(token) − logit(contrast)` at `position` (`token=None`: the top prediction).
 
     The log-probability difference equals the logit difference, so there is no readout choice.
     """
@@ -98,7 +98,7 @@ class Continuation:
 
     Args:
         tokens: a string (tokenised without special tokens) or a sequence of token ids.
-        readout: ``"logit"`` or ``"logprob"`` (summed log-probabilities = the sequence's).
+        readout: `"logit"` or `"logprob"` (summed log-probabilities = the sequence's).
     """
 
     tokens: str | Sequence[int] | Tensor
@@ -109,7 +109,7 @@ Target = Union[TokenTarget, LogitDiff, Continuation]
 
 
 def as_target(spec) -> Target:
-    """A target from shorthand: ``None``, a token id, a string (a multi-token string resolves to
+    """A target from shorthand: `None`, a token id, a string (a multi-token string resolves to
     a continuation), a per-row list or tensor, or a target object (returned as is)."""
     if isinstance(spec, (TokenTarget, LogitDiff, Continuation)):
         return spec
@@ -118,9 +118,9 @@ def as_target(spec) -> Target:
 
 @dataclass
 class ResolvedTarget:
-    """A target as tensors for a batch of ``B`` rows and ``T`` target tokens (``T > 1`` only for
-    continuations). ``ids < 0`` marks "the top prediction", fixed by :meth:`fill_argmax` or by the
-    first evaluation on the clean input. ``positions`` index the model input."""
+    """A target as tensors for a batch of `B` rows and `T` target tokens (`T > 1` only for
+    continuations). `ids < 0` marks "the top prediction", fixed by `fill_argmax` or by the
+    first evaluation on the clean input. `positions` index the model input."""
 
     kind: TargetKind
     readout: Readout
@@ -140,7 +140,7 @@ class ResolvedTarget:
         t: Int[Tensor, " m"],
         rows: Int[Tensor, " m"] | None = None,
     ) -> tuple[Float[Tensor, " m"], Int[Tensor, " m"]]:
-        """The objective of target ``t`` of prompt row ``b``, read from logits row ``rows``
+        """The objective of target `t` of prompt row `b`, read from logits row `rows`
         (default: one logits row each), in float32 with gradient; and the token ids used (top
         predictions filled in from these logits)."""
         if rows is None:
@@ -156,7 +156,7 @@ class ResolvedTarget:
         return value, ids
 
     def values(self, logits: Float[Tensor, "n pos vocab"], b: Int[Tensor, " n"]) -> Float[Tensor, "n n_targets"]:
-        """Every target of prompt rows ``b`` at once: ``[n, T]``."""
+        """Every target of prompt rows `b` at once: `[n, T]`."""
         n, T = logits.shape[0], self.n_targets
         rows = torch.arange(n, device=logits.device).repeat_interleave(T)
         tt = torch.arange(T, device=logits.device).repeat(n)
@@ -164,7 +164,7 @@ class ResolvedTarget:
         return value.view(n, T)
 
     def fill_argmax(self, logits: Float[Tensor, "n pos vocab"], b: Int[Tensor, " n"]) -> None:
-        """Fix "top prediction" targets of prompt rows ``b`` from their clean logits."""
+        """Fix "top prediction" targets of prompt rows `b` from their clean logits."""
         T = self.n_targets
         if not bool((self.ids[b] < 0).any()):
             return
@@ -175,7 +175,7 @@ class ResolvedTarget:
         self.ids[bb, tt] = ids
 
     def describe(self, tokenizer) -> dict:
-        """A JSON-able description (token strings decoded with ``tokenizer``)."""
+        """A JSON-able description (token strings decoded with `tokenizer`)."""
         dec = (lambda i: _decode(tokenizer, i)) if tokenizer is not None else str
         out = {
             "kind": self.kind.value,
@@ -194,9 +194,9 @@ def resolve_target(
     mask: Int[Tensor, "batch pos"] | None,
     vocab: int,
 ) -> ResolvedTarget:
-    """Validate ``target`` against the batch and return it as tensors on ``tokens``' device.
+    """Validate `target` against the batch and return it as tensors on `tokens`' device.
 
-    Positions are those of the model input: for a continuation, of :func:`with_continuation`'s.
+    Positions are those of the model input: for a continuation, of `with_continuation`'s.
     """
     batch, device = tokens.shape[0], tokens.device
     if isinstance(target, TokenTarget) and isinstance(target.token, str) and tokenizer is not None:
@@ -239,8 +239,8 @@ def with_continuation(
     continuation: Int[Tensor, " n_targets"] | None,
 ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"] | None, Int[Tensor, "batch pos"]]:
     """The model input for a continuation target: its tokens but the last inserted after each
-    row's last real token (padding keeps its side). Returns ``(tokens, mask, index)`` where
-    ``index[b, j]`` is where prompt position ``j`` of row ``b`` went."""
+    row's last real token (padding keeps its side). Returns `(tokens, mask, index)` where
+    `index[b, j]` is where prompt position `j` of row `b` went."""
     batch, pos = tokens.shape
     device = tokens.device
     index = torch.arange(pos, device=device).expand(batch, pos).clone()
@@ -310,7 +310,7 @@ def _one_token(spec, tokenizer, vocab: int, what: str) -> int:
 
 
 def _per_row_ids(spec, tokenizer, batch: int, vocab: int, what: str, allow_none: bool = False) -> Tensor:
-    """``[batch]`` ids (``-1`` = top prediction) from one spec or one per row."""
+    """`[batch]` ids (`-1` = top prediction) from one spec or one per row."""
     if spec is None:
         if not allow_none:
             raise GimlensError(f"{what} is missing")

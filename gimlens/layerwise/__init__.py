@@ -1,9 +1,9 @@
 """Layer-wise integrated gradients: token-to-token flows inside each transformer layer.
 
 Exact (Gauss-Legendre quadrature, completeness reported per target) and batched over targets,
-heads and quadrature nodes, on TransformerLens hook points. See :mod:`.core` for the
-definition, :mod:`.boundaries` for the maps (``layer``, ``att``, ``mlp``), :mod:`.baselines` for
-the baselines and :mod:`.result` for the JSON schema.
+heads and quadrature nodes, on TransformerLens hook points. See `.core` for the
+definition, `.boundaries` for the maps (`layer`, `att`, `mlp`), `.baselines` for
+the baselines and `.result` for the JSON schema.
 
 Example:
     >>> from gimlens.layerwise import layerwise_ig

@@ -1,26 +1,21 @@
 """Baselines of layer-wise IG and LIG's two ratio corrections of the input-token baseline.
 
-==================  ==========================================================================
-baseline            baseline set ``z'`` for target ``j``
-==================  ==========================================================================
-``zero``            every position 0
-``input_token``     every position set to the target's own input ``z_j`` (LIG's "ITB",
-                    ``self_input_token``), so ``z'_j = z_j`` and the self term ``IG_{j→j}`` is 0
-``itb_zero_ratio``  ``input_token``, then the self term re-estimated from the ``zero`` run's
-                    self-to-other ratio and the column rescaled to keep its sum (LIG 0.1.0)
-``itb_map_ratio``   ``input_token``, then the self term re-estimated from the attention weight
-                    ``a_jj`` of the target on itself and the column rescaled (LIG 0.1.0)
-==================  ==========================================================================
+| baseline         | baseline set `z'` for target `j` |
+|------------------|----------------------------------|
+| `zero`           | every position 0 |
+| `input_token`    | every position set to the target's own input `z_j` (LIG's "ITB", `self_input_token`), so `z'_j = z_j` and the self term `IG_{j→j}` is 0 |
+| `itb_zero_ratio` | `input_token`, then the self term re-estimated from the `zero` run's self-to-other ratio and the column rescaled to keep its sum (LIG 0.1.0) |
+| `itb_map_ratio`  | `input_token`, then the self term re-estimated from the attention weight `a_jj` of the target on itself and the column rescaled (LIG 0.1.0) |
 
-The ratio corrections act on one column (one target ``j``; matrices are ``[source, target]``)
-with ``S = sum_{i != j} IG^ITB_{i→j}`` (LIG 0.1.0, ``itb_self_contrib.py`` and
-``layer_itb_zero_ratio.py``; eps = 1e-8):
+The ratio corrections act on one column (one target `j`; matrices are `[source, target]`)
+with `S = sum_{i != j} IG^ITB_{i→j}` (LIG 0.1.0, `itb_self_contrib.py` and
+`layer_itb_zero_ratio.py`; eps = 1e-8):
 
-- zero ratio: ``self = IG^zero_{j→j} * S / sum_{i != j} IG^zero_{i→j}`` (0 if that sum is ~0);
-- map ratio: ``self = S * a_jj / (1 - a_jj)`` (0 if ``1 - a_jj`` is ~0);
+- zero ratio: `self = IG^zero_{j→j} * S / sum_{i != j} IG^zero_{i→j}` (0 if that sum is ~0);
+- map ratio: `self = S * a_jj / (1 - a_jj)` (0 if `1 - a_jj` is ~0);
 
-then the self entry is replaced by ``self`` and the column multiplied by
-``gamma = sum_i IG^ITB_{i→j} / (S + self)`` (1 if the denominator is ~0), so every column keeps
+then the self entry is replaced by `self` and the column multiplied by
+`gamma = sum_i IG^ITB_{i→j} / (S + self)` (1 if the denominator is ~0), so every column keeps
 the ITB column sum and with it the ITB completeness target.
 
 Example:
@@ -47,7 +42,7 @@ _EPS = 1e-8
 
 
 class Baseline(str, Enum):
-    """Baseline sets ``z'`` (see the module docstring). LIG's names are accepted as aliases."""
+    """Baseline sets `z'` (see the module docstring). LIG's names are accepted as aliases."""
 
     ZERO = "zero"
     INPUT_TOKEN = "input_token"
@@ -88,7 +83,7 @@ def _rescale(itb: Tensor, est_self: Tensor) -> Tensor:
 def zero_ratio(
     itb: Float[Tensor, "*batch src tgt"], zero: Float[Tensor, "*batch src tgt"]
 ) -> Float[Tensor, "*batch src tgt"]:
-    """LIG's ITB-zeroRatio correction, column by column (square ``[source, target]`` matrices)."""
+    """LIG's ITB-zeroRatio correction, column by column (square `[source, target]` matrices)."""
     assert itb.shape == zero.shape and itb.shape[-1] == itb.shape[-2]
     itb64, zero64 = itb.double(), zero.double()
     _, rest = _self_and_rest(itb64)
@@ -101,7 +96,7 @@ def zero_ratio(
 def map_ratio(
     itb: Float[Tensor, "*batch src tgt"], self_attention: Float[Tensor, "*batch tgt"]
 ) -> Float[Tensor, "*batch src tgt"]:
-    """LIG's ITB-mapRatio correction; ``self_attention[..., j]`` is the weight ``a_jj``."""
+    """LIG's ITB-mapRatio correction; `self_attention[..., j]` is the weight `a_jj`."""
     assert itb.shape[-1] == itb.shape[-2] and self_attention.shape[-1] == itb.shape[-1]
     itb64, a = itb.double(), self_attention.double()
     _, rest = _self_and_rest(itb64)

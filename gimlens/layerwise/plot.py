@@ -21,10 +21,10 @@ __all__ = ["plot_flows"]
 
 
 def plot_flows(flows: list, tokens: list[str], *, head: int | None = None, ax=None):
-    """One heatmap per flow: rows are targets; columns are sources (``mlp``: dimensions).
+    """One heatmap per flow: rows are targets; columns are sources (`mlp`: dimensions).
 
-    Colours are symmetric around 0 (red positive, blue negative). With ``ax`` exactly one flow
-    is drawn into it; otherwise a new ``Figure`` holds a grid (one row per layer).
+    Colours are symmetric around 0 (red positive, blue negative). With `ax` exactly one flow
+    is drawn into it; otherwise a new `Figure` holds a grid (one row per layer).
     """
     from matplotlib.figure import Figure
 

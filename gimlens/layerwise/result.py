@@ -1,8 +1,9 @@
 """Results of layer-wise IG: dense tensors, a JSON view (with LIG 0.1.0's fields) and heatmaps.
 
-JSON schema (``LayerwiseResult.to_json``; ``format`` = ``"gimlens.layerwise"``, ``version`` 1).
-Matrices are nested lists; ``T`` tokens, ``H`` heads, ``d`` = d_model::
+JSON schema (`LayerwiseResult.to_json`; `format` = `"gimlens.layerwise"`, `version` 1).
+Matrices are nested lists; `T` tokens, `H` heads, `d` = d_model:
 
+```text
     {"format": "gimlens.layerwise", "version": 1,
      "text": str | null, "model": str | null, "tokens": [T str], "token_ids": [T int],
      "config": {"num_steps": int, "quadrature": str, "granularity": ["layer"|"att"|"mlp"],
@@ -24,10 +25,11 @@ Matrices are nested lists; ``T`` tokens, ``H`` heads, ``d`` = d_model::
                      "heads": {"<h>": {"contributions": [T src], "token_l2_norm": float}}},
              "u2z": {"baseline", "description", "contributions": [d], "l2_total": float,
                      "completeness": {"error", "mean_abs_error", "max_abs_error"}}}}}}}
+```
 
-``total[j]`` is ``||Φ_j(z) - Φ_j(z')||`` (for the ratio baselines the input-token one, which
-their columns keep) and ``error[j]`` the column sum minus it. ``z2z``/``z2u``/``u2z`` and the
-``targets`` section follow LIG 0.1.0's ``explain()`` output; :meth:`LayerwiseResult.from_json`
+`total[j]` is `||Φ_j(z) - Φ_j(z')||` (for the ratio baselines the input-token one, which
+their columns keep) and `error[j]` the column sum minus it. `z2z`/`z2u`/`u2z` and the
+`targets` section follow LIG 0.1.0's `explain()` output; `LayerwiseResult.from_json`
 reads the dense fields back.
 
 Example:
@@ -75,11 +77,11 @@ class Flow:
     """One layer at one granularity.
 
     Attributes:
-        matrix: ``layer``/``att``: ``[source, target]`` (``att``: the whole attention output);
-            ``mlp``: ``[target, d_model]``.
-        total: ``[target]``, ``||Φ_j(z) - Φ_j(z')||``, what each column should sum to.
-        heads: ``att`` only, ``[head, source, target]``.
-        head_total: ``att`` with ``head_scores="own"``: ``[head, target]``.
+        matrix: `layer`/`att`: `[source, target]` (`att`: the whole attention output);
+            `mlp`: `[target, d_model]`.
+        total: `[target]`, `||Φ_j(z) - Φ_j(z')||`, what each column should sum to.
+        heads: `att` only, `[head, source, target]`.
+        head_total: `att` with `head_scores="own"`: `[head, target]`.
     """
 
     layer: int
@@ -92,13 +94,13 @@ class Flow:
 
     @property
     def completeness_error(self) -> Float[Tensor, " tgt"]:
-        """Per target: sum of its attributions minus ``total``."""
+        """Per target: sum of its attributions minus `total`."""
         axis = 1 if self.granularity is Granularity.MLP else 0
         return self.matrix.sum(axis) - self.total
 
     @property
     def head_completeness_error(self) -> Float[Tensor, "head tgt"] | None:
-        """``att`` with own head scores: per head and target, column sum minus ``head_total``."""
+        """`att` with own head scores: per head and target, column sum minus `head_total`."""
         if self.heads is None or self.head_total is None:
             return None
         return self.heads.sum(1) - self.head_total
@@ -106,7 +108,7 @@ class Flow:
 
 @dataclass
 class LayerwiseResult:
-    """Every flow of one :func:`~gimlens.layerwise.layerwise_ig` call, keyed by (layer, granularity)."""
+    """Every flow of one `layerwise_ig` call, keyed by (layer, granularity)."""
 
     tokens: list[str]
     token_ids: list[int]
@@ -127,7 +129,7 @@ class LayerwiseResult:
         return [g for g in Granularity if any(g is k for _, k in self.flows)]
 
     def flow(self, layer: int, granularity: Granularity | str) -> Flow:
-        """The flow of ``layer`` at ``granularity``."""
+        """The flow of `layer` at `granularity`."""
         key = (layer, Granularity.parse(granularity))
         if key not in self.flows:
             have = ", ".join(f"({l}, {g.value})" for l, g in self.flows)
@@ -137,7 +139,7 @@ class LayerwiseResult:
     # -- JSON ------------------------------------------------------------------------------
 
     def to_dict(self, *, lig_compat: bool = True) -> dict[str, Any]:
-        """The JSON-ready dict (see the module docstring); ``lig_compat`` adds LIG's sections."""
+        """The JSON-ready dict (see the module docstring); `lig_compat` adds LIG's sections."""
         T = len(self.tokens)
         grans = self.granularities
         base = {g.value: self._baseline_of(g).value for g in grans}
@@ -222,7 +224,7 @@ class LayerwiseResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerwiseResult":
-        """Inverse of :meth:`to_dict` (reads the dense fields)."""
+        """Inverse of `to_dict` (reads the dense fields)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise GimlensError(f"not a {FORMAT} JSON document (missing or wrong 'format' field)")
         if data.get("version") != VERSION:
@@ -254,7 +256,7 @@ class LayerwiseResult:
 
     @classmethod
     def from_json(cls, text: str) -> "LayerwiseResult":
-        """Inverse of :meth:`to_json`."""
+        """Inverse of `to_json`."""
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, TypeError) as err:
@@ -280,10 +282,10 @@ class LayerwiseResult:
 
     def plot(self, layer: int | None = None, granularity: Granularity | str | None = None,
              *, head: int | None = None, ax=None):
-        """Heatmaps (target rows, source columns; ``mlp``: target rows, dimension columns).
+        """Heatmaps (target rows, source columns; `mlp`: target rows, dimension columns).
 
-        Without ``layer``/``granularity`` every flow gets a panel (rows: layers). ``head`` shows
-        one head of ``att``. Returns the matplotlib ``Figure`` (no pyplot state is touched).
+        Without `layer`/`granularity` every flow gets a panel (rows: layers). `head` shows
+        one head of `att`. Returns the matplotlib `Figure` (no pyplot state is touched).
         """
         from .plot import plot_flows
 
@@ -299,7 +301,7 @@ class LayerwiseResult:
         return plot_flows(chosen, self.tokens, head=head, ax=ax)
 
     def save_plot(self, path: str | os.PathLike, **kwargs) -> Path:
-        """:meth:`plot` written to ``path`` (format from the suffix), atomically."""
+        """`plot` written to `path` (format from the suffix), atomically."""
         fig = self.plot(**kwargs)
         fmt = Path(path).suffix.lstrip(".") or "png"
         return atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
