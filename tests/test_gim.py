@@ -221,3 +221,8 @@ def test_a_new_rule_is_one_table_entry(llama_model):
     _, plain = _bridge_grad(llama_model, tokens, emb, w, GIMConfig.off())
     _, halved = _bridge_grad(llama_model, tokens, emb, w, only)
     assert_close(halved, 0.5 * plain)
+
+
+def test_a_model_without_hook_points_is_a_gimlens_error():
+    with pytest.raises(GimlensError, match="TransformerLens model"):
+        GIM(torch.nn.Linear(2, 2))

@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Sequence, Union
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -161,7 +162,7 @@ class ResolvedTarget:
         rows = torch.arange(n, device=logits.device).repeat_interleave(T)
         tt = torch.arange(T, device=logits.device).repeat(n)
         value, _ = self.pick(logits, b.repeat_interleave(T), tt, rows)
-        return value.view(n, T)
+        return rearrange(value, "(n t) -> n t", n=n)  # prompt-major, as built above
 
     def fill_argmax(self, logits: Float[Tensor, "n pos vocab"], b: Int[Tensor, " n"]) -> None:
         """Fix "top prediction" targets of prompt rows `b` from their clean logits."""
