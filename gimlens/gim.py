@@ -36,7 +36,8 @@ from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
 from .runtime import quiet_norm_rebuild, require_lens_model
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords"]
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords",
+           "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
 
