@@ -52,11 +52,11 @@ def test_discover_writes_the_circuit_a_direct_library_run_finds(model_dir, tmp_p
         expected.apply_topn(40, absolute=True)
         faith = faithfulness(model, expected, task, batch_size=4)
 
-    got = Graph.from_json(str(out["json"]))
+    got = Graph.load(out["json"])
     assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-7)
     assert torch.equal(got.in_graph, expected.in_graph)
     assert 0 < got.n_edges_in_graph <= 40
-    assert Graph.from_graphml(str(out["graphml"])).n_edges_in_graph == got.n_edges_in_graph
+    assert Graph.load(out["graphml"]).n_edges_in_graph == got.n_edges_in_graph
     printed = capsys.readouterr().out
     assert f"{got.n_edges_in_graph} edges" in printed
     reported = float(re.search(r"faithfulness (-?[0-9.]+)", printed).group(1))
