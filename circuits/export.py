@@ -1,7 +1,8 @@
 """EAP-IG / MIB JSON and GraphML files of a [`Graph`][circuits.graph.Graph].
 
 - **EAP-IG / MIB JSON** (`to_eap_json`): `{"cfg", "nodes": {name: {"in_graph"}}, "edges": {name:
-  {"score", "in_graph"}}}` with per-query-head k/v edges. A `grouped` GQA graph is written through
+  {"score", "in_graph"}}}` with per-query-head k/v edges; a graph with node scores (node-level
+  circuits) also writes `"score"` for every source node, as EAP-IG does (NaN = unscored). A `grouped` GQA graph is written through
   `Graph.as_kv_edges`: **each KV-head edge is copied to every query head of its group** (same
   score, same membership); loading gives a `per_query_head` graph (or, on request, `grouped`
   again: mean score and any-membership over the copies, exact for copies).
@@ -75,7 +76,8 @@ def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
         cfg["n_key_value_heads"] = c["n_kv_heads"]
     if c["model_name"]:
         cfg["model_name"] = c["model_name"]
-    nodes = {n.name: {"in_graph": n.in_graph} for n in pq.nodes.values()}
+    nodes = {n.name: {"in_graph": n.in_graph, **({} if n.score is None else {"score": n.score})}
+             for n in pq.nodes.values()}
     valid = pq.valid
     scores = pq.scores.cpu()[valid].tolist()
     members = pq.in_graph.cpu()[valid].tolist()
@@ -117,8 +119,14 @@ def from_eap_json(path: str | os.PathLike, *, model: Any = None,
     graph.scores, graph.in_graph = s, m
     nodes = doc.get("nodes")
     if isinstance(nodes, dict):
-        graph.nodes_in_graph = torch.tensor([bool((nodes.get(n) or {}).get("in_graph", False))
-                                             for n in graph.forward_names])
+        entries = [nodes.get(n) or {} for n in graph.forward_names]
+        try:
+            graph.nodes_in_graph = torch.tensor([bool(e.get("in_graph", False)) for e in entries])
+            if any("score" in e for e in entries):  # node-level circuit: unscored nodes NaN
+                graph.node_scores = torch.tensor([math.nan if e.get("score") is None else float(e["score"])
+                                                  for e in entries])
+        except (AttributeError, TypeError, ValueError) as e:
+            raise GimlensError(f"{str(path)!r}: node entries must be {{'in_graph': bool, 'score': float}} ({e})") from e
     else:
         graph.nodes_in_graph = m.any(1)
     return graph.as_kv_edges(kv_edges) if KVEdges.coerce(kv_edges) is not graph.kv_edges else graph

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 from enum import Enum
@@ -84,7 +85,7 @@ class GraphFiles:
         nodes they touch; `include="all"` gives every node and valid edge with `in_graph` flags.
 
         Edge key: the edge name; attributes `weight` (the score), `in_graph`, `qkv` (attention
-        inputs). Node attributes: `kind`, `layer`, `head` (when set), `in_graph`. `G.graph` holds
+        inputs). Node attributes: `kind`, `layer`, `head`, `score` (when set), `in_graph`. `G.graph` holds
         the cfg. Grouped k/v inputs end at `KV_GROUP` nodes `a{l}.g{g}`.
 
         Example:
@@ -104,7 +105,7 @@ class GraphFiles:
         for node in self.nodes.values():
             if include == "all" or node.name in touched:
                 attrs = {"kind": node.kind.value, "in_graph": node.in_graph}
-                attrs.update({k: getattr(node, k) for k in ("layer", "head") if getattr(node, k) is not None})
+                attrs.update({k: getattr(node, k) for k in ("layer", "head", "score") if getattr(node, k) is not None})
                 G.add_node(node.name, **attrs)
         for e in edges:
             G.add_edge(e.src, e.dst, key=e.name, **{weight: e.score, "in_graph": e.in_graph},
@@ -116,7 +117,8 @@ class GraphFiles:
         """Rebuild a graph from `to_networkx` output (or any graph with the same names).
 
         The cfg comes from `G.graph` (or `model` when `G.graph` has none); edges absent from `G`
-        get score 0 and are out of the circuit; node `in_graph` attributes are read back.
+        get score 0 and are out of the circuit; node `in_graph` and `score` attributes are read
+        back (a node without a score: NaN, unscored).
         """
         cfg = dict(G.graph)
         if "n_layers" not in cfg:
@@ -133,14 +135,19 @@ class GraphFiles:
         s[rows, cols] = torch.tensor([float(d.get(weight, 0.0)) for _, _, d in G.edges(data=True)])
         m[rows, cols] = torch.tensor([bool(d.get("in_graph", False)) for _, _, d in G.edges(data=True)])
         graph.scores, graph.in_graph = s, m
+        names = graph.layout.forward_names
         graph.nodes_in_graph = torch.tensor([bool(G.nodes[n].get("in_graph", False)) if n in G.nodes else False
-                                             for n in graph.layout.forward_names])
+                                             for n in names])
+        if any("score" in G.nodes[n] for n in names if n in G.nodes):
+            graph.node_scores = torch.tensor([float(G.nodes[n].get("score", math.nan)) if n in G.nodes else math.nan
+                                              for n in names])
         return graph
 
     # ------------------------------------------------------------------ own JSON and files
     def to_json(self, *, indent: int | None = None) -> str:
         """The graph in gimlens' own JSON schema: `{"format": "gimlens.circuit", "version": 1,
-        "cfg", "scores", "in_graph", "nodes_in_graph"}`, the valid edges in row-major order,
+        "cfg", "scores", "in_graph", "nodes_in_graph"}` (and `"node_scores"` when the graph has
+        them), the valid edges in row-major order,
         scores as base64 of little-endian float32 (exact), memberships as base64 `numpy.packbits`.
 
         Example:
@@ -155,10 +162,12 @@ class GraphFiles:
             "format": _FORMAT_TAG, "version": _VERSION, "cfg": self.cfg, "n_valid_edges": self.n_valid_edges,
             "encoding": "valid edges row-major; scores base64 float32 little-endian; in_graph and "
                         "nodes_in_graph base64 numpy.packbits (big bit order)",
-            "scores": _b64(self._scores.cpu()[valid].numpy().astype("<f4")),
-            "in_graph": _b64(np.packbits(self._in_graph.cpu()[valid].numpy())),
-            "nodes_in_graph": _b64(np.packbits(self._nodes_in_graph.cpu().numpy())),
+            "scores": _b64(self.scores.cpu()[valid].numpy().astype("<f4")),
+            "in_graph": _b64(np.packbits(self.in_graph.cpu()[valid].numpy())),
+            "nodes_in_graph": _b64(np.packbits(self.nodes_in_graph.cpu().numpy())),
         }
+        if self.node_scores is not None:  # optional: one float32 per source node, NaN = unscored
+            doc["node_scores"] = _b64(self.node_scores.cpu().numpy().astype("<f4"))
         return json.dumps(doc, indent=indent)
 
     @classmethod
@@ -193,6 +202,11 @@ class GraphFiles:
         s[graph.valid], m[graph.valid] = torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(members.astype(bool))
         graph.scores, graph.in_graph = s, m
         graph.nodes_in_graph = torch.from_numpy(nodes.astype(bool))
+        if "node_scores" in doc:
+            node_scores = np.frombuffer(base64.b64decode(doc["node_scores"]), dtype="<f4")
+            if len(node_scores) != graph.n_forward:
+                raise GimlensError(f"circuit JSON holds {len(node_scores)} node scores for {graph.n_forward} nodes")
+            graph.node_scores = torch.from_numpy(node_scores.astype(np.float32))
         return graph
 
     @classmethod

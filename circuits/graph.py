@@ -38,6 +38,7 @@ class Node:
     layer: int | None
     head: int | None
     in_graph: bool
+    score: float | None = None  #: node score (source nodes of a graph with `node_scores`; NaN = unscored)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ class Edge:
     score: float
     in_graph: bool
     index: tuple[int, int]  #: (forward index, backward index) into the dense tensors
+
+
+def _same_or_none(a: Tensor | None, b: Tensor | None) -> bool:
+    """Both None, or equal values with NaN in the same places."""
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = a.cpu(), b.cpu()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
 class Graph(GraphFiles):
@@ -84,6 +93,7 @@ class Graph(GraphFiles):
         self._scores = torch.zeros(self.layout.valid.shape, dtype=torch.float32)
         self._in_graph = self.layout.valid.clone()
         self._nodes_in_graph = torch.ones(self.n_forward, dtype=torch.bool)
+        self._node_scores: Tensor | None = None
 
     @classmethod
     def from_model(cls, model: Any, *, kv_edges: KVEdges | str = "grouped") -> "Graph":
@@ -112,6 +122,7 @@ class Graph(GraphFiles):
         new.layout, new._d_model, new._model_name = self.layout, self._d_model, self._model_name
         new._scores, new._in_graph = self._scores.clone(), self._in_graph.clone()
         new._nodes_in_graph = self._nodes_in_graph.clone()
+        new._node_scores = None if self._node_scores is None else self._node_scores.clone()
         return new
 
     # ------------------------------------------------------------------ shape (the layout's)
@@ -214,6 +225,19 @@ class Graph(GraphFiles):
                                f"got {getattr(value, 'shape', type(value))}")
         self._nodes_in_graph = value.to(torch.bool)
 
+    @property
+    def node_scores(self) -> Float[Tensor, " n_forward"] | None:
+        """One score per source node (float32; NaN = not scored, kept by node-level selection), or
+        `None` (no node scores: the default, as in EAP-IG). Assigning converts to float32."""
+        return self._node_scores
+
+    @node_scores.setter
+    def node_scores(self, value: Tensor | None) -> None:
+        if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != (self.n_forward,)):
+            raise GimlensError(f"node_scores must be None or a tensor of shape ({self.n_forward},), "
+                               f"got {getattr(value, 'shape', type(value))}")
+        self._node_scores = None if value is None else value.to(torch.float32)
+
     def _checked(self, value: Any, what: str) -> Tensor:
         shape = (self.n_forward, self.n_backward)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
@@ -231,16 +255,19 @@ class Graph(GraphFiles):
         """Move the state tensors (in place); returns `self`."""
         self._scores, self._in_graph = self._scores.to(device), self._in_graph.to(device)
         self._nodes_in_graph = self._nodes_in_graph.to(device)
+        self._node_scores = None if self._node_scores is None else self._node_scores.to(device)
         return self
 
     # ------------------------------------------------------------------ selection (circuits.prune)
-    def apply_topn(self, n: int, absolute: bool = True, *, prune: bool = True) -> "Graph":
-        """Keep the `n` best-scoring valid edges, then (`prune`) drop dangling ones."""
-        return _prune.select(self, _prune.Selection.TOPN, n, absolute=absolute, prune=prune)
+    def apply_topn(self, n: int, absolute: bool = True, *, prune: bool = True, level: str = "edge") -> "Graph":
+        """Keep the `n` best-scoring valid edges (or, `level="node"`, source nodes and the edges
+        between them: [`circuits.prune`][circuits.prune]), then (`prune`) drop dangling ones."""
+        return _prune.select(self, _prune.Selection.TOPN, n, absolute=absolute, prune=prune, level=level)
 
-    def apply_threshold(self, t: float, absolute: bool = True, *, prune: bool = True) -> "Graph":
-        """Keep valid edges with score `>= t` (`|score| >= t` if `absolute`), then prune."""
-        return _prune.select(self, _prune.Selection.THRESHOLD, t, absolute=absolute, prune=prune)
+    def apply_threshold(self, t: float, absolute: bool = True, *, prune: bool = True, level: str = "edge") -> "Graph":
+        """Keep valid edges (or, `level="node"`, source nodes) with score `>= t` (`|score| >= t` if
+        `absolute`), then prune."""
+        return _prune.select(self, _prune.Selection.THRESHOLD, t, absolute=absolute, prune=prune, level=level)
 
     def apply_greedy(self, n: int, absolute: bool = True, *, prune: bool = True) -> "Graph":
         """Grow `n` edges from logits, best edge into the current circuit first, then prune."""
@@ -274,6 +301,7 @@ class Graph(GraphFiles):
             hits = torch.zeros(shape, dtype=torch.int32, device=colmap.device)
             new._in_graph = hits.index_add_(1, colmap, self._in_graph.int()) > 0
         new._nodes_in_graph = self._nodes_in_graph.clone()
+        new._node_scores = None if self._node_scores is None else self._node_scores.clone()
         return new
 
     # ------------------------------------------------------------------ views
@@ -281,7 +309,9 @@ class Graph(GraphFiles):
     def nodes(self) -> dict[str, Node]:
         """Name -> `Node` (sources, KV-group nodes when grouped, and `logits`)."""
         inn = self._nodes_in_graph.tolist()
-        return {name: Node(name, kind, layer, head, True if not rows else any(inn[r] for r in rows))
+        score = [None] * self.n_forward if self._node_scores is None else self._node_scores.tolist()
+        return {name: Node(name, kind, layer, head, True if not rows else any(inn[r] for r in rows),
+                           score[rows[0]] if kind is not NodeKind.KV_GROUP and rows else None)
                 for name, kind, layer, head, rows in self.layout.node_specs}
 
     @property
@@ -307,7 +337,8 @@ class Graph(GraphFiles):
         return (isinstance(other, Graph) and self.cfg == other.cfg
                 and torch.equal(self._scores.cpu(), other._scores.cpu())
                 and torch.equal(self._in_graph.cpu(), other._in_graph.cpu())
-                and torch.equal(self._nodes_in_graph.cpu(), other._nodes_in_graph.cpu()))
+                and torch.equal(self._nodes_in_graph.cpu(), other._nodes_in_graph.cpu())
+                and _same_or_none(self._node_scores, other._node_scores))
 
     def check_matches(self, model: Any) -> None:
         """Raise `GimlensError` unless `model` (a model, cfg, mapping or Graph) has this graph's

@@ -26,6 +26,12 @@ node joins, opening its input slots. Stops at `n` edges (before pruning, which m
 never reach `input`). Implemented with a heap over the open slots, each slot's entries in the order
 of one stable descending sort per column. Ties: lower destination index first, then lower source
 index.
+
+**Node level** (`level="node"`, EAP-IG's definition): the graph carries one score per source node
+(`graph.node_scores`, NaN = not scored). Top-n takes the `n` scored nodes of highest (absolute)
+score (ties: lower index first), threshold those with (absolute) score `>= t`; unscored nodes are
+always in. Every valid edge leaving a selected node joins, then pruning keeps the edges between
+selected nodes (and into `logits`) that lie on an input -> logits path.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ from gimlens.runtime import coerce_enum
 
 from .layout import Layout
 
-__all__ = ["Selection", "ScoredGraph", "select", "select_topn", "select_threshold", "select_greedy",
-           "prune_dangling"]
+__all__ = ["Selection", "Level", "ScoredGraph", "select", "select_topn", "select_threshold", "select_greedy",
+           "select_nodes", "prune_dangling"]
 
 
 class ScoredGraph(Protocol):
@@ -57,6 +63,7 @@ class ScoredGraph(Protocol):
     scores: Tensor
     in_graph: Tensor
     nodes_in_graph: Tensor
+    node_scores: Tensor | None
 
     def prune(self) -> "ScoredGraph": ...
 
@@ -67,6 +74,13 @@ class Selection(str, Enum):
     TOPN = "topn"  #: the n highest-scoring valid edges
     THRESHOLD = "threshold"  #: every valid edge with score >= t
     GREEDY = "greedy"  #: n edges grown from logits, best edge into the circuit first
+
+
+class Level(str, Enum):
+    """What a selection ranks: edges (by `scores`) or source nodes (by `node_scores`)."""
+
+    EDGE = "edge"  #: edges by their scores
+    NODE = "node"  #: source nodes by their scores; the edges between selected nodes follow
 
 
 def _ranked_scores(graph: ScoredGraph, absolute: bool) -> Tensor:
@@ -168,6 +182,40 @@ def select_greedy(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Ten
     return mask.to(graph.scores.device)
 
 
+def select_nodes(graph: ScoredGraph, method: Selection | str, value: float,
+                 absolute: bool = True) -> Bool[Tensor, " n_forward"]:
+    """Mask of the source nodes a node-level top-n or threshold keeps (rule in the module docstring).
+
+    Example:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=1, n_heads=2, d_model=4)
+        >>> g.node_scores = torch.tensor([float("nan"), 0.5, -2.0, 1.0])  # input unscored
+        >>> select_nodes(g, "topn", 2).tolist(), select_nodes(g, "threshold", 0.9, absolute=False).tolist()
+        ([True, False, True, True], [True, False, False, True])
+    """
+    method = coerce_enum(Selection, method, "selection method")
+    scores = graph.node_scores
+    if scores is None:
+        raise GimlensError("node-level selection needs node scores: set graph.node_scores (one per source "
+                           "node, NaN for unscored) or score nodes first")
+    scored = ~torch.isnan(scores)
+    if bool(torch.isinf(scores).any()):
+        raise GimlensError("graph.node_scores holds inf; node selection needs finite scores (NaN = unscored)")
+    ranked = (scores.abs() if absolute else scores).masked_fill(~scored, -math.inf)
+    if method is Selection.THRESHOLD:
+        if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+            raise GimlensError(f"threshold must be a real number (not NaN), got {value!r}")
+        return (ranked >= float(value)) | ~scored
+    if method is not Selection.TOPN:
+        raise GimlensError(f"node-level selection supports 'topn' and 'threshold', got {method.value!r}")
+    n_scored = int(scored.sum())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_scored:
+        raise GimlensError(f"n must be an integer in [0, {n_scored}] (the scored nodes), got {value!r}")
+    keep = torch.zeros_like(scored)
+    keep[torch.sort(ranked, descending=True, stable=True).indices[:value]] = True
+    return keep | ~scored
+
+
 def prune_dangling(graph: ScoredGraph) -> tuple[Bool[Tensor, "n_forward n_backward"], Bool[Tensor, " n_forward"]]:
     """`(in_graph, nodes_in_graph)` with everything off an input -> logits path removed.
 
@@ -217,11 +265,11 @@ SELECTORS: dict[Selection, Callable[[ScoredGraph, float, bool], Tensor]] = {
 
 
 def select(graph: ScoredGraph, method: Selection | str, value: float, *, absolute: bool = True,
-           prune: bool = True) -> ScoredGraph:
+           prune: bool = True, level: Level | str = "edge") -> ScoredGraph:
     """Set `graph.in_graph` by a strategy, then (`prune`) remove dangling edges and nodes.
 
-    Without pruning, `nodes_in_graph` marks the sources of the selected edges.
-    Returns the graph (changed in place).
+    Without pruning, `nodes_in_graph` marks the sources of the selected edges (edge level) or the
+    selected nodes (node level). Returns the graph (changed in place).
 
     Example:
         >>> from circuits.graph import Graph
@@ -233,10 +281,15 @@ def select(graph: ScoredGraph, method: Selection | str, value: float, *, absolut
     method = coerce_enum(Selection, method, "selection method")
     if not isinstance(absolute, bool):
         raise GimlensError(f"absolute must be True or False, got {absolute!r}")
-    mask = SELECTORS[method](graph, value, absolute)
+    if coerce_enum(Level, level, "selection level") is Level.NODE:
+        nodes = select_nodes(graph, method, value, absolute)
+        mask = graph.layout.valid.to(nodes.device) & nodes[:, None]
+    else:
+        mask = SELECTORS[method](graph, value, absolute)
+        nodes = mask.any(1)
     graph.in_graph = mask
     if prune:
         graph.prune()
     else:
-        graph.nodes_in_graph = mask.any(1)
+        graph.nodes_in_graph = nodes
     return graph

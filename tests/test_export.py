@@ -369,3 +369,50 @@ def test_failure_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, monkey
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == [name]
     assert (tmp_path / name).read_text() == "old"
+
+
+def node_scored_graph(kv="grouped"):
+    g = scored_graph(kv, seed=9)
+    g.node_scores = torch.randn(g.n_forward, generator=torch.Generator().manual_seed(9))
+    g.node_scores[0] = float("nan")  # unscored
+    g.apply_topn(4, level="node", prune=False)
+    return g
+
+
+@pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
+def test_node_scores_round_trip_through_every_readable_format(tmp_path, kv):
+    g = node_scored_graph(kv)
+    assert Graph.from_json(g.to_json()).equals(g)
+    assert Graph.from_networkx(g.to_networkx(include="all")).equals(g)
+    g.save(tmp_path / "c.graphml")
+    assert Graph.load(tmp_path / "c.graphml").equals(g)
+    g.save(tmp_path / "e.json", format="eap-json")
+    assert from_eap_json(tmp_path / "e.json", kv_edges=kv).equals(g)
+    plain = scored_graph(kv)
+    assert Graph.from_json(plain.to_json()).node_scores is None  # no node scores: none written, none read
+
+
+def test_mib_node_level_file_writes_a_score_per_source_node(tmp_path):
+    g = node_scored_graph("grouped")
+    to_eap_json(g, tmp_path / "e.json")
+    nodes = json.loads((tmp_path / "e.json").read_text())["nodes"]
+    for i, name in enumerate(g.forward_names):
+        written, expected = nodes[name].get("score"), float(g.node_scores[i])
+        assert (written != written and expected != expected) or f32(written) == expected, name
+        assert nodes[name]["in_graph"] == bool(g.nodes_in_graph[i])
+    assert "score" not in nodes["logits"] and nodes["logits"]["in_graph"]
+
+
+def test_hand_written_mib_node_level_file_loads_its_node_scores(tmp_path):
+    doc = {"cfg": {"n_layers": 1, "n_heads": 2, "d_model": 8, "parallel_attn_mlp": False},
+           "nodes": {"input": {"in_graph": True}, "a0.h0": {"in_graph": True, "score": 0.75},
+                     "a0.h1": {"in_graph": False, "score": -0.25}, "m0": {"in_graph": True, "score": 2.0},
+                     "logits": {"in_graph": True}},
+           "edges": {"input->a0.h0<q>": {"score": 1.0, "in_graph": True}}}
+    (tmp_path / "nodes.json").write_text(json.dumps(doc))
+    g = Graph.load(tmp_path / "nodes.json")
+    assert g.node_scores[1:].tolist() == [0.75, -0.25, 2.0] and g.node_scores[0].isnan()
+    assert g.nodes_in_graph.tolist() == [True, True, False, True]
+    assert g.nodes["a0.h1"].score == -0.25 and g.nodes["logits"].score is None
+    g.apply_topn(1, level="node", prune=False)  # m0 (|2.0|) and the unscored input
+    assert g.nodes_in_graph.tolist() == [True, False, False, True]
