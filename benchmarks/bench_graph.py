@@ -4,7 +4,7 @@
 graph build, top-n and greedy selection (n = 1000, 10000, each followed by pruning), JSON export
 and load in the own and the EAP-IG/MIB schema.
 
-Run: ``python benchmarks/bench_graph.py [--runs 3] [--layouts grouped per_query_head]``
+Run: `python benchmarks/bench_graph.py [--runs 3] [--layouts grouped per_query_head]`
 """
 
 from __future__ import annotations

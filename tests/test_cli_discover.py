@@ -84,10 +84,12 @@ def test_bad_arguments_fail_with_a_message_and_write_nothing(model_dir, tmp_path
 
 
 def test_a_failure_while_writing_leaves_no_output_at_all(model_dir, tmp_path, monkeypatch):
-    def broken_render(self, path, **kwargs):
+    from matplotlib.figure import Figure
+
+    def broken_savefig(self, path, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(Graph, "render", broken_render)
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["discover", "--model", model_dir, *ARGS, "-o", str(tmp_path / "c.json"),
               "--png", str(tmp_path / "c.png")])
