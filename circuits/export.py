@@ -2,7 +2,9 @@
 
 - **EAP-IG / MIB JSON** (`to_eap_json`): `{"cfg", "nodes": {name: {"in_graph"}}, "edges": {name:
   {"score", "in_graph"}}}` with per-query-head k/v edges; a graph with node scores (node-level
-  circuits) also writes `"score"` for every source node, as EAP-IG does (NaN = unscored). A `grouped` GQA graph is written through
+  circuits) also writes `"score"` for every source node, as EAP-IG does (NaN = unscored), and a
+  neuron-level graph `"neurons"` (membership) and `"neurons_scores"`, one list of `d_model` values per
+  source node. A `grouped` GQA graph is written through
   `Graph.as_kv_edges`: **each KV-head edge is copied to every query head of its group** (same
   score, same membership); loading gives a `per_query_head` graph (or, on request, `grouped`
   again: mean score and any-membership over the copies, exact for copies).
@@ -78,6 +80,10 @@ def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
         cfg["model_name"] = c["model_name"]
     nodes = {n.name: {"in_graph": n.in_graph, **({} if n.score is None else {"score": n.score})}
              for n in pq.nodes.values()}
+    for field, values in (("neurons", pq.neurons_in_graph), ("neurons_scores", pq.neuron_scores)):
+        if values is not None:  # neuron-level circuit: one list of d_model values per source node
+            for name, row in zip(pq.forward_names, values.cpu().tolist()):
+                nodes[name][field] = row
     valid = pq.valid
     scores = pq.scores.cpu()[valid].tolist()
     members = pq.in_graph.cpu()[valid].tolist()
@@ -125,6 +131,12 @@ def from_eap_json(path: str | os.PathLike, *, model: Any = None,
             if any("score" in e for e in entries):  # node-level circuit: unscored nodes NaN
                 graph.node_scores = torch.tensor([math.nan if e.get("score") is None else float(e["score"])
                                                   for e in entries])
+            d = graph.cfg["d_model"]
+            if any("neurons" in e for e in entries):  # neuron-level circuit: absent rows out
+                graph.neurons_in_graph = torch.tensor([e.get("neurons") or [False] * d for e in entries])
+            if any("neurons_scores" in e for e in entries):  # absent rows unscored (NaN)
+                graph.neuron_scores = torch.tensor([[math.nan if v is None else float(v) for v in
+                                                     (e.get("neurons_scores") or [None] * d)] for e in entries])
         except (AttributeError, TypeError, ValueError) as e:
             raise GimlensError(f"{str(path)!r}: node entries must be {{'in_graph': bool, 'score': float}} ({e})") from e
     else:

@@ -85,7 +85,8 @@ class GraphFiles:
         nodes they touch; `include="all"` gives every node and valid edge with `in_graph` flags.
 
         Edge key: the edge name; attributes `weight` (the score), `in_graph`, `qkv` (attention
-        inputs). Node attributes: `kind`, `layer`, `head`, `score` (when set), `in_graph`. `G.graph` holds
+        inputs). Node attributes: `kind`, `layer`, `head`, `score` (when set), `in_graph` (neurons
+        are not carried: use `to_json` or the EAP-IG file for neuron-level circuits). `G.graph` holds
         the cfg. Grouped k/v inputs end at `KV_GROUP` nodes `a{l}.g{g}`.
 
         Example:
@@ -146,8 +147,8 @@ class GraphFiles:
     # ------------------------------------------------------------------ own JSON and files
     def to_json(self, *, indent: int | None = None) -> str:
         """The graph in gimlens' own JSON schema: `{"format": "gimlens.circuit", "version": 1,
-        "cfg", "scores", "in_graph", "nodes_in_graph"}` (and `"node_scores"` when the graph has
-        them), the valid edges in row-major order,
+        "cfg", "scores", "in_graph", "nodes_in_graph"}` (and `"node_scores"`, `"neuron_scores"`,
+        `"neurons_in_graph"` when the graph has them), the valid edges in row-major order,
         scores as base64 of little-endian float32 (exact), memberships as base64 `numpy.packbits`.
 
         Example:
@@ -168,6 +169,10 @@ class GraphFiles:
         }
         if self.node_scores is not None:  # optional: one float32 per source node, NaN = unscored
             doc["node_scores"] = _b64(self.node_scores.cpu().numpy().astype("<f4"))
+        if self.neuron_scores is not None:  # optional: [n_forward, d_model] float32, row-major
+            doc["neuron_scores"] = _b64(self.neuron_scores.cpu().numpy().astype("<f4"))
+        if self.neurons_in_graph is not None:  # optional: [n_forward, d_model] packbits, row-major
+            doc["neurons_in_graph"] = _b64(np.packbits(self.neurons_in_graph.cpu().numpy()))
         return json.dumps(doc, indent=indent)
 
     @classmethod
@@ -207,6 +212,16 @@ class GraphFiles:
             if len(node_scores) != graph.n_forward:
                 raise GimlensError(f"circuit JSON holds {len(node_scores)} node scores for {graph.n_forward} nodes")
             graph.node_scores = torch.from_numpy(node_scores.astype(np.float32))
+        shape = (graph.n_forward, graph.cfg["d_model"])
+        try:
+            if "neurons_in_graph" in doc:
+                bits = np.unpackbits(np.frombuffer(base64.b64decode(doc["neurons_in_graph"]), np.uint8))
+                graph.neurons_in_graph = torch.from_numpy(bits[: shape[0] * shape[1]].astype(bool).reshape(shape))
+            if "neuron_scores" in doc:
+                values = np.frombuffer(base64.b64decode(doc["neuron_scores"]), dtype="<f4")
+                graph.neuron_scores = torch.from_numpy(values.astype(np.float32).reshape(shape))
+        except ValueError as e:
+            raise GimlensError(f"damaged neuron fields in circuit JSON: {e}") from e
         return graph
 
     @classmethod

@@ -59,6 +59,8 @@ def _same_or_none(a: Tensor | None, b: Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     a, b = a.cpu(), b.cpu()
+    if not a.is_floating_point():
+        return torch.equal(a, b)
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
@@ -94,6 +96,8 @@ class Graph(GraphFiles):
         self._in_graph = self.layout.valid.clone()
         self._nodes_in_graph = torch.ones(self.n_forward, dtype=torch.bool)
         self._node_scores: Tensor | None = None
+        self._neuron_scores: Tensor | None = None
+        self._neurons_in_graph: Tensor | None = None
 
     @classmethod
     def from_model(cls, model: Any, *, kv_edges: KVEdges | str = "grouped") -> "Graph":
@@ -122,8 +126,14 @@ class Graph(GraphFiles):
         new.layout, new._d_model, new._model_name = self.layout, self._d_model, self._model_name
         new._scores, new._in_graph = self._scores.clone(), self._in_graph.clone()
         new._nodes_in_graph = self._nodes_in_graph.clone()
-        new._node_scores = None if self._node_scores is None else self._node_scores.clone()
+        new._copy_optional(self)
         return new
+
+    def _copy_optional(self, other: "Graph") -> None:
+        """Take clones of `other`'s node and neuron state (same sources: any k/v layout)."""
+        for name in ("_node_scores", "_neuron_scores", "_neurons_in_graph"):
+            value = getattr(other, name)
+            setattr(self, name, None if value is None else value.clone())
 
     # ------------------------------------------------------------------ shape (the layout's)
     @property
@@ -238,6 +248,35 @@ class Graph(GraphFiles):
                                f"got {getattr(value, 'shape', type(value))}")
         self._node_scores = None if value is None else value.to(torch.float32)
 
+    @property
+    def neuron_scores(self) -> Float[Tensor, "n_forward d_model"] | None:
+        """One score per output dimension of each source node (float32; NaN = not scored), or
+        `None` (the default). Setting scores on a graph without `neurons_in_graph` puts every
+        neuron in."""
+        return self._neuron_scores
+
+    @neuron_scores.setter
+    def neuron_scores(self, value: Tensor | None) -> None:
+        self._neuron_scores = None if value is None else self._neuron_shaped(value, "neuron_scores").float()
+        if value is not None and self._neurons_in_graph is None:
+            self._neurons_in_graph = torch.ones_like(self._neuron_scores, dtype=torch.bool)
+
+    @property
+    def neurons_in_graph(self) -> Bool[Tensor, "n_forward d_model"] | None:
+        """Neuron membership (`None` unless the graph is neuron-level)."""
+        return self._neurons_in_graph
+
+    @neurons_in_graph.setter
+    def neurons_in_graph(self, value: Tensor | None) -> None:
+        self._neurons_in_graph = None if value is None else self._neuron_shaped(value, "neurons_in_graph").bool()
+
+    def _neuron_shaped(self, value: Any, what: str) -> Tensor:
+        shape = (self.n_forward, self._d_model)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            raise GimlensError(f"{what} must be None or a tensor of shape {shape}, got "
+                               f"{tuple(value.shape) if isinstance(value, Tensor) else type(value)}")
+        return value
+
     def _checked(self, value: Any, what: str) -> Tensor:
         shape = (self.n_forward, self.n_backward)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
@@ -249,13 +288,17 @@ class Graph(GraphFiles):
         """Take every edge and node out (`empty=True`) or put every valid one in."""
         self._in_graph = torch.zeros_like(self._in_graph) if empty else self.valid.to(self._in_graph.device).clone()
         self._nodes_in_graph = torch.full_like(self._nodes_in_graph, not empty)
+        if self._neurons_in_graph is not None:
+            self._neurons_in_graph = torch.full_like(self._neurons_in_graph, not empty)
         return self
 
     def to(self, device: torch.device | str) -> "Graph":
         """Move the state tensors (in place); returns `self`."""
         self._scores, self._in_graph = self._scores.to(device), self._in_graph.to(device)
         self._nodes_in_graph = self._nodes_in_graph.to(device)
-        self._node_scores = None if self._node_scores is None else self._node_scores.to(device)
+        for name in ("_node_scores", "_neuron_scores", "_neurons_in_graph"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     # ------------------------------------------------------------------ selection (circuits.prune)
@@ -276,6 +319,8 @@ class Graph(GraphFiles):
     def prune(self) -> "Graph":
         """Drop edges and nodes not on an input -> logits path (fixed point); updates nodes."""
         self._in_graph, self._nodes_in_graph = _prune.prune_dangling(self)
+        if self._neurons_in_graph is not None:  # a removed node keeps no neurons
+            self._neurons_in_graph = self._neurons_in_graph & self._nodes_in_graph[:, None]
         return self
 
     def as_kv_edges(self, kv_edges: KVEdges | str) -> "Graph":
@@ -301,7 +346,7 @@ class Graph(GraphFiles):
             hits = torch.zeros(shape, dtype=torch.int32, device=colmap.device)
             new._in_graph = hits.index_add_(1, colmap, self._in_graph.int()) > 0
         new._nodes_in_graph = self._nodes_in_graph.clone()
-        new._node_scores = None if self._node_scores is None else self._node_scores.clone()
+        new._copy_optional(self)
         return new
 
     # ------------------------------------------------------------------ views
@@ -338,7 +383,8 @@ class Graph(GraphFiles):
                 and torch.equal(self._scores.cpu(), other._scores.cpu())
                 and torch.equal(self._in_graph.cpu(), other._in_graph.cpu())
                 and torch.equal(self._nodes_in_graph.cpu(), other._nodes_in_graph.cpu())
-                and _same_or_none(self._node_scores, other._node_scores))
+                and all(_same_or_none(getattr(self, n), getattr(other, n))
+                        for n in ("_node_scores", "_neuron_scores", "_neurons_in_graph")))
 
     def check_matches(self, model: Any) -> None:
         """Raise `GimlensError` unless `model` (a model, cfg, mapping or Graph) has this graph's

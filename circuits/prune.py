@@ -32,6 +32,11 @@ index.
 score (ties: lower index first), threshold those with (absolute) score `>= t`; unscored nodes are
 always in. Every valid edge leaving a selected node joins, then pruning keeps the edges between
 selected nodes (and into `logits`) that lie on an input -> logits path.
+
+**Neuron level** (`level="neuron"`, EAP-IG's definition): one score per residual-stream dimension
+of each source node's output (`graph.neuron_scores`, `[n_forward, d_model]`, NaN = not scored).
+Top-n / threshold pick neurons the same way (unscored ones always in); a node is in when any of its
+neurons is, and the edges follow as at node level. Pruning then drops the neurons of removed nodes.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class ScoredGraph(Protocol):
     in_graph: Tensor
     nodes_in_graph: Tensor
     node_scores: Tensor | None
+    neuron_scores: Tensor | None
+    neurons_in_graph: Tensor | None
 
     def prune(self) -> "ScoredGraph": ...
 
@@ -81,6 +88,7 @@ class Level(str, Enum):
 
     EDGE = "edge"  #: edges by their scores
     NODE = "node"  #: source nodes by their scores; the edges between selected nodes follow
+    NEURON = "neuron"  #: the output dimensions of source nodes; their nodes and edges follow
 
 
 def _ranked_scores(graph: ScoredGraph, absolute: bool) -> Tensor:
@@ -182,6 +190,45 @@ def select_greedy(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Ten
     return mask.to(graph.scores.device)
 
 
+def _select_scored(scores: Tensor | None, method: Selection | str, value: float, absolute: bool,
+                   what: str) -> Tensor:
+    """Mask over `scores` (any shape) of a top-n or threshold selection; NaN entries (unscored) in."""
+    method = coerce_enum(Selection, method, "selection method")
+    if scores is None:
+        raise GimlensError(f"{what}-level selection needs {what} scores: set graph.{what}_scores (NaN for "
+                           f"unscored) or score {what}s first")
+    if bool(torch.isinf(scores).any()):
+        raise GimlensError(f"graph.{what}_scores holds inf; selection needs finite scores (NaN = unscored)")
+    scored = ~torch.isnan(scores)
+    ranked = (scores.abs() if absolute else scores).masked_fill(~scored, -math.inf)
+    if method is Selection.THRESHOLD:
+        if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+            raise GimlensError(f"threshold must be a real number (not NaN), got {value!r}")
+        return (ranked >= float(value)) | ~scored
+    if method is not Selection.TOPN:
+        raise GimlensError(f"{what}-level selection supports 'topn' and 'threshold', got {method.value!r}")
+    n_scored = int(scored.sum())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_scored:
+        raise GimlensError(f"n must be an integer in [0, {n_scored}] (the scored {what}s), got {value!r}")
+    keep = torch.zeros(scored.numel(), dtype=torch.bool, device=scored.device)
+    keep[torch.sort(ranked.flatten(), descending=True, stable=True).indices[:value]] = True
+    return keep.view_as(scored) | ~scored
+
+
+def select_neurons(graph: ScoredGraph, method: Selection | str, value: float,
+                   absolute: bool = True) -> Bool[Tensor, "n_forward d_model"]:
+    """Mask of the neurons a neuron-level top-n or threshold keeps (ties: lower flat index first).
+
+    Example:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=1, n_heads=1, d_model=2)
+        >>> g.neuron_scores = torch.tensor([[float("nan"), float("nan")], [0.1, -3.0], [2.0, 0.0]])
+        >>> select_neurons(g, "topn", 2).int().tolist()
+        [[1, 1], [0, 1], [1, 0]]
+    """
+    return _select_scored(graph.neuron_scores, method, value, absolute, "neuron")
+
+
 def select_nodes(graph: ScoredGraph, method: Selection | str, value: float,
                  absolute: bool = True) -> Bool[Tensor, " n_forward"]:
     """Mask of the source nodes a node-level top-n or threshold keeps (rule in the module docstring).
@@ -193,27 +240,7 @@ def select_nodes(graph: ScoredGraph, method: Selection | str, value: float,
         >>> select_nodes(g, "topn", 2).tolist(), select_nodes(g, "threshold", 0.9, absolute=False).tolist()
         ([True, False, True, True], [True, False, False, True])
     """
-    method = coerce_enum(Selection, method, "selection method")
-    scores = graph.node_scores
-    if scores is None:
-        raise GimlensError("node-level selection needs node scores: set graph.node_scores (one per source "
-                           "node, NaN for unscored) or score nodes first")
-    scored = ~torch.isnan(scores)
-    if bool(torch.isinf(scores).any()):
-        raise GimlensError("graph.node_scores holds inf; node selection needs finite scores (NaN = unscored)")
-    ranked = (scores.abs() if absolute else scores).masked_fill(~scored, -math.inf)
-    if method is Selection.THRESHOLD:
-        if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
-            raise GimlensError(f"threshold must be a real number (not NaN), got {value!r}")
-        return (ranked >= float(value)) | ~scored
-    if method is not Selection.TOPN:
-        raise GimlensError(f"node-level selection supports 'topn' and 'threshold', got {method.value!r}")
-    n_scored = int(scored.sum())
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_scored:
-        raise GimlensError(f"n must be an integer in [0, {n_scored}] (the scored nodes), got {value!r}")
-    keep = torch.zeros_like(scored)
-    keep[torch.sort(ranked, descending=True, stable=True).indices[:value]] = True
-    return keep | ~scored
+    return _select_scored(graph.node_scores, method, value, absolute, "node")
 
 
 def prune_dangling(graph: ScoredGraph) -> tuple[Bool[Tensor, "n_forward n_backward"], Bool[Tensor, " n_forward"]]:
@@ -281,7 +308,12 @@ def select(graph: ScoredGraph, method: Selection | str, value: float, *, absolut
     method = coerce_enum(Selection, method, "selection method")
     if not isinstance(absolute, bool):
         raise GimlensError(f"absolute must be True or False, got {absolute!r}")
-    if coerce_enum(Level, level, "selection level") is Level.NODE:
+    level = coerce_enum(Level, level, "selection level")
+    if level is Level.NEURON:
+        graph.neurons_in_graph = select_neurons(graph, method, value, absolute)
+        nodes = graph.neurons_in_graph.any(1)
+        mask = graph.layout.valid.to(nodes.device) & nodes[:, None]
+    elif level is Level.NODE:
         nodes = select_nodes(graph, method, value, absolute)
         mask = graph.layout.valid.to(nodes.device) & nodes[:, None]
     else:
