@@ -1,6 +1,7 @@
 """Exports and files of a circuit Graph: exact round trips, EAP-IG/MIB compatibility, DOT, images, atomicity."""
 
 import json
+import math
 import os
 import re
 import stat
@@ -416,3 +417,37 @@ def test_hand_written_mib_node_level_file_loads_its_node_scores(tmp_path):
     assert g.nodes["a0.h1"].score == -0.25 and g.nodes["logits"].score is None
     g.apply_topn(1, level="node", prune=False)  # m0 (|2.0|) and the unscored input
     assert g.nodes_in_graph.tolist() == [True, False, False, True]
+
+
+def neuron_graph(kv="grouped"):
+    g = scored_graph(kv, seed=4, d_model=6)
+    gen = torch.Generator().manual_seed(4)
+    g.neuron_scores = torch.randn(g.n_forward, 6, generator=gen)
+    g.neuron_scores[0, :3] = float("nan")
+    g.apply_topn(10, level="neuron", prune=False)
+    return g
+
+
+@pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
+def test_neuron_level_state_round_trips_through_own_and_eap_ig_json(tmp_path, kv):
+    g = neuron_graph(kv)
+    assert Graph.from_json(g.to_json()).equals(g)
+    to_eap_json(g, tmp_path / "e.json")
+    nodes = json.loads((tmp_path / "e.json").read_text())["nodes"]
+    for i, name in enumerate(g.forward_names):
+        assert nodes[name]["neurons"] == g.neurons_in_graph[i].tolist()
+        written = torch.tensor([math.nan if v is None else v for v in nodes[name]["neurons_scores"]])
+        assert torch.equal(written.float().isnan(), g.neuron_scores[i].isnan())
+        assert torch.equal(written.float().nan_to_num(), g.neuron_scores[i].nan_to_num())
+    assert from_eap_json(tmp_path / "e.json", kv_edges=kv).equals(g)
+
+
+def test_hand_written_eap_ig_neuron_file_loads(tmp_path):
+    doc = {"cfg": {"n_layers": 1, "n_heads": 1, "d_model": 2, "parallel_attn_mlp": False},
+           "nodes": {"input": {"in_graph": True, "neurons": [True, False], "neurons_scores": [0.5, 0.25]},
+                     "a0.h0": {"in_graph": False, "neurons": [False, False]}, "logits": {"in_graph": True}},
+           "edges": {"input->logits": {"score": 1.0, "in_graph": True}}}
+    (tmp_path / "n.json").write_text(json.dumps(doc))
+    g = Graph.load(tmp_path / "n.json")
+    assert g.neurons_in_graph.tolist() == [[True, False], [False, False], [False, False]]  # absent: out
+    assert g.neuron_scores[0].tolist() == [0.5, 0.25] and bool(g.neuron_scores[1:].isnan().all())  # absent: unscored

@@ -263,3 +263,36 @@ def test_node_threshold_is_inclusive_and_keeps_unscored_nodes():
 def test_bad_node_selection_raises_gimlens_error(call):
     with pytest.raises(GimlensError):
         call(random_graph(3))
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+@pytest.mark.parametrize("n", [0, 5, 40])
+def test_neuron_topn_follows_eap_ig_and_prunes_the_neurons_of_removed_nodes(n, absolute):
+    g = random_graph(12, L=2, H=2, Hk=1)
+    d = g.cfg["d_model"]
+    gen = torch.Generator().manual_seed(n)
+    g.neuron_scores = torch.randn(g.n_forward, d, generator=gen)
+    g.neuron_scores[0] = float("nan")  # the input's neurons unscored: always in
+    flat = g.neuron_scores.flatten().tolist()
+    scored = [i for i, v in enumerate(flat) if v == v]
+    best = set(sorted(scored, key=lambda i: (-(abs(flat[i]) if absolute else flat[i]), i))[:n])
+    neurons = torch.tensor([i in best or flat[i] != flat[i] for i in range(len(flat))]).view(g.n_forward, d)
+    nodes = neurons.any(1)
+    ref_edges, ref_nodes = reference_prune(g, g.valid & nodes[:, None])
+    g.apply_topn(n, absolute=absolute, level="neuron")
+    assert torch.equal(g.in_graph, ref_edges) and torch.equal(g.nodes_in_graph, ref_nodes)
+    assert torch.equal(g.neurons_in_graph, neurons & ref_nodes[:, None])
+
+
+def test_neuron_threshold_and_reset():
+    g = Graph(n_layers=1, n_heads=1, d_model=2)
+    g.neuron_scores = torch.tensor([[float("nan"), 0.0], [0.5, -0.5], [0.1, 0.2]])
+    assert bool(g.neurons_in_graph.all())  # scores on a fresh graph: every neuron in
+    select(g, "threshold", 0.5, level="neuron", prune=False)
+    assert g.neurons_in_graph.int().tolist() == [[1, 0], [1, 1], [0, 0]]
+    assert g.nodes_in_graph.tolist() == [True, True, False]
+    assert not g.reset().neurons_in_graph.any() and bool(g.reset(empty=False).neurons_in_graph.all())
+    with pytest.raises(GimlensError):
+        g.neuron_scores = torch.zeros(3, 3)
+    with pytest.raises(GimlensError):
+        Graph(n_layers=1, n_heads=1, d_model=2).apply_topn(1, level="neuron")
