@@ -4,7 +4,7 @@
 graph build, top-n and greedy selection (n = 1000, 10000, each followed by pruning), JSON export
 and load in the own and the EAP-IG/MIB schema.
 
-Run: ``python benchmarks/bench_graph.py [--runs 3] [--layouts grouped per_query_head]``
+Run: `python benchmarks/bench_graph.py [--runs 3] [--layouts grouped per_query_head]`
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from circuits import graph as graph_module
+from circuits import layout as layout_module
+from circuits.export import from_eap_json
 from circuits.graph import Graph
 
 LLAMA3_8B = SimpleNamespace(n_layers=32, n_heads=32, n_key_value_heads=8, d_model=4096,
@@ -45,7 +46,7 @@ def report(label: str, seconds: tuple[float, float], target: float | None) -> No
 
 
 def build(kv: str) -> Graph:
-    graph_module._layout.cache_clear()  # time the layout (valid mask, slot map) too, not a cache hit
+    layout_module._cached.cache_clear()  # time the layout (valid mask, slot map) too, not a cache hit
     g = Graph.from_model(LLAMA3_8B, kv_edges=kv)
     g.slot_nodes, g.input_slots  # computed lazily on first use: count them in the build
     return g
@@ -70,12 +71,13 @@ def main() -> None:
             print(f"    -> {g.n_edges_in_graph} edges after pruning")
         with tempfile.TemporaryDirectory() as tmp:
             own, eap = Path(tmp) / "own.json", Path(tmp) / "eap.json"
-            report("own JSON export", median_time(lambda: g.to_json(own), args.runs), TARGETS["export"])
-            report("own JSON load", median_time(lambda: Graph.from_json(own), args.runs), None)
-            report("EAP-IG JSON export", median_time(lambda: g.to_eap_json(eap), args.runs), TARGETS["export"])
-            report("EAP-IG JSON load", median_time(lambda: Graph.from_eap_json(eap), args.runs), None)
+            report("own JSON export", median_time(lambda: g.save(own), args.runs), TARGETS["export"])
+            report("own JSON load", median_time(lambda: Graph.load(own), args.runs), None)
+            report("EAP-IG JSON export", median_time(lambda: g.save(eap, format="eap-json"), args.runs),
+                   TARGETS["export"])
+            report("EAP-IG JSON load", median_time(lambda: from_eap_json(eap), args.runs), None)
             print(f"    file sizes: own {own.stat().st_size / 1e6:.1f} MB, EAP-IG {eap.stat().st_size / 1e6:.1f} MB")
-            assert Graph.from_json(own).equals(g), "own JSON round trip is not exact"
+            assert Graph.load(own).equals(g), "own JSON round trip is not exact"
 
 
 if __name__ == "__main__":

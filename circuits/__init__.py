@@ -13,6 +13,7 @@ from . import tasks
 from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
+from . import render as _render  # noqa: F401  (registers DOT and image formats with Graph.save)
 from .export import load, save
 from .graph import Edge, Graph, KVEdges, Node, NodeKind
 from .prune import Selection, prune_dangling

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 from gimlens.errors import GimlensError
 
@@ -36,12 +35,12 @@ from .tasks import TASKS
 
 __all__ = ["add_arguments", "run"]
 
-#: output option -> (allowed suffixes, Graph method writing it)
-_OUTPUTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "output": ((".json",), "to_json"),
-    "png": ((".png", ".svg", ".pdf"), "render"),
-    "graphml": ((".graphml",), "to_graphml"),
-    "eap_json": ((".json",), "to_eap_json"),
+#: output option -> (allowed suffixes, `Graph.save` format; None: from the suffix)
+_OUTPUTS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "output": ((".json",), "json"),
+    "png": ((".png", ".svg", ".pdf"), None),
+    "graphml": ((".graphml",), "graphml"),
+    "eap_json": ((".json",), "eap-json"),
 }
 
 
@@ -108,8 +107,7 @@ def _write_all(graph, outputs: dict[str, Path]) -> None:
             folder = Path(tempfile.mkdtemp(prefix=".gimlens-discover-", dir=path.parent))
             folders.append(folder)
             tmp = folder / path.name
-            write: Callable = getattr(graph, _OUTPUTS[key][1])
-            write(str(tmp))
+            graph.save(tmp, format=_OUTPUTS[key][1])
             staged.append((tmp, path))
         for tmp, path in staged:
             os.replace(tmp, path)

@@ -133,11 +133,11 @@ assert abs(check - faith) < 1e-3
 # %% [markdown]
 # ## Render it
 #
-# `render` draws with matplotlib (no Graphviz needed): nodes by layer, q/k/v edges coloured, width ∝ |score|,
+# `save("….png")` draws with matplotlib (no Graphviz needed): nodes by layer, q/k/v edges coloured, width ∝ |score|,
 # negative scores dashed. A few hundred edges stay readable, so we draw the 150 strongest.
 
 # %%
-png = circuit.render(out / "ioi_circuit.png", top_k=150, title="IOI circuit (EAP-IG + GIM), top 150 edges")
+png = circuit.save(out / "ioi_circuit.png", top_k=150, title="IOI circuit (EAP-IG + GIM), top 150 edges")
 display(Image(filename=str(png)))
 
 # %% [markdown]
@@ -147,11 +147,11 @@ display(Image(filename=str(png)))
 # benchmark (k/v edges per query head). Both are views of the same two tensors and round-trip exactly.
 
 # %%
-graphml = circuit.to_graphml(out / "ioi_circuit.graphml", include="in_graph")
-eap_json = circuit.to_eap_json(out / "ioi_circuit_eap.json")
+graphml = circuit.save(out / "ioi_circuit.graphml", include="in_graph")
+eap_json = circuit.save(out / "ioi_circuit_eap.json", format="eap-json")
 print(graphml.name, graphml.stat().st_size, "bytes |", eap_json.name, eap_json.stat().st_size, "bytes")
 
-again = circuits.Graph.from_eap_json(eap_json, model=model).as_kv_edges("grouped")
+again = circuits.Graph.load(eap_json, model=model).as_kv_edges("grouped")
 assert torch.equal(again.in_graph, circuit.in_graph)
 
 G = nx.read_graphml(graphml)

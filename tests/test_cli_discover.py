@@ -52,11 +52,11 @@ def test_discover_writes_the_circuit_a_direct_library_run_finds(model_dir, tmp_p
         expected.apply_topn(40, absolute=True)
         faith = faithfulness(model, expected, task, batch_size=4)
 
-    got = Graph.from_json(str(out["json"]))
+    got = Graph.load(out["json"])
     assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-7)
     assert torch.equal(got.in_graph, expected.in_graph)
     assert 0 < got.n_edges_in_graph <= 40
-    assert Graph.from_graphml(str(out["graphml"])).n_edges_in_graph == got.n_edges_in_graph
+    assert Graph.load(out["graphml"]).n_edges_in_graph == got.n_edges_in_graph
     printed = capsys.readouterr().out
     assert f"{got.n_edges_in_graph} edges" in printed
     reported = float(re.search(r"faithfulness (-?[0-9.]+)", printed).group(1))
@@ -84,10 +84,12 @@ def test_bad_arguments_fail_with_a_message_and_write_nothing(model_dir, tmp_path
 
 
 def test_a_failure_while_writing_leaves_no_output_at_all(model_dir, tmp_path, monkeypatch):
-    def broken_render(self, path, **kwargs):
+    from matplotlib.figure import Figure
+
+    def broken_savefig(self, path, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(Graph, "render", broken_render)
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["discover", "--model", model_dir, *ARGS, "-o", str(tmp_path / "c.json"),
               "--png", str(tmp_path / "c.png")])

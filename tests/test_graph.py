@@ -194,3 +194,84 @@ def test_check_matches_names_the_mismatch(gpt2_model, llama_model):
     g.check_matches(llama_model)
     with pytest.raises(GimlensError, match="n_kv_heads"):
         g.check_matches(gpt2_model)
+
+
+def test_layout_from_a_config_alone_matches_the_graph_and_model_spec(any_model):
+    from circuits.layout import Layout
+    from circuits.model import ModelSpec
+
+    lay = Layout.from_config(any_model.cfg)
+    g = Graph.from_model(any_model)
+    assert lay is g.layout  # cached: graphs of one shape share the masks
+    spec = ModelSpec.read(any_model)
+    assert lay.n_forward == spec.n_forward
+    for layer in range(lay.n_layers):
+        assert lay.forward_slice(layer) == spec.head_rows(layer)
+        assert lay.forward_index(layer) == spec.mlp_row(layer)
+        for mlp in (False, True):
+            assert lay.upstream(layer, mlp=mlp) == spec.upstream(layer, mlp)
+    assert lay.upstream(None) == spec.upstream(None) == lay.n_forward
+
+
+def test_layout_reads_mappings_and_objects_alike():
+    from circuits.layout import Layout
+
+    a = Layout.from_config({"n_layers": 3, "n_heads": 6, "n_kv_heads": 2, "parallel_attn_mlp": True})
+    b = Layout.from_config(SimpleNamespace(n_layers=3, n_heads=6, n_key_value_heads=2, parallel_attn_mlp=True))
+    assert a is b and (a.n_kv_heads, a.parallel_attn_mlp, a.n_slot_kv) == (2, True, 2)
+    assert Layout.from_config({"n_layers": 3, "n_heads": 6}, "per_query_head").n_slot_kv == 6
+    with pytest.raises(GimlensError, match="n_layers"):
+        Layout.from_config({"n_heads": 6})
+
+
+def test_node_names_kinds_and_rows_follow_the_layout():
+    g = Graph(n_layers=2, n_heads=4, n_kv_heads=2, d_model=8)
+    specs = {name: (kind, layer, head, rows) for name, kind, layer, head, rows in g.layout.node_specs}
+    assert specs["a1.g1"] == (NodeKind.KV_GROUP, 1, 1, (g.forward_index(1, 2), g.forward_index(1, 3)))
+    assert specs["m0"] == (NodeKind.MLP, 0, None, (g.forward_index(0),))
+    assert specs["logits"] == (NodeKind.LOGITS, None, None, ())
+    g.nodes_in_graph = torch.zeros(g.n_forward, dtype=torch.bool)
+    g.nodes_in_graph[g.forward_index(1, 3)] = True
+    nodes = g.nodes
+    assert nodes["a1.g1"].in_graph and not nodes["a1.g0"].in_graph and nodes["logits"].in_graph
+
+
+def _relative_imports(path):
+    """Names of sibling modules a circuits module imports anywhere in it (also inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("circuits")):
+            base = (node.module or "").removeprefix("circuits").lstrip(".")
+            if base:
+                out.add(base.split(".")[0])
+            else:
+                out.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("circuits."))
+    return out
+
+
+def test_circuits_modules_import_without_a_circle():
+    from pathlib import Path
+
+    import circuits
+
+    folder = Path(circuits.__file__).parent
+    deps = {p.stem: _relative_imports(p) - {p.stem} for p in folder.glob("*.py") if p.stem != "__init__"}
+    deps = {m: {d for d in ds if d in deps} for m, ds in deps.items()}
+    assert "export" not in deps["graph"] and "render" not in deps["graph"] and "graph" not in deps["prune"]
+    done, visiting = set(), []
+
+    def visit(m):
+        assert m not in visiting, f"import circle: {' -> '.join(visiting[visiting.index(m):] + [m])}"
+        if m not in done:
+            visiting.append(m)
+            for d in sorted(deps[m]):
+                visit(d)
+            visiting.pop()
+            done.add(m)
+
+    for m in sorted(deps):
+        visit(m)

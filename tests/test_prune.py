@@ -207,3 +207,92 @@ def test_nan_scores_are_rejected_before_selection():
     for method, value in [("topn", 3), ("greedy", 3), ("threshold", 0.1)]:
         with pytest.raises(GimlensError, match="non-finite"):
             select(g, method, value)
+
+
+def node_topn_reference(g, n, absolute):
+    """EAP-IG's node-level top-n, written out: the n best scored nodes (ties: lower index) and every
+    unscored node; all valid edges leaving them; then the networkx reachability pruning."""
+    s = g.node_scores.tolist()
+    scored = [i for i, v in enumerate(s) if v == v]
+    best = sorted(scored, key=lambda i: (-(abs(s[i]) if absolute else s[i]), i))[:n]
+    chosen = set(best) | {i for i, v in enumerate(s) if v != v}
+    mask = torch.zeros(g.n_forward, g.n_backward, dtype=torch.bool)
+    for r, c in valid_edges(g):
+        mask[r, c] = r in chosen
+    return chosen, reference_prune(g, mask)
+
+
+@pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
+@pytest.mark.parametrize("absolute", [True, False])
+@pytest.mark.parametrize("n", [0, 3, 8, 14])
+def test_node_topn_keeps_edges_between_selected_nodes_like_eap_ig(n, absolute, kv):
+    g = random_graph(11, kv=kv)
+    gen = torch.Generator().manual_seed(n)
+    g.node_scores = torch.randn(g.n_forward, generator=gen)
+    g.node_scores[0] = float("nan")  # the input unscored: always in
+    g.node_scores[3] = g.node_scores[5]  # a tie
+    chosen, (ref_edges, ref_nodes) = node_topn_reference(g, n, absolute)
+    g.apply_topn(n, absolute=absolute, level="node")
+    assert torch.equal(g.in_graph, ref_edges) and torch.equal(g.nodes_in_graph, ref_nodes)
+    fwd = g.forward_names
+    for r, c in g.in_graph.nonzero().tolist():
+        assert r in chosen
+        heads = slot_heads(g, g.backward_names[c])
+        assert not heads or any(fwd.index(h) in chosen for h in heads)
+    g.apply_topn(n, absolute=absolute, level="node", prune=False)
+    assert torch.equal(g.nodes_in_graph, torch.tensor([i in chosen for i in range(g.n_forward)]))
+
+
+def test_node_threshold_is_inclusive_and_keeps_unscored_nodes():
+    g = Graph(n_layers=2, n_heads=2, d_model=8)
+    g.node_scores = torch.tensor([float("nan"), 0.5, -0.5, 0.1, 2.0, 0.2, 0.0])
+    select(g, "threshold", 0.5, level="node", prune=False)
+    assert g.nodes_in_graph.tolist() == [True, True, True, False, True, False, False]
+    select(g, "threshold", 0.5, absolute=False, level="node", prune=False)
+    assert g.nodes_in_graph.tolist() == [True, True, False, False, True, False, False]
+    assert torch.equal(g.in_graph, g.valid & g.nodes_in_graph[:, None])
+
+
+@pytest.mark.parametrize("call", [
+    lambda g: g.apply_topn(2, level="node"),  # no node scores
+    lambda g: (setattr(g, "node_scores", torch.ones(g.n_forward)), select(g, "greedy", 2, level="node")),
+    lambda g: (setattr(g, "node_scores", torch.ones(g.n_forward)), g.apply_topn(g.n_forward + 1, level="node")),
+    lambda g: (setattr(g, "node_scores", torch.ones(g.n_forward)), g.apply_topn(2, level="neurons")),
+    lambda g: setattr(g, "node_scores", torch.ones(3)),
+])
+def test_bad_node_selection_raises_gimlens_error(call):
+    with pytest.raises(GimlensError):
+        call(random_graph(3))
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+@pytest.mark.parametrize("n", [0, 5, 40])
+def test_neuron_topn_follows_eap_ig_and_prunes_the_neurons_of_removed_nodes(n, absolute):
+    g = random_graph(12, L=2, H=2, Hk=1)
+    d = g.cfg["d_model"]
+    gen = torch.Generator().manual_seed(n)
+    g.neuron_scores = torch.randn(g.n_forward, d, generator=gen)
+    g.neuron_scores[0] = float("nan")  # the input's neurons unscored: always in
+    flat = g.neuron_scores.flatten().tolist()
+    scored = [i for i, v in enumerate(flat) if v == v]
+    best = set(sorted(scored, key=lambda i: (-(abs(flat[i]) if absolute else flat[i]), i))[:n])
+    neurons = torch.tensor([i in best or flat[i] != flat[i] for i in range(len(flat))]).view(g.n_forward, d)
+    nodes = neurons.any(1)
+    ref_edges, ref_nodes = reference_prune(g, g.valid & nodes[:, None])
+    g.apply_topn(n, absolute=absolute, level="neuron")
+    assert torch.equal(g.in_graph, ref_edges) and torch.equal(g.nodes_in_graph, ref_nodes)
+    assert torch.equal(g.neurons_in_graph, neurons & ref_nodes[:, None])
+
+
+def test_neuron_threshold_and_reset():
+    g = Graph(n_layers=1, n_heads=1, d_model=2)
+    g.neuron_scores = torch.tensor([[float("nan"), 0.0], [0.5, -0.5], [0.1, 0.2]])
+    assert bool(g.neurons_in_graph.all())  # scores on a fresh graph: every neuron in
+    select(g, "threshold", 0.5, level="neuron", prune=False)
+    assert g.neurons_in_graph.int().tolist() == [[1, 0], [1, 1], [0, 0]]
+    assert g.nodes_in_graph.tolist() == [True, True, False]
+    assert not g.reset().neurons_in_graph.any() and bool(g.reset(empty=False).neurons_in_graph.all())
+    with pytest.raises(GimlensError):
+        g.neuron_scores = torch.zeros(3, 3)
+    with pytest.raises(GimlensError):
+        Graph(n_layers=1, n_heads=1, d_model=2).apply_topn(1, level="neuron")

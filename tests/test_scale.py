@@ -104,7 +104,7 @@ def test_discover_cli_under_torchrun_writes_the_single_process_circuit(tmp_path)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--no-python", exe, *args, "-o", str(two)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    a, b = circuits.Graph.from_json(one), circuits.Graph.from_json(two)
+    a, b = circuits.Graph.load(one), circuits.Graph.load(two)
     assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.in_graph, b.in_graph)
     assert not list(tmp_path.glob(".gimlens-*"))  # rank 1 staged nothing

@@ -1,0 +1,272 @@
+"""The circuit graph's own files: its JSON schema, networkx views, and `save` / `load` for every format.
+
+[`GraphFiles`][circuits.files.GraphFiles] is the part of [`Graph`][circuits.graph.Graph] that
+reads and writes: `to_json()` / `from_json(text)` (own schema, exact float32 round trip),
+`to_networkx()` / `from_networkx(G)`, and `save(path, format=None)` / `load(path, format=None)`,
+which dispatch through one table of formats. The other formats' writers and readers live in
+[`circuits.export`][circuits.export] (EAP-IG / MIB JSON, GraphML) and
+[`circuits.render`][circuits.render] (DOT, images), which enter them in that table with
+[`register_format`][circuits.files.register_format]. Every writer goes through
+`gimlens.runtime.atomic_write` (complete or not at all, umask honoured).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from gimlens.errors import GimlensError
+from gimlens.runtime import atomic_write, coerce_enum
+
+__all__ = ["Format", "Include", "GraphFiles", "register_format", "format_of"]
+
+Include = Literal["in_graph", "all"]
+_FORMAT_TAG, _VERSION = "gimlens.circuit", 1
+
+
+class Format(str, Enum):
+    """File formats of `Graph.save` / `Graph.load` (suffix in brackets)."""
+
+    JSON = "json"  #: own JSON [.json]; loading a .json file also reads EAP-IG files (told apart by content)
+    EAP_JSON = "eap-json"  #: EAP-IG / MIB JSON (pass `format="eap-json"` to write it)
+    GRAPHML = "graphml"  #: [.graphml]
+    DOT = "dot"  #: Graphviz text [.dot, .gv]
+    PNG = "png"  #: image [.png]
+    SVG = "svg"  #: image [.svg]
+    PDF = "pdf"  #: image [.pdf]
+
+
+_SUFFIXES = {".json": Format.JSON, ".graphml": Format.GRAPHML, ".dot": Format.DOT, ".gv": Format.DOT,
+             ".png": Format.PNG, ".svg": Format.SVG, ".pdf": Format.PDF}
+_WRITERS: dict[Format, Callable[..., Any]] = {}
+_READERS: dict[Format, Callable[..., Any]] = {}
+
+
+def register_format(fmt: Format, *, write: Callable[..., Any] | None = None,
+                    read: Callable[..., Any] | None = None) -> None:
+    """Make `Graph.save` write (`write(graph, path, **kwargs)`) and `Graph.load` read
+    (`read(path, *, model)`) a format: one entry per format (used by the export modules)."""
+    if write is not None:
+        _WRITERS[fmt] = write
+    if read is not None:
+        _READERS[fmt] = read
+
+
+def format_of(path: str | os.PathLike, format: Format | str | None) -> Format:
+    """The format given, else the one the suffix names; unknown -> `GimlensError`."""
+    if format is not None:
+        return coerce_enum(Format, format, "circuit file format")
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise GimlensError(f"unknown file suffix {suffix!r} for {str(path)!r}; expected one of "
+                           f"{sorted(_SUFFIXES)} (or pass format=)")
+    return _SUFFIXES[suffix]
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(a.tobytes()).decode("ascii")
+
+
+class GraphFiles:
+    """Files and views of a graph (a part of `Graph`: it uses the graph's `cfg`, `layout`,
+    tensors, `nodes` / `edges` views, `from_model` and `check_matches`)."""
+
+    def to_networkx(self, *, include: Include = "in_graph", weight: str = "score"):
+        """A `networkx.MultiDiGraph` of the circuit: by default only the in-graph edges and the
+        nodes they touch; `include="all"` gives every node and valid edge with `in_graph` flags.
+
+        Edge key: the edge name; attributes `weight` (the score), `in_graph`, `qkv` (attention
+        inputs). Node attributes: `kind`, `layer`, `head`, `score` (when set), `in_graph` (neurons
+        are not carried: use `to_json` or the EAP-IG file for neuron-level circuits). `G.graph` holds
+        the cfg. Grouped k/v inputs end at `KV_GROUP` nodes `a{l}.g{g}`.
+
+        Example:
+            >>> from circuits.graph import Graph
+            >>> g = Graph(n_layers=1, n_heads=2, d_model=8).reset()
+            >>> g.in_graph[g.edge_index("input->logits")] = True
+            >>> sorted(g.to_networkx().nodes), g.to_networkx(include="all").number_of_edges()
+            (['input', 'logits'], 13)
+        """
+        import networkx as nx
+
+        if include not in ("in_graph", "all"):
+            raise GimlensError(f"include must be 'in_graph' or 'all', got {include!r}")
+        edges = [e for e in self.edges.values() if include == "all" or e.in_graph]
+        touched = {n for e in edges for n in (e.src, e.dst)}
+        G = nx.MultiDiGraph(**{k: v for k, v in self.cfg.items() if v is not None})
+        for node in self.nodes.values():
+            if include == "all" or node.name in touched:
+                attrs = {"kind": node.kind.value, "in_graph": node.in_graph}
+                attrs.update({k: getattr(node, k) for k in ("layer", "head", "score") if getattr(node, k) is not None})
+                G.add_node(node.name, **attrs)
+        for e in edges:
+            G.add_edge(e.src, e.dst, key=e.name, **{weight: e.score, "in_graph": e.in_graph},
+                       **({"qkv": e.qkv} if e.qkv else {}))
+        return G
+
+    @classmethod
+    def from_networkx(cls, G: Any, *, weight: str = "score", model: Any = None) -> Any:
+        """Rebuild a graph from `to_networkx` output (or any graph with the same names).
+
+        The cfg comes from `G.graph` (or `model` when `G.graph` has none); edges absent from `G`
+        get score 0 and are out of the circuit; node `in_graph` and `score` attributes are read
+        back (a node without a score: NaN, unscored).
+        """
+        cfg = dict(G.graph)
+        if "n_layers" not in cfg:
+            if model is None:
+                raise GimlensError("networkx graph has no cfg in G.graph; pass model= to give the shape")
+            graph = cls.from_model(model, kv_edges=cfg.get("kv_edges", "grouped"))
+        else:
+            graph = cls._from_cfg(cfg, model)
+        index = [graph.edge_index(f"{u}->{v}<{d['qkv']}>" if d.get("qkv") else f"{u}->{v}")
+                 for u, v, d in G.edges(data=True)]
+        rows, cols = [i[0] for i in index], [i[1] for i in index]
+        s = torch.zeros(graph.n_forward, graph.n_backward)
+        m = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.bool)
+        s[rows, cols] = torch.tensor([float(d.get(weight, 0.0)) for _, _, d in G.edges(data=True)])
+        m[rows, cols] = torch.tensor([bool(d.get("in_graph", False)) for _, _, d in G.edges(data=True)])
+        graph.scores, graph.in_graph = s, m
+        names = graph.layout.forward_names
+        graph.nodes_in_graph = torch.tensor([bool(G.nodes[n].get("in_graph", False)) if n in G.nodes else False
+                                             for n in names])
+        if any("score" in G.nodes[n] for n in names if n in G.nodes):
+            graph.node_scores = torch.tensor([float(G.nodes[n].get("score", math.nan)) if n in G.nodes else math.nan
+                                              for n in names])
+        return graph
+
+    # ------------------------------------------------------------------ own JSON and files
+    def to_json(self, *, indent: int | None = None) -> str:
+        """The graph in gimlens' own JSON schema: `{"format": "gimlens.circuit", "version": 1,
+        "cfg", "scores", "in_graph", "nodes_in_graph"}` (and `"node_scores"`, `"neuron_scores"`,
+        `"neurons_in_graph"` when the graph has them), the valid edges in row-major order,
+        scores as base64 of little-endian float32 (exact), memberships as base64 `numpy.packbits`.
+
+        Example:
+            >>> from circuits.graph import Graph
+            >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
+            >>> g.scores[0, -1] = 0.1
+            >>> Graph.from_json(g.to_json()).equals(g)
+            True
+        """
+        valid = self.valid
+        doc = {
+            "format": _FORMAT_TAG, "version": _VERSION, "cfg": self.cfg, "n_valid_edges": self.n_valid_edges,
+            "encoding": "valid edges row-major; scores base64 float32 little-endian; in_graph and "
+                        "nodes_in_graph base64 numpy.packbits (big bit order)",
+            "scores": _b64(self.scores.cpu()[valid].numpy().astype("<f4")),
+            "in_graph": _b64(np.packbits(self.in_graph.cpu()[valid].numpy())),
+            "nodes_in_graph": _b64(np.packbits(self.nodes_in_graph.cpu().numpy())),
+        }
+        if self.node_scores is not None:  # optional: one float32 per source node, NaN = unscored
+            doc["node_scores"] = _b64(self.node_scores.cpu().numpy().astype("<f4"))
+        if self.neuron_scores is not None:  # optional: [n_forward, d_model] float32, row-major
+            doc["neuron_scores"] = _b64(self.neuron_scores.cpu().numpy().astype("<f4"))
+        if self.neurons_in_graph is not None:  # optional: [n_forward, d_model] packbits, row-major
+            doc["neurons_in_graph"] = _b64(np.packbits(self.neurons_in_graph.cpu().numpy()))
+        return json.dumps(doc, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str, *, model: Any = None) -> Any:
+        """Inverse of `to_json` (JSON text; read a file with `Graph.load`). With `model`, the cfg
+        must match it (else `GimlensError`)."""
+        if not isinstance(text, str) or not text.lstrip().startswith("{"):
+            raise GimlensError("Graph.from_json takes JSON text (to read a file, use Graph.load(path)); "
+                               f"got {str(text)[:60]!r}")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GimlensError(f"circuit JSON does not parse: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT_TAG:
+            hint = " (it looks like an EAP-IG file: use circuits.export.from_eap_json)" if (
+                isinstance(doc, dict) and "edges" in doc) else ""
+            raise GimlensError(f"not a gimlens circuit JSON document{hint}")
+        if doc.get("version") != _VERSION:
+            raise GimlensError(f"circuit JSON schema version {doc.get('version')!r}; this gimlens reads {_VERSION}")
+        graph = cls._from_cfg(doc.get("cfg"), model)
+        n = graph.n_valid_edges
+        try:
+            scores = np.frombuffer(base64.b64decode(doc["scores"]), dtype="<f4")
+            members = np.unpackbits(np.frombuffer(base64.b64decode(doc["in_graph"]), np.uint8))[:n]
+            nodes = np.unpackbits(np.frombuffer(base64.b64decode(doc["nodes_in_graph"]), np.uint8))[:graph.n_forward]
+        except (KeyError, ValueError, TypeError) as e:
+            raise GimlensError(f"damaged circuit JSON: {e}") from e
+        if len(scores) != n or len(members) != n or len(nodes) != graph.n_forward:
+            raise GimlensError(f"circuit JSON holds {len(scores)} scores for a cfg with {n} valid edges")
+        s = torch.zeros(graph.n_forward, graph.n_backward)
+        m = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.bool)
+        s[graph.valid], m[graph.valid] = torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(members.astype(bool))
+        graph.scores, graph.in_graph = s, m
+        graph.nodes_in_graph = torch.from_numpy(nodes.astype(bool))
+        if "node_scores" in doc:
+            node_scores = np.frombuffer(base64.b64decode(doc["node_scores"]), dtype="<f4")
+            if len(node_scores) != graph.n_forward:
+                raise GimlensError(f"circuit JSON holds {len(node_scores)} node scores for {graph.n_forward} nodes")
+            graph.node_scores = torch.from_numpy(node_scores.astype(np.float32))
+        shape = (graph.n_forward, graph.cfg["d_model"])
+        try:
+            if "neurons_in_graph" in doc:
+                bits = np.unpackbits(np.frombuffer(base64.b64decode(doc["neurons_in_graph"]), np.uint8))
+                graph.neurons_in_graph = torch.from_numpy(bits[: shape[0] * shape[1]].astype(bool).reshape(shape))
+            if "neuron_scores" in doc:
+                values = np.frombuffer(base64.b64decode(doc["neuron_scores"]), dtype="<f4")
+                graph.neuron_scores = torch.from_numpy(values.astype(np.float32).reshape(shape))
+        except ValueError as e:
+            raise GimlensError(f"damaged neuron fields in circuit JSON: {e}") from e
+        return graph
+
+    @classmethod
+    def _from_cfg(cls, cfg: Any, model: Any, kv_edges: KVEdges | str | None = None) -> Any:
+        """A full graph from a file's cfg mapping, checked against `model` when given."""
+        if not isinstance(cfg, dict):
+            raise GimlensError(f"circuit file has no 'cfg' mapping (got {type(cfg).__name__})")
+        graph = cls.from_model(cfg, kv_edges=kv_edges or cfg.get("kv_edges", "grouped"))
+        if model is not None:
+            graph.check_matches(model)
+        return graph
+
+    def save(self, path: str | os.PathLike, format: Format | str | None = None, **kwargs: Any) -> Path:
+        """Write the graph atomically (complete or not at all; umask honoured) in `format` or the
+        one its suffix names (see `Format`); `kwargs` go to the format's writer. Returns the path.
+
+        Example:
+            >>> import os, tempfile
+            >>> from circuits.graph import Graph
+            >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
+            >>> Graph.load(g.save(os.path.join(tempfile.mkdtemp(), "c.json"))).equals(g)
+            True
+        """
+        fmt = format_of(path, format)
+        if fmt is Format.JSON:
+            return atomic_write(path, self.to_json(**kwargs))
+        if fmt not in _WRITERS:
+            raise GimlensError(f"no writer for {fmt.value!r} files (import circuits to register them)")
+        _WRITERS[fmt](self, path, **kwargs)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, format: Format | str | None = None, *, model: Any = None) -> Any:
+        """Read own or EAP-IG JSON (told apart by content) or GraphML; with `model`, the file's
+        cfg must match it."""
+        fmt = format_of(path, format)
+        if fmt is Format.JSON:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as e:
+                raise GimlensError(f"cannot read circuit file {str(path)!r}: {e}") from e
+            if re.search(r'"format"\s*:\s*"' + re.escape(_FORMAT_TAG), text[:64]) or Format.EAP_JSON not in _READERS:
+                return cls.from_json(text, model=model)
+            fmt = Format.EAP_JSON
+        if fmt not in _READERS:
+            raise GimlensError(f"cannot load {fmt.value} files; loadable: {[f.value for f in (Format.JSON, *_READERS)]}")
+        return _READERS[fmt](path, model=model)
+
