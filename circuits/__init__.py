@@ -13,6 +13,7 @@ from . import tasks
 from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
+from .discover import discover
 from .export import load, save
 from .graph import Edge, Graph, KVEdges, Node, NodeKind
 from .prune import Selection, prune_dangling
@@ -28,6 +29,7 @@ __all__ = [
     "NodeKind",
     "Selection",
     "attribute",
+    "discover",
     "evaluate",
     "faithfulness",
     "faithfulness_curve",
