@@ -81,7 +81,7 @@ def expected_open(log_alpha: Tensor) -> Tensor:
 
     Example:
         >>> round(float(expected_open(torch.tensor(0.0))), 3)
-        0.834
+        0.832
     """
     return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
 
@@ -101,8 +101,13 @@ def _warm_log_alpha(model, graph: Graph, warm_start: str, gim, n_edges: int, ini
                     **kwargs) -> Tensor:
     from .attribute import attribute
 
-    scored = attribute(model, graph.copy(), method=warm_start, gim=gim, **kwargs)
-    ranked = scored.scores.abs().masked_fill(~graph.valid, -1.0).flatten()
+    if isinstance(warm_start, Graph):
+        if not warm_start.same_layout(graph):
+            raise GimlensError("warm_start graph has another layout than graph")
+        scored = warm_start
+    else:
+        scored = attribute(model, graph.copy(), method=warm_start, gim=gim, **kwargs)
+    ranked = scored.scores.detach().cpu().abs().masked_fill(~graph.valid, -1.0).flatten()
     order = torch.empty(ranked.numel())
     order[ranked.argsort(stable=True)] = torch.arange(ranked.numel(), dtype=torch.float32)
     N = graph.n_valid_edges
@@ -112,7 +117,7 @@ def _warm_log_alpha(model, graph: Graph, warm_start: str, gim, n_edges: int, ini
 
 def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
                  steps: int = 300, lr: float = 0.1, loss: Loss | str = "metric",
-                 warm_start: str | None = "EAP-IG-inputs", ig_steps: int = 5, gim=None,
+                 warm_start: str | Graph | None = "EAP-IG-inputs", ig_steps: int = 5, gim=None,
                  ramp: float = 0.7, init: float = 1.0, seed: int = 0,
                  ablation="corrupted", batch_size: int | None = None,
                  attention_mask: Tensor | None = None, progress: bool = False,
@@ -128,8 +133,9 @@ def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_e
         steps: optimisation steps, each one forward and backward pass of one batch.
         lr: Adam's learning rate for `log_alpha` and for the multipliers.
         loss: `"metric"` or `"kl"` (module docstring).
-        warm_start: `None` (every `log_alpha = init`) or a `circuits.attribute` method whose
-            scores rank the initial masks (`ig_steps` and `gim` passed on).
+        warm_start: `None` (every `log_alpha = init`), a `circuits.attribute` method whose
+            scores rank the initial masks (`ig_steps` and `gim` passed on), or a scored `Graph`
+            of the same layout whose scores do (no attribution run).
         gim: GIM's rules for the gradients of the warm start and of the optimisation.
         ramp: share of the steps over which the edge target falls to `n_edges`.
         init: the initial `log_alpha` level.
