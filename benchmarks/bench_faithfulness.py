@@ -189,7 +189,7 @@ def plot(rows: list[dict], args, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-gpt2", help="smollm2, tiny-gpt2, tiny-llama or tiny-qwen2")
-    parser.add_argument("--tasks", nargs="+", default=["ioi", "greater-than", "capitals", "induction"])
+    parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "capitals", "induction"])
     parser.add_argument("--methods", nargs="+", default=["EAP", "EAP-IG-inputs", *SEARCH])
     parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--percents", type=float, nargs="+", default=[0.5, 1, 2, 5])

@@ -8,8 +8,8 @@ pruned), whatever the method:
 | `EAP` | `circuits.attribute`, then top-n by abs. score | 1 F (corrupted) + 1 F+B |
 | `EAP-IG-inputs`, `EAP-IG-activations` | the same with IG | 1 F + `ig_steps` F+B |
 | `clean-corrupted` | the same | 1 F + 2 F+B |
-| `EAP-IG-iterative` | [`iterative`][circuits.iterative.iterative]: re-score in the patched model, remove the weakest, repeat | 2 F + `rounds * ig_steps` F+B |
-| `edge-pruning` | [`edge_pruning`][circuits.edge_pruning.edge_pruning]: learned hard-concrete masks | 2 F (+ the warm start's attribution) + `steps` F+B of one batch in all |
+| `EAP-IG-iterative` | `iterative`: re-score in the patched model, remove the weakest, repeat | 2 F + `rounds * ig_steps` F+B |
+| `edge-pruning` | `edge_pruning`: learned hard-concrete masks | 2 F (+ the warm start's attribution) + `steps` F+B of one batch in all |
 
 `gim` switches GIM's backward rules on for every method's gradients (the patched forward
 itself is unchanged). The method-specific options (`rounds` for the iterative method; `steps`,
@@ -76,7 +76,7 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
         clean, corrupted, metric, attention_mask, ablation, batch_size, max_memory: as in
             `circuits.attribute`.
         n_edges: the circuit's edges before pruning dangling ones.
-        method: one of [`METHODS`][circuits.discover.METHODS] (table in the module docstring).
+        method: one of `METHODS` (table in the module docstring).
         gim: GIM's backward rules for the gradients (`True`, a `GIMConfig` or a dict).
         ig_steps: interpolation steps of the IG methods (and of the warm start / re-scoring).
         progress: show a progress bar.

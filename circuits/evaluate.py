@@ -5,9 +5,9 @@
 
     x_d = (its input in this run) - sum over missing edges src -> d of (a[src] - a_abl[src])
 
-(the hooks live in [`circuits.patching`][circuits.patching]) where `a` are the source activations of this patched run (captured as it proceeds: token
+(the hooks live in `circuits.patching`) where `a` are the source activations of this patched run (captured as it proceeds: token
 embedding, per-head outputs `z[h] @ W_O[h]`, MLP outputs) and `a_abl` the ablated ones
-([`Ablation`][circuits.model.Ablation]). Per-head q/k/v inputs are realised by recomputing each
+(`Ablation`). Per-head q/k/v inputs are realised by recomputing each
 head's projection from its own corrected residual stream with the layer's ln1 (exact norm):
 `hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]` (before RoPE, so RoPE still applies); the MLP
 input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.

@@ -1,9 +1,9 @@
 """Patched runs of a set of examples as a function of float edge coefficients.
 
-The shared engine of [`edge_pruning`][circuits.edge_pruning] and
-[`iterative`][circuits.iterative]: it validates the inputs once, keeps each batch's ablated
+The shared engine of `edge_pruning` and
+`iterative`: it validates the inputs once, keeps each batch's ablated
 sources and its clean and ablated metrics, and runs the exact patching forward of
-[`circuits.patching`][circuits.patching] with missing coefficients `w = 1 - m` that may require
+`circuits.patching` with missing coefficients `w = 1 - m` that may require
 grad, optionally with GIM's hooks and with the token embedding interpolated between its
 ablated and clean values (the IG path).
 
@@ -60,7 +60,7 @@ class Batch:
 
 @dataclass
 class Context:
-    """Validated inputs of one discovery call (build it with [`prepare`][circuits.masked.prepare])."""
+    """Validated inputs of one discovery call (build it with `prepare`)."""
 
     model: object
     spec: ModelSpec

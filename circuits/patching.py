@@ -62,7 +62,7 @@ class Patcher:
         spec: the model's `ModelSpec`.
         missing: `[n_fwd, n_bwd]` missing coefficients `w` (bool, or float in [0, 1]; zero off
             `graph.valid`), on the model's device.
-        blocks: destination blocks to correct, from [`blocks`][circuits.patching.blocks].
+        blocks: destination blocks to correct, from `blocks`.
         ablated: the batch's ablated sources.
         frozen: GIM's frozen norm scale in the recomputed q/k/v norms (gradient only).
         probe: optional `[n_fwd, n_bwd]` float coefficients `v` (normally zeros requiring grad).
