@@ -1,22 +1,30 @@
-"""Faithfulness of IOI circuits on SmolLM2-135M-Instruct: EAP vs EAP-IG-inputs, each with and without GIM.
+"""Faithfulness of discovered circuits on held-out examples: every `circuits.discover` method, with and without GIM.
 
-One IOI task of ``n + n_eval`` prompts (seed ``--seed``) is split: the first ``n`` prompts are used
-for attribution, the remaining ``n_eval`` (held out) for evaluation. For each method the edges are
-scored once, then circuits of the top 100, 200, 500, 1000, 2000 edges (by |score|, dangling edges
-pruned) are evaluated by exact edge patching (corrupted ablation) with
-``circuits.faithfulness_curve``: normalised faithfulness ``(m - m_corrupted) / (m_clean -
-m_corrupted)`` of the mean logit difference. CPR (area under the curve) and CMD (area between the
-curve and 1) are the curve's areas (trapezoid rule) over the fraction-of-edges axis, on these edge
-counts (0.14, 0.28, 0.71, 1.4, 2.8 % of SmolLM2's 70651 edges, in place of the default grid's 0.1,
-0.2, 0.5, 1, 2 %) followed by the default grid's 5, 10, 20, 50, 100 %: ten circuits per method.
+Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for the run shown there):
 
-Cost: every circuit is one patched forward over the evaluation prompts; EAP costs one corrupted
-forward and one forward-and-backward per prompt, EAP-IG-inputs one corrupted forward and
-``ig_steps`` forward-and-backward passes. On 2 CPU cores SmolLM2 runs at roughly 0.3 s per prompt
-and forward, so the defaults (64 attribution prompts, 32 held-out) take about 20 minutes on an
-idle machine; ``--n 200`` (the size the plan asked for) takes about 45.
+- tasks `circuits.tasks.make(name, model, n=n + n_eval, seed)` for each `--tasks` name; the first
+  `--n` examples are the *discovery* set (every method sees only these), the last `--n-eval` the
+  *evaluation* set (disjoint; nothing is tuned on it);
+- for each method (`--methods`, scoring methods and the search methods `EAP-IG-iterative` and
+  `edge-pruning`), with and without GIM (`--gim off on`), and each circuit size `--percents` (percent
+  of the valid edges, `n_edges = int(pct / 100 * N)` as MIB counts): a circuit of at most `n_edges`
+  edges is discovered (a scoring method scores once and takes the top n of each size; a search
+  method runs once per size), then evaluated by exact edge patching (`circuits.evaluate`,
+  corrupted ablation) on the evaluation set;
+- normalised faithfulness `(mean m_circuit - mean m_corrupted) / (mean m_clean - mean m_corrupted)`
+  per size; CPR (area under the curve) and CMD (area between the curve and 1) by the trapezoid
+  rule over the fraction axis, divided by the axis' width (so both are mean values over the
+  measured range); `areas` below is the one place where MIB's exact protocol
+  (`circuits.mib`, written separately) plugs in;
+- 95% intervals: percentile bootstrap over evaluation examples (`--bootstrap` resamples, one set
+  of resamples shared by every method, so differences are paired);
+- time: wall and CPU seconds of each discovery call, and its forward / backward pass count.
 
-Run: ``python benchmarks/bench_faithfulness.py --out faithfulness.md [--n 64 --n-eval 32]``
+Writes a markdown table (`--out`) and a PNG of the curves (`--png`).
+
+Run (tiny model, seconds): `python benchmarks/bench_faithfulness.py --model tiny-gpt2 --out /tmp/f.md`
+Run (SmolLM2 IOI): `python benchmarks/bench_faithfulness.py --model smollm2 --tasks ioi --n 32
+--n-eval 64 --out faithfulness.md --png faithfulness.png`
 """
 
 from __future__ import annotations
@@ -28,94 +36,199 @@ from pathlib import Path
 
 import torch
 
-from circuits.attribute import attribute
-from circuits.evaluate import DEFAULT_SIZES, faithfulness_curve
-from circuits.graph import Graph
-from circuits.tasks import ioi
-from gimlens.models import load_model
+from circuits import Graph, attribute, discover, evaluate
+from circuits.evaluate import _trapezoid
+from circuits.tasks import make
 
-METHODS = {  # label -> (method, gim)
-    "EAP": ("EAP", False),
-    "EAP-IG-inputs": ("EAP-IG-inputs", False),
-    "EAP + GIM": ("EAP", True),
-    "EAP-IG-inputs + GIM": ("EAP-IG-inputs", True),
-}
+SCORING = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
+SEARCH = ("EAP-IG-iterative", "edge-pruning")
 
 
-def clean_and_corrupted(model, task, batch_size: int) -> tuple[float, float, float]:
-    """Mean clean / corrupted logit difference and clean accuracy (metric > 0)."""
-    clean, corrupted = [], []
-    with torch.no_grad():
-        for s in task.batches(batch_size):
-            mask = None if task.attention_mask is None else task.attention_mask[s]
-            clean.append(task.metric(model(task.clean[s], attention_mask=mask), s))
-            corrupted.append(task.metric(model(task.corrupted[s], attention_mask=mask), s))
-    c, x = torch.cat(clean), torch.cat(corrupted)
-    return float(c.mean()), float(x.mean()), float((c > 0).float().mean())
+def load(name: str):
+    if name == "smollm2":
+        from gimlens.models import load_model
+
+        return load_model()
+    from gimlens.testing import tiny_model
+
+    arch = name.removeprefix("tiny-")
+    return tiny_model(arch, n_layers=4, d_model=64, n_heads=4, scale=2.0, seed=0)
+
+
+def areas(percents: list[float], faith: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPR and CMD of curves `faith [..., len(percents)]` (mean over the measured range).
+
+    MIB PLUG-IN POINT: this is `circuits.faithfulness_curve`'s rule (trapezoid over the fraction
+    axis, `_trapezoid`), divided by the axis' width; replace it by `circuits.mib`'s function
+    (its point rule and its signed / absolute selections) when that lands.
+    """
+    x = [p / 100 for p in percents]
+    width = x[-1] - x[0] if len(x) > 1 else 1.0
+    flat = faith.reshape(-1, faith.shape[-1])
+    cpr = torch.tensor([_trapezoid(row.tolist(), x) for row in flat]) / width
+    cmd = torch.tensor([_trapezoid((1 - row).abs().tolist(), x) for row in flat]) / width
+    return cpr.view(faith.shape[:-1]), cmd.view(faith.shape[:-1])
+
+
+def normalised(m: torch.Tensor, clean: torch.Tensor, base: torch.Tensor, resamples: torch.Tensor
+               ) -> torch.Tensor:
+    """Faithfulness of per-example metrics `m [..., n]` on each resample `[R, n]` -> `[R, ...]`
+    (row 0 of `resamples` is the identity: the point estimate)."""
+    mc, mb = clean[resamples].mean(-1), base[resamples].mean(-1)  # [R]
+    mm = m[..., resamples].mean(-1)  # [..., R]
+    return ((mm - mb) / (mc - mb)).movedim(-1, 0)
+
+
+def passes(method: str, n_batches: int, args) -> str:
+    """Forward (F) and forward-and-backward (FB) passes of one discovery call."""
+    if method == "EAP":
+        return f"{n_batches} F + {n_batches} FB"
+    if method in ("EAP-IG-inputs", "EAP-IG-activations"):
+        return f"{n_batches} F + {n_batches * args.ig_steps} FB"
+    if method == "clean-corrupted":
+        return f"{n_batches} F + {2 * n_batches} FB"
+    if method == "EAP-IG-iterative":
+        return f"{2 * n_batches} F + {n_batches * args.rounds * args.ig_steps} FB"
+    return f"{2 * n_batches} F + {args.steps} FB (+ warm start)"
+
+
+def run_task(model, task_name: str, args):
+    """Yield one result row per method and GIM setting."""
+    task = make(task_name, model, n=args.n + args.n_eval, seed=args.seed)
+    train, held = task.subset(slice(0, args.n)), task.subset(slice(args.n, args.n + args.n_eval))
+    graph = Graph.from_model(model)
+    N = graph.n_valid_edges
+    sizes = [max(1, int(p / 100 * N)) for p in args.percents]
+    bs = args.batch_size
+    clean = evaluate(model, graph.copy().reset(empty=False), held, batch_size=bs)
+    base = evaluate(model, graph.copy().reset(empty=True), held, batch_size=bs)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    n_eval = len(clean)
+    resamples = torch.cat([torch.arange(n_eval)[None],
+                           torch.randint(n_eval, (args.bootstrap, n_eval), generator=gen)])
+    n_batches = -(-args.n // bs)
+    print(f"{task_name}: {N} edges, discovery {args.n}, evaluation {n_eval} examples; clean "
+          f"{float(clean.mean()):.3f}, corrupted {float(base.mean()):.3f}", flush=True)
+    for method in args.methods:
+        for gim in args.gim:
+            label = method + (" + GIM" if gim == "on" else "")
+            wall, cpu, metrics, kept = 0.0, 0.0, [], []
+            scored = None
+            for n_edges in sizes:
+                t0, c0 = time.perf_counter(), time.process_time()
+                common = dict(gim=gim == "on" or None, ig_steps=args.ig_steps, batch_size=bs)
+                if method in SCORING:
+                    if scored is None:
+                        scored = attribute(model, Graph.from_model(model), train, method=method, **common)
+                    circuit = scored.copy().apply_topn(n_edges, absolute=True)
+                elif method == "EAP-IG-iterative":
+                    circuit = discover(model, Graph.from_model(model), train, n_edges=n_edges,
+                                       method=method, rounds=args.rounds, **common)
+                else:
+                    if scored is None and args.warm_start:  # the warm start's scores, once
+                        scored = attribute(model, Graph.from_model(model), train,
+                                           method="EAP-IG-inputs", **common)
+                    circuit = discover(model, Graph.from_model(model), train, n_edges=n_edges,
+                                       method=method, steps=args.steps, lr=args.lr,
+                                       warm_start=scored if args.warm_start else None,
+                                       progress=args.progress, **common)
+                wall += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+                metrics.append(evaluate(model, circuit, held, batch_size=bs))
+                kept.append(circuit.n_edges_in_graph)
+            f = normalised(torch.stack(metrics), clean, base, resamples)  # [R, sizes]
+            cpr, cmd = areas(args.percents, f)
+            yield dict(task=task_name, label=label, faith=f, cpr=cpr, cmd=cmd, kept=kept,
+                       wall=wall, cpu=cpu, passes=passes(method, n_batches, args))
+            print(f"  {label}: " + ", ".join(f"{p}%: {float(v):.3f}" for p, v in zip(args.percents, f[0]))
+                  + f"; CPR {float(cpr[0]):.3f}, CMD {float(cmd[0]):.3f}; {wall:.0f} s", flush=True)
+
+
+def interval(t: torch.Tensor) -> str:
+    lo, hi = torch.quantile(t[1:], torch.tensor([0.025, 0.975])).tolist()
+    return f"{float(t[0]):.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def table(rows: list[dict], args, header: str) -> str:
+    lines = [header, "",
+             "| task | method | " + " | ".join(f"{p}% of edges" for p in args.percents)
+             + " | CPR ↑ | CMD ↓ | discovery wall s (CPU s) | passes per size |",
+             "|---" * (len(args.percents) + 6) + "|"]
+    for r in rows:
+        cells = [interval(r["faith"][:, i]) + f" ({k})" for i, k in enumerate(r["kept"])]
+        lines.append(f"| {r['task']} | {r['label']} | " + " | ".join(cells)
+                     + f" | {interval(r['cpr'])} | {interval(r['cmd'])} | {r['wall']:.0f} ({r['cpu']:.0f})"
+                     f" | {r['passes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == name):
+            f = r["faith"]
+            lo, hi = torch.quantile(f[1:], torch.tensor([0.025, 0.975]), dim=0)
+            ax.plot(args.percents, f[0], marker="o", label=r["label"])
+            ax.fill_between(args.percents, lo, hi, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("% of edges")
+        ax.set_ylabel("normalised faithfulness (held out)")
+        ax.set_title(name)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64, help="attribution prompts")
-    parser.add_argument("--n-eval", type=int, default=32, help="held-out evaluation prompts")
+    parser.add_argument("--model", default="tiny-gpt2", help="smollm2, tiny-gpt2, tiny-llama or tiny-qwen2")
+    parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "capitals", "induction"])
+    parser.add_argument("--methods", nargs="+", default=["EAP", "EAP-IG-inputs", *SEARCH])
+    parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--percents", type=float, nargs="+", default=[0.5, 1, 2, 5])
+    parser.add_argument("--n", type=int, default=32, help="discovery examples")
+    parser.add_argument("--n-eval", type=int, default=64, help="held-out evaluation examples")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ig-steps", type=int, default=5)
-    parser.add_argument("--edges", type=int, nargs="+", default=[100, 200, 500, 1000, 2000])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=4, help="EAP-IG-iterative rounds")
+    parser.add_argument("--steps", type=int, default=300, help="edge-pruning steps")
+    parser.add_argument("--lr", type=float, default=0.1, help="edge-pruning learning rate")
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
+    parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, required=True, help="markdown file for the table")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="markdown table")
+    parser.add_argument("--png", type=Path, default=None, help="PNG of the curves")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="A forward hook edited")
 
     start = time.perf_counter()
-    model = load_model()
-    task = ioi(model, n=args.n + args.n_eval, seed=args.seed)
-    train, held_out = task.subset(slice(0, args.n)), task.subset(slice(args.n, None))
-    graph = Graph.from_model(model)
-    clean_m, corrupted_m, accuracy = clean_and_corrupted(model, held_out, args.batch_size)
-    print(f"model loaded, {graph.n_valid_edges} edges; held-out logit diff clean {clean_m:.3f} "
-          f"(accuracy {accuracy:.2f}), corrupted {corrupted_m:.3f}  [{time.perf_counter() - start:.0f} s]",
-          flush=True)
-    edge_sizes = [100.0 * e / graph.n_valid_edges for e in args.edges]
-    sizes = sorted(set(edge_sizes) | {s for s in DEFAULT_SIZES if s > max(edge_sizes)})
-
+    model = load(args.model)
     rows = []
-    for label in args.methods:
-        method, gim = METHODS[label]
-        t0 = time.perf_counter()
-        attribute(model, graph, train, method=method, gim=gim or None, ig_steps=args.ig_steps,
-                  batch_size=args.batch_size)
-        t1 = time.perf_counter()
-        curve = faithfulness_curve(model, graph, held_out, sizes=sizes, batch_size=args.batch_size)
-        t2 = time.perf_counter()
-        at = {s: (f, k) for s, f, k in zip(curve.sizes, curve.faithfulness, curve.n_edges)}
-        cells = [at[s] for s in edge_sizes]
-        rows.append((label, cells, curve.cpr, curve.cmd, t1 - t0, t2 - t1))
-        print(f"{label}: " + ", ".join(f"{e}: {f:.3f} ({k})" for e, (f, k) in zip(args.edges, cells))
-              + f"; CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}; attribution {t1 - t0:.0f} s, "
-              f"evaluation {t2 - t1:.0f} s", flush=True)
-
-    total = time.perf_counter() - start
-    lines = [
-        f"IOI on SmolLM2-135M-Instruct ({graph.n_valid_edges} edges, grouped k/v): attribution on "
-        f"{args.n} prompts, evaluation on {args.n_eval} held-out prompts (corrupted = ABC names), "
-        f"batch {args.batch_size}, {args.ig_steps} IG steps, {args.threads} CPU threads; held-out "
-        f"logit diff clean {clean_m:.2f} (accuracy {accuracy:.2f}), corrupted {corrupted_m:.2f}. "
-        "Cells: normalised faithfulness (edges left after pruning). CPR / CMD over "
-        f"{len(sizes)} circuit sizes (these edge counts, then {', '.join(f'{s:g}' for s in sizes[len(edge_sizes):])} % "
-        f"of edges). Total {total / 60:.1f} min.",
-        "",
-        "| method | " + " | ".join(f"{e} edges" for e in args.edges) + " | CPR ↑ | CMD ↓ | attribution s |",
-        "|---" * (len(args.edges) + 4) + "|",
-    ]
-    for label, cells, cpr, cmd, t_attr, _ in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{f:.3f} ({k})" for f, k in cells)
-                     + f" | {cpr:.3f} | {cmd:.3f} | {t_attr:.0f} |")
-    table = "\n".join(lines) + "\n"
-    args.out.write_text(table)
-    print("\n" + table)
+    for name in args.tasks:
+        for row in run_task(model, name, args):
+            rows.append(row)
+            header = (f"{args.model}: discovery {args.n} / evaluation {args.n_eval} examples per task "
+                      f"(disjoint, seed {args.seed}), batch {args.batch_size}, {args.ig_steps} IG steps, "
+                      f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
+                      f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
+                      f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
+                      f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: mean over "
+                      f"{args.percents[0]}-{args.percents[-1]}% (trapezoid). Total "
+                      f"{(time.perf_counter() - start) / 60:.1f} min.")
+            args.out.write_text(table(rows, args, header))  # after every row: a partial run reports
+            if args.png is not None:
+                plot(rows, args, args.png)
+    print("\n" + args.out.read_text())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
 from . import render as _render  # noqa: F401  (registers DOT and image formats with Graph.save)
+from .discover import discover
 from .export import load, save
 from .graph import Edge, Graph, KVEdges, Node, NodeKind
 from .prune import Selection, prune_dangling
@@ -29,6 +30,7 @@ __all__ = [
     "NodeKind",
     "Selection",
     "attribute",
+    "discover",
     "evaluate",
     "faithfulness",
     "faithfulness_curve",

@@ -1,8 +1,9 @@
 """``gimlens discover``: find a circuit for a task with edge attribution patching.
 
 Loads the model (the embedded SmolLM2-135M-Instruct unless ``--model`` names a folder or hub
-model), builds the task, scores every edge (``circuits.attribute``), keeps the ``--edges`` best
-(top-n by absolute score, then dangling edges pruned), reports the circuit's normalised
+model), builds the task, finds a circuit of at most ``--edges`` edges with ``circuits.discover``
+(a scoring method: top-n by absolute score; or ``edge-pruning`` / ``EAP-IG-iterative``; dangling
+edges pruned), reports the circuit's normalised
 faithfulness (exact edge patching on the same examples) and writes the circuit. All outputs are
 written together at the end, each atomically; a failure leaves none of them. Bad arguments raise
 :class:`~gimlens.errors.GimlensError` before the model is loaded.
@@ -29,7 +30,7 @@ from pathlib import Path
 from gimlens.errors import GimlensError
 
 from .model import Ablation
-from .attribute import Method
+from .discover import METHODS
 from .graph import KVEdges
 from .tasks import TASKS
 
@@ -48,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``discover``'s options to ``parser``."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to find a circuit for")
     parser.add_argument("--model", default=None, help="model folder or hub name (default: embedded SmolLM2)")
-    parser.add_argument("--method", default="EAP-IG-inputs", choices=[m.value for m in Method],
-                        help="edge scoring method")
+    parser.add_argument("--method", default="EAP-IG-inputs", choices=list(METHODS),
+                        help="discovery method (circuits.discover)")
     parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
     parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")
     parser.add_argument("--n-examples", "--n", dest="n", type=int, default=64,
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the task's examples")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the IG methods")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="edge-pruning: optimisation steps (one forward+backward of a batch each)")
+    parser.add_argument("--lr", type=float, default=None, help="edge-pruning: learning rate")
+    parser.add_argument("--rounds", type=int, default=None, help="EAP-IG-iterative: scoring rounds")
     parser.add_argument("--kv-edges", default="grouped", choices=[k.value for k in KVEdges],
                         help="k/v edges per KV head (grouped) or per query head (EAP-IG/MIB layout)")
     parser.add_argument("--ablation", default="corrupted", choices=[a.value for a in Ablation],
@@ -72,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> dict[str, Path]:
     """Validate everything that can be checked without the model; return the output paths."""
-    for name, low in (("edges", 1), ("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0)):
-        value = getattr(args, name)
-        if value < low:
+    for name, low in (("edges", 1), ("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0),
+                      ("steps", 1), ("rounds", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
             flag = "n-examples" if name == "n" else name.replace("_", "-")
             raise GimlensError(f"--{flag} must be >= {low}, got {value}")
     outputs: dict[str, Path] = {}
@@ -95,6 +101,12 @@ def _check(args: argparse.Namespace) -> dict[str, Path]:
         if path.resolve() in {p.resolve() for p in outputs.values()}:
             raise GimlensError(f"{flag} {value!r} is also given for another output; expected distinct files")
         outputs[key] = path
+    wanted = {"steps": "edge-pruning", "lr": "edge-pruning", "rounds": "EAP-IG-iterative"}
+    for name, method in wanted.items():
+        if getattr(args, name, None) is not None and args.method != method:
+            raise GimlensError(f"--{name} applies to --method {method} only, got --method {args.method}")
+    if getattr(args, "lr", None) is not None and not args.lr > 0:
+        raise GimlensError(f"--lr must be > 0, got {args.lr}")
     return outputs
 
 
@@ -122,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gimlens.models import load_model
 
-    from .attribute import attribute
+    from .discover import discover
     from .evaluate import faithfulness
     from .graph import Graph
     from .tasks import make
@@ -141,14 +153,15 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
               file=sys.stderr)
-    attribute(model, graph, task, method=args.method, ig_steps=args.ig_steps, gim=args.gim or None,
-              batch_size=args.batch_size, ablation=args.ablation, progress=not args.no_progress)
-    graph.apply_topn(args.edges, absolute=True)
+    options = {k: getattr(args, k) for k in ("steps", "lr", "rounds") if getattr(args, k, None) is not None}
+    discover(model, graph, task, n_edges=args.edges, method=args.method, ig_steps=args.ig_steps,
+             gim=args.gim or None, batch_size=args.batch_size, ablation=args.ablation,
+             progress=not args.no_progress, **options)
     faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation)
     if not main:  # every rank holds the same circuit; rank 0 writes it
         return 0
     _write_all(graph, outputs)
-    print(f"circuit: {graph.n_edges_in_graph} edges (top {args.edges} by |score|, dangling pruned), "
+    print(f"circuit: {graph.n_edges_in_graph} edges (at most {args.edges} by {args.method}, dangling pruned), "
           f"{int(graph.nodes_in_graph.sum())} nodes; normalised faithfulness {faith:.3f}")
     print(f"wrote {', '.join(str(p) for p in outputs.values())} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -1,135 +1,49 @@
 """Faithfulness of a circuit by exact edge patching, and the faithfulness curve (CPR / CMD).
 
-:func:`evaluate` runs the clean examples once with every edge outside the circuit
-(``graph.in_graph`` False) carrying its ablated value. Destination ``d`` reads
+`evaluate` runs the clean examples once with every edge outside the circuit
+(`graph.in_graph` False) carrying its ablated value. Destination `d` reads
 
     x_d = (its input in this run) - sum over missing edges src -> d of (a[src] - a_abl[src])
 
-where ``a`` are the source activations of this patched run (captured as it proceeds: token
-embedding, per-head outputs ``z[h] @ W_O[h]``, MLP outputs) and ``a_abl`` the ablated ones
-(:class:`~circuits.model.Ablation`). Per-head q/k/v inputs are realised by recomputing each
+(the hooks live in `circuits.patching`) where `a` are the source activations of this patched run (captured as it proceeds: token
+embedding, per-head outputs `z[h] @ W_O[h]`, MLP outputs) and `a_abl` the ablated ones
+(`Ablation`). Per-head q/k/v inputs are realised by recomputing each
 head's projection from its own corrected residual stream with the layer's ln1 (exact norm):
-``hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]`` (before RoPE, so RoPE still applies); the MLP
-input is corrected at ``ln2.hook_in``, the logits' at ``ln_final.hook_in``.
+`hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]` (before RoPE, so RoPE still applies); the MLP
+input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
 
-The empty circuit reproduces the ablated run (the corrupted run for ``ablation="corrupted"``),
+The empty circuit reproduces the ablated run (the corrupted run for `ablation="corrupted"`),
 the full circuit the clean run.
 
 **Grouped-query attention.** Query heads of one KV group share their keys and values, so a
-``per_query_head`` graph can be patched exactly only where the group's query heads have the same
-k (and v) edges; otherwise :func:`evaluate` raises and suggests ``graph.as_kv_edges("grouped")``.
+`per_query_head` graph can be patched exactly only where the group's query heads have the same
+k (and v) edges; otherwise `evaluate` raises and suggests `graph.as_kv_edges("grouped")`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.distributed import all_reduce_sum, shard_range
 from gimlens.errors import GimlensError
 
-from .model import (Ablation, Hook, ModelSpec, Site, Sources, ablated_sources, head_outputs,
-                     head_projection_deltas, run_model, source_hooks)
+from gimlens.runtime import prepared, progress as progress_bar, run_hooked
+
 from .attribute import Examples
-from .graph import Graph, KVEdges
+from .graph import Graph
+from .model import Ablation, ModelSpec, ablated_sources
+from .patching import Patcher, blocks
 from .prune import Selection
 
 __all__ = ["evaluate", "faithfulness", "faithfulness_curve", "FaithfulnessCurve"]
 
 DEFAULT_SIZES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
-
-
-@dataclass
-class _Patcher:
-    """Hooks for one patched run of one batch."""
-
-    spec: ModelSpec
-    graph: Graph
-    missing: Bool[Tensor, "n_fwd n_bwd"]  # on the model's device
-    blocks: dict  # (layer | None, part) -> (n_up, cols, W or None): destinations with missing edges
-    ablated: Sources
-    delta: Float[Tensor, "n_fwd B S d"] = None  # a - a_abl of this run's sources
-    pending: dict = field(default_factory=dict)
-
-    def hooks(self) -> list[Hook]:
-        self.delta = torch.empty_like(self.ablated.resid)
-        hooks = source_hooks(self.spec, self._record, self._record_heads)
-        for l in range(self.spec.n_layers):
-            if any((l, p) in self.blocks for p in "qkv"):
-                hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._heads(x, l)))
-                for p in "qkv":
-                    hooks.append((Site(f"blocks.{{l}}.attn.hook_{p}").at(l),
-                                  lambda x, hook, l=l, p=p: self._add(x, l, p)))
-            if (l, "mlp") in self.blocks:
-                hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
-        if (None, "logits") in self.blocks:
-            hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._patch(x, None, "logits")))
-        return hooks
-
-    def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
-        return x - self._correction(layer, part)[0].to(x.dtype)
-
-    def _record(self, row: int, values: Tensor) -> None:
-        torch.sub(values, self.ablated.resid[row], out=self.delta[row])
-
-    def _record_heads(self, layer: int, z: Tensor) -> None:
-        self.delta[self.spec.head_rows(layer)] = head_outputs(z, self.spec.attn[layer].W_O,
-                                                              minus=self.ablated.z[layer])
-
-    def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
-        n_up, cols, _ = self.blocks[layer, part]
-        m = self.missing[:n_up, cols].to(self.delta.dtype)
-        c = m.T @ self.delta[:n_up].reshape(n_up, -1)
-        return c.view(m.shape[1], *self.delta.shape[1:])
-
-    def _heads(self, x: Tensor, layer: int) -> None:
-        for p in "qkv":
-            if (layer, p) in self.blocks:
-                W = self.blocks[layer, p][2]
-                self.pending[layer, p] = head_projection_deltas(
-                    x, self._correction(layer, p), W, self.spec.ln1[layer])
-
-    def _add(self, x: Tensor, layer: int, part: str):
-        d = self.pending.pop((layer, part), None)
-        return None if d is None else x + d.to(x.dtype)
-
-
-def _blocks(spec: ModelSpec, graph: Graph, missing_cpu: Tensor) -> dict:
-    """Destination blocks that lose at least one edge, with their upstream count and columns."""
-    H, Hk = spec.n_heads, spec.n_kv_heads
-    split = graph.kv_edges is KVEdges.PER_QUERY_HEAD and Hk < H
-    blocks = {}
-    for l in range(spec.n_layers):
-        n_up = spec.upstream(l)
-        for p in "qkv":
-            cols = graph.backward_slice(l, p)
-            if p != "q" and split:
-                shared = missing_cpu[:, cols].reshape(-1, Hk, H // Hk)
-                if not bool((shared == shared[..., :1]).all()):
-                    raise GimlensError(
-                        f"layer {l}: query heads of one KV group have different {p} edges in this "
-                        "per_query_head graph, but they share one key/value projection, so exact "
-                        "patching cannot give them different inputs. Use "
-                        "graph.as_kv_edges('grouped') (an edge stays if any head of the group "
-                        "keeps it) or select the circuit on a kv_edges='grouped' graph."
-                    )
-                cols = slice(cols.start, cols.stop, H // Hk)
-            if bool(missing_cpu[:n_up, cols].any()):
-                W = getattr(spec.attn[l], f"W_{p.upper()}")
-                blocks[l, p] = (n_up, cols, W)
-        col = graph.backward_index(l)
-        n_up = spec.upstream(l, mlp=True)
-        if bool(missing_cpu[:n_up, col].any()):
-            blocks[l, "mlp"] = (n_up, slice(col, col + 1), None)
-    col = graph.n_backward - 1
-    if bool(missing_cpu[:, col].any()):
-        blocks[None, "logits"] = (spec.n_forward, slice(col, col + 1), None)
-    return blocks
 
 
 @dataclass(frozen=True)
@@ -152,21 +66,22 @@ def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attenti
     return _Setup(spec, ex, ablation, batch_size, [i + own.start for i in ex.batches(batch_size, n=len(own))])
 
 
-def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, reference: bool
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Per-example metrics ``[len(masks), n]`` of the patched runs, and (``reference``) of the
+def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, reference: bool,
+                  show: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-example metrics `[len(masks), n]` of the patched runs, and (`reference`) of the
     clean run and of the ablated baseline (the corrupted run, or the empty circuit)."""
     spec, ex = s.spec, s.ex
     valid = graph.valid.cpu()
     plans = []
     for m in masks:
         missing = valid & ~m.cpu().bool()
-        plans.append((missing.to(spec.device), _blocks(spec, graph, missing)))
-    empty = (valid.to(spec.device), _blocks(spec, graph, valid))
+        plans.append((missing.to(spec.device), blocks(spec, graph, missing)))
+    empty = (valid.to(spec.device), blocks(spec, graph, valid))
     out = torch.zeros(len(masks), len(ex))
     clean_m = torch.zeros(len(ex)) if reference else None
     base_m = torch.zeros(len(ex)) if reference else None
-    with torch.no_grad():
+    with prepared(model), torch.no_grad(), \
+            progress_bar(len(s.batches) * len(plans), show=show, desc="evaluate", unit="circuit") as bar:
         mean = ex.mean_sources(model, spec, s.batch_size) if s.ablation is Ablation.MEAN else None
         for idx in s.batches:
             ablated, corrupted_logits = ablated_sources(
@@ -174,13 +89,15 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
             toks, mask = ex.tokens("clean", idx, spec.device)
 
             def patched(plan):
-                patcher = _Patcher(spec, graph, plan[0], plan[1], ablated)
-                return ex.score(run_model(model, toks, mask, patcher.hooks()), idx).float().cpu()
+                patcher = Patcher(spec, plan[0], plan[1], ablated)
+                logits = run_hooked(model, toks, fwd_hooks=patcher.hooks(), attention_mask=mask)
+                return ex.score(logits, idx).float().cpu()
 
             for i, plan in enumerate(plans):
                 out[i, idx] = patched(plan)
+                bar.update(1)
             if reference:
-                clean_m[idx] = ex.score(run_model(model, toks, mask, []), idx).float().cpu()
+                clean_m[idx] = ex.score(run_hooked(model, toks, attention_mask=mask), idx).float().cpu()
                 base_m[idx] = patched(empty) if corrupted_logits is None else \
                     ex.score(corrupted_logits, idx).float().cpu()
     # every example was scored by exactly one rank: the sums over ranks fill in the others
@@ -192,18 +109,22 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
 
 def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
              ablation: Ablation | str = "corrupted", batch_size: int | None = None,
-             attention_mask: Tensor | None = None) -> Float[Tensor, " n"]:
+             attention_mask: Tensor | None = None, progress: bool = False) -> Float[Tensor, " n"]:
     """The metric of every example with only the circuit's edges clean (exact edge patching).
 
     Args:
         model: a TransformerLens model (left as found).
-        graph: the circuit: ``graph.in_graph`` marks the edges kept clean.
-        clean, corrupted, metric, attention_mask: as in :func:`circuits.attribute`.
-        ablation: what missing edges carry: ``"corrupted"``, ``"mean"`` or ``"zero"``.
-        batch_size: examples per forward pass (``None``: all at once).
+        graph: the circuit: `graph.in_graph` marks the edges kept clean.
+        clean, corrupted, metric, attention_mask: as in `circuits.attribute`.
+        ablation: what missing edges carry: `"corrupted"`, `"mean"` or `"zero"`.
+        batch_size: examples per forward pass (`None`: all at once).
+        progress: show a progress bar (one step per batch).
+
+    The model runs in eval mode with frozen parameters (restored on exit). Cost: per batch one
+    corrupted forward (none for `zero`/`mean`) and one patched forward, no backward.
 
     Returns:
-        float32 ``[n]`` (CPU): ``metric`` per example.
+        float32 `[n]` (CPU): `metric` per example.
 
     Example:
         >>> import torch
@@ -218,19 +139,20 @@ def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
         True
     """
     s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
-    return _run_circuits(model, graph, s, [graph.in_graph], reference=False)[0][0]
+    return _run_circuits(model, graph, s, [graph.in_graph], reference=False, show=progress)[0][0]
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric=None, *,
                  ablation: Ablation | str = "corrupted", batch_size: int | None = None,
-                 attention_mask: Tensor | None = None) -> float:
-    """``(m_circuit - m_ablated) / (m_clean - m_ablated)`` with means over examples.
+                 attention_mask: Tensor | None = None, progress: bool = False) -> float:
+    """`(m_circuit - m_ablated) / (m_clean - m_ablated)` with means over examples.
 
-    ``m_ablated`` is the fully ablated model: the corrupted run for ``ablation="corrupted"``,
+    `m_ablated` is the fully ablated model: the corrupted run for `ablation="corrupted"`,
     else the empty circuit under that ablation. 1 means the circuit does what the model does.
     """
     s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
-    circuit, clean_m, base_m = _run_circuits(model, graph, s, [graph.in_graph], reference=True)
+    circuit, clean_m, base_m = _run_circuits(model, graph, s, [graph.in_graph], reference=True,
+                                             show=progress)
     return _normalise(circuit[0].mean(), clean_m.mean(), base_m.mean())
 
 
@@ -246,9 +168,9 @@ def _normalise(m: Tensor, clean: Tensor, base: Tensor) -> float:
 class FaithfulnessCurve:
     """Faithfulness of the best circuits of several sizes, with the curve's areas.
 
-    ``sizes`` are percentages of the valid edges requested, ``n_edges`` the edges left after
-    selection and pruning. ``cpr`` is the area under the curve and ``cmd`` the area between the
-    curve and 1 (``|1 - f|``), both by the trapezoid rule over the fraction axis ``sizes / 100``.
+    `sizes` are percentages of the valid edges requested, `n_edges` the edges left after
+    selection and pruning. `cpr` is the area under the curve and `cmd` the area between the
+    curve and 1 (`|1 - f|`), both by the trapezoid rule over the fraction axis `sizes / 100`.
     """
 
     sizes: tuple[float, ...]
@@ -267,12 +189,13 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
                        sizes: Sequence[float] = DEFAULT_SIZES, selection: Selection | str = "topn",
                        absolute: bool = True, ablation: Ablation | str = "corrupted",
                        batch_size: int | None = None,
-                       attention_mask: Tensor | None = None) -> FaithfulnessCurve:
-    """Faithfulness of the circuits made of the top ``sizes`` percent of edges by score.
+                       attention_mask: Tensor | None = None,
+                       progress: bool = False) -> FaithfulnessCurve:
+    """Faithfulness of the circuits made of the top `sizes` percent of edges by score.
 
-    Each circuit is selected on a copy of ``graph`` (``apply_topn`` or ``apply_greedy`` with
-    ``absolute``, then pruned); ``graph`` itself is not changed. All circuits of a batch share
-    one corrupted and one clean forward pass.
+    Each circuit is selected on a copy of `graph` (`apply_topn` or `apply_greedy` with
+    `absolute`, then pruned); `graph` itself is not changed. All circuits of a batch share
+    one corrupted and one clean forward pass; `progress` shows a bar over the patched runs.
 
     Example:
         >>> from gimlens.testing import tiny_model
@@ -300,7 +223,7 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
         _SELECT[selection](circuit, round(size / 100 * graph.n_valid_edges), absolute)
         masks.append(circuit.in_graph)
         n_edges.append(circuit.n_edges_in_graph)
-    circuits, clean_m, base_m = _run_circuits(model, graph, s, masks, reference=True)
+    circuits, clean_m, base_m = _run_circuits(model, graph, s, masks, reference=True, show=progress)
     f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in circuits]
     x = [size / 100 for size in sizes]
     return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), _trapezoid(f, x),

@@ -100,3 +100,32 @@ def test_unknown_task_is_refused_by_the_parser(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["discover", "--task", "nope", "-o", str(tmp_path / "c.json")])
     assert exc.value.code == 2 and _files(tmp_path) == []
+
+
+def test_discover_with_iterative_method_writes_the_library_circuit(model_dir, tmp_path):
+    out = tmp_path / "c.json"
+    args = ["--task", "ioi", "--n", "4", "--batch-size", "4", "--ig-steps", "1", "--edges", "30",
+            "--no-progress"]
+    assert main(["discover", "--model", model_dir, *args, "--method", "EAP-IG-iterative",
+                 "--rounds", "2", "-o", str(out)]) == 0
+    model = load_model(model_dir)
+    task = make("ioi", model, n=4, seed=0)
+    from circuits import discover
+
+    expected = discover(model, Graph.from_model(model), task, n_edges=30, method="EAP-IG-iterative",
+                        ig_steps=1, rounds=2, batch_size=4)
+    got = Graph.load(out)
+    assert torch.equal(got.in_graph, expected.in_graph)
+    assert 0 < got.n_edges_in_graph <= 30
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--steps", "5"], "--steps applies to --method edge-pruning only"),
+    (["--method", "edge-pruning", "--steps", "0"], "--steps must be >= 1"),
+    (["--method", "edge-pruning", "--lr", "-1"], "--lr must be > 0"),
+])
+def test_method_options_are_checked_before_the_model_loads(model_dir, tmp_path, capsys, bad, message):
+    rc = main(["discover", "--model", model_dir, *ARGS, "-o", str(tmp_path / "c.json"), *bad])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert _files(tmp_path) == []

@@ -20,7 +20,7 @@ from helpers import assert_state_equal, model_state
 from test_attribute import edge_reference, ioi
 
 
-evaluate_module = importlib.import_module("circuits.evaluate")  # circuits.evaluate is also a function
+patching_module = importlib.import_module("circuits.patching")
 
 
 def logits_of(model, graph, clean, corrupted, **kwargs):
@@ -184,10 +184,27 @@ def test_model_left_as_found_after_success_and_after_a_failure(llama_model, monk
     def boom(*args, **kwargs):
         raise RuntimeError("patch failed")
 
-    monkeypatch.setattr(evaluate_module, "head_projection_deltas", boom)  # inside a forward hook
+    monkeypatch.setattr(patching_module, "head_projection_deltas", boom)  # inside a forward hook
     with pytest.raises(RuntimeError, match="patch failed"):
         evaluate(llama_model, circuit, clean, corrupted, metric)
     assert_state_equal(before, model_state(llama_model))
+
+
+def test_model_in_train_mode_is_evaluated_in_eval_mode_and_left_in_train_mode(gpt2_model):
+    clean, corrupted, _ = ioi(gpt2_model)
+    metric = fingerprint(gpt2_model)
+    circuit = random_circuit(gpt2_model, seed=6)
+    expected = evaluate(gpt2_model, circuit, clean, corrupted, metric)
+    gpt2_model.train()
+    try:
+        before = model_state(gpt2_model)
+        got = [evaluate(gpt2_model, circuit, clean, corrupted, metric) for _ in range(2)]
+        assert_state_equal(before, model_state(gpt2_model))
+        assert gpt2_model.training
+    finally:
+        gpt2_model.eval()
+    assert_close(got[0], expected)
+    assert_close(got[1], expected)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,0 +1,209 @@
+"""Edge pruning: learned hard-concrete edge masks optimised through the exact patching forward.
+
+After Bhaskar et al. 2024, "Finding Transformer Circuits with Edge Pruning" (formulas only).
+Every valid edge `e` has a mask `m_e = min(1, max(0, sigmoid((log u - log(1 - u) + log_alpha_e)
+/ beta) (zeta - gamma) + gamma))`, `u ~ U(0, 1)` (hard concrete, `beta = 2/3`, `gamma = -0.1`,
+`zeta = 1.1`), whose probability of being non-zero is `p_e = sigmoid(log_alpha_e - beta log(-gamma
+/ zeta))`. Each step runs one batch through the exact patching forward with missing
+coefficients `w = 1 - m` (differentiable in `log_alpha`) and minimises
+
+    loss = faithfulness loss + lambda_1 r + lambda_2 r^2,   r = (sum_e p_e - target_t) / target_t
+
+with the Lagrange multipliers `lambda` *maximised* (gradient ascent, as in the paper), so the
+expected edge count is driven to the target. The target falls geometrically from all valid
+edges to `n_edges` over the first `ramp` share of the steps, then stays. The faithfulness loss
+is `"metric"`: the mean of `((m_patched - m_clean) / gap)^2` over the batch (`gap` the mean
+clean-minus-ablated metric of the discovery set), or `"kl"`: the KL divergence from the clean to
+the patched next-token distribution at each example's last real token. The circuit is the
+`n_edges` edges of largest `log_alpha`, then pruned.
+
+Warm start (`warm_start="EAP-IG-inputs"`, optionally with GIM): `log_alpha` starts as an affine
+function of each edge's rank by |EAP-IG score|, `init + 4 (q - 1 + n_edges / N)` with `q` the
+rank quantile (1 = best), so the ranks' top `n_edges` start above `init`.
+
+Cost: `prepare` (one corrupted and one clean forward per batch), the warm start's
+`attribute` (one corrupted forward and `ig_steps` forward-and-backward passes per batch), then
+`steps` forward-and-backward passes of one batch each (batches cycled). Memory: one batch's
+autograd graph of the patched forward, about what `circuits.attribute` holds for one gradient
+point (`max_memory` lowers the batch size accordingly).
+
+Example:
+    >>> from gimlens.testing import tiny_model
+    >>> from circuits.graph import Graph
+    >>> model = tiny_model("gpt2")
+    >>> clean, corrupted = model.to_tokens(["When Mary and John went"]), model.to_tokens(["When Anna and John went"])
+    >>> metric = lambda logits, idx: logits[:, -1, 0] - logits[:, -1, 1]
+    >>> g = edge_pruning(model, Graph.from_model(model), clean, corrupted, metric, n_edges=30, steps=20)
+    >>> 0 < g.n_edges_in_graph <= 30
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from gimlens.errors import GimlensError
+from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
+
+from .graph import Graph
+from .masked import Batch, Context, check_n_edges, prepare
+
+__all__ = ["edge_pruning", "Loss", "hard_concrete", "expected_open"]
+
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+class Loss(str, Enum):
+    """Faithfulness losses of edge pruning."""
+
+    METRIC = "metric"  #: squared normalised distance to the clean metric, per example
+    KL = "kl"  #: KL(clean || patched) of the next-token distribution at the last real token
+
+
+def hard_concrete(log_alpha: Tensor, generator: torch.Generator | None = None,
+                  sample: bool = True) -> Tensor:
+    """A hard-concrete mask in [0, 1] (a sample, or the deterministic `sample=False` value)."""
+    if sample:
+        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / BETA)
+    else:
+        s = torch.sigmoid(log_alpha)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def expected_open(log_alpha: Tensor) -> Tensor:
+    """`P(m_e > 0)` of each hard-concrete mask (the expected L0 norm per edge).
+
+    Example:
+        >>> round(float(expected_open(torch.tensor(0.0))), 3)
+        0.832
+    """
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+def _loss(ctx: Context, batch: Batch, missing: Tensor, kind: Loss, gap: float) -> Tensor:
+    logits = ctx.logits(batch, missing)
+    if kind is Loss.KL:
+        rows = torch.arange(len(batch.idx), device=logits.device)
+        logp = logits[rows, batch.last.to(logits.device)].float().log_softmax(-1)
+        ref = batch.clean_logprobs
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
+    values = ctx.ex.score(logits, batch.idx).float()
+    return (((values - batch.clean_metric) / gap) ** 2).mean()
+
+
+def _warm_log_alpha(model, graph: Graph, warm_start: str, gim, n_edges: int, init: float,
+                    **kwargs) -> Tensor:
+    from .attribute import attribute
+
+    if isinstance(warm_start, Graph):
+        if not warm_start.same_layout(graph):
+            raise GimlensError("warm_start graph has another layout than graph")
+        scored = warm_start
+    else:
+        scored = attribute(model, graph.copy(), method=warm_start, gim=gim, **kwargs)
+    ranked = scored.scores.detach().cpu().abs().masked_fill(~graph.valid, -1.0).flatten()
+    order = torch.empty(ranked.numel())
+    order[ranked.argsort(stable=True)] = torch.arange(ranked.numel(), dtype=torch.float32)
+    N = graph.n_valid_edges
+    q = (order.view_as(scored.scores) - (ranked.numel() - N)) / max(N - 1, 1)  # 0 worst .. 1 best
+    return init + 4.0 * (q - 1.0 + n_edges / N)
+
+
+def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
+                 steps: int = 300, lr: float = 0.1, loss: Loss | str = "metric",
+                 warm_start: str | Graph | None = "EAP-IG-inputs", ig_steps: int = 5, gim=None,
+                 ramp: float = 0.7, init: float = 1.0, seed: int = 0,
+                 ablation="corrupted", batch_size: int | None = None,
+                 attention_mask: Tensor | None = None, progress: bool = False,
+                 max_memory: int | str | None = None) -> Graph:
+    """Learn a circuit of at most `n_edges` edges with hard-concrete edge masks.
+
+    Args:
+        model: a TransformerLens model (left as found).
+        graph: a `kv_edges="grouped"` graph of `model`; its scores and selection are replaced.
+        clean, corrupted, metric, attention_mask, ablation, batch_size, max_memory: as in
+            `circuits.attribute`.
+        n_edges: the circuit's size before pruning (and the sparsity target).
+        steps: optimisation steps, each one forward and backward pass of one batch.
+        lr: Adam's learning rate for `log_alpha` and for the multipliers.
+        loss: `"metric"` or `"kl"` (module docstring).
+        warm_start: `None` (every `log_alpha = init`), a `circuits.attribute` method whose
+            scores rank the initial masks (`ig_steps` and `gim` passed on), or a scored `Graph`
+            of the same layout whose scores do (no attribution run).
+        gim: GIM's rules for the gradients of the warm start and of the optimisation.
+        ramp: share of the steps over which the edge target falls to `n_edges`.
+        init: the initial `log_alpha` level.
+        seed: seed of the mask samples.
+        progress: a progress bar showing the loss and the expected edge count.
+
+    Returns:
+        `graph`: `in_graph` the circuit, `scores` the learned `log_alpha` (0 off `valid`).
+    """
+    check_n_edges(graph, n_edges)
+    kind = coerce_enum(Loss, loss, "loss")
+    for name, value, low in (("steps", steps, 1), ("ig_steps", ig_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise GimlensError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value in (("lr", lr), ("ramp", ramp)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or (name == "ramp" and value > 1):
+            raise GimlensError(f"{name} must be a number > 0{' and <= 1' if name == 'ramp' else ''}, "
+                               f"got {value!r}")
+    with prepared(model):
+        ctx = prepare(model, graph, clean, corrupted, metric, ablation=ablation,
+                      batch_size=batch_size, attention_mask=attention_mask, gim=gim,
+                      max_memory=max_memory)
+        spec, valid = ctx.spec, graph.valid
+        if warm_start is None:
+            start = torch.full(valid.shape, float(init))
+        else:
+            start = _warm_log_alpha(model, graph, warm_start, gim, n_edges, init, clean=ctx.ex.clean,
+                                    corrupted=ctx.ex.corrupted, metric=ctx.ex.metric,
+                                    attention_mask=ctx.ex.attention_mask, ig_steps=ig_steps,
+                                    ablation=ablation, batch_size=batch_size)
+        log_alpha = _fit(ctx, start.to(spec.device), kind, steps, lr, ramp, n_edges, seed, progress)
+    scores = log_alpha.detach().cpu().masked_fill(~valid, 0.0)
+    graph.scores = scores.to(graph.scores.device)
+    ranked = graph.copy()
+    ranked.scores = scores.masked_fill(~valid, -math.inf).nan_to_num(neginf=-1e30)
+    ranked.apply_topn(n_edges, absolute=False, prune=False)
+    graph.in_graph = ranked.in_graph
+    graph.prune()
+    return graph
+
+
+def _fit(ctx: Context, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float,
+         n_edges: int, seed: int, show: bool) -> Float[Tensor, "n_fwd n_bwd"]:
+    valid = ctx.graph.valid.to(start.device)
+    N = ctx.graph.n_valid_edges
+    gap = abs(ctx.gap()) or 1.0
+    log_alpha = start.clone().requires_grad_(True)
+    lambdas = torch.zeros(2, device=start.device, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=lr)
+    opt_lambda = torch.optim.Adam([lambdas], lr=lr, maximize=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad(), progress_bar(steps, show=show, desc="edge pruning", unit="step") as bar:
+        for t in range(steps):
+            batch = ctx.batches[t % len(ctx.batches)]
+            target = N * (n_edges / N) ** min(1.0, (t + 1) / max(1.0, ramp * steps))
+            m = hard_concrete(log_alpha, generator)
+            missing = (1.0 - m) * valid
+            faith = _loss(ctx, batch, missing, kind, gap)
+            expected = (expected_open(log_alpha) * valid).sum()
+            r = (expected - target) / target
+            total = faith + lambdas[0] * r + lambdas[1] * r ** 2
+            opt.zero_grad()
+            opt_lambda.zero_grad()
+            total.backward()
+            opt.step()
+            opt_lambda.step()
+            bar.set_postfix(loss=f"{float(faith.detach()):.4f}", edges=int(expected.detach()),
+                            target=int(target))
+            bar.update(1)
+    return log_alpha.detach()

@@ -1,0 +1,229 @@
+"""Exact edge patching hooks, with edge coefficients that may be float and differentiable.
+
+One patched run of a batch reads, at every destination `d`,
+
+    x_d = (its input in this run) - sum over sources src of w[src, d] (a[src] - a_abl[src])
+
+where `a` are the source activations of this same run (token embedding, per-head outputs
+`z[h] @ W_O[h]`, MLP outputs), `a_abl` the ablated ones and `w = 1 - m` the *missing*
+coefficient of each edge (`m` its mask: 1 in the circuit). With a boolean `w` this is
+`circuits.evaluate`'s patching (fast path: a preallocated buffer, no autograd); with a float `w`
+that requires grad, the correction keeps its autograd graph, so the patched metric is
+differentiable in `w` (edge pruning optimises it; its gradient at `w = 0` is minus the EAP
+score). A *probe* adds a second term `- v[src, d] D[src]` with `v = 0` requiring grad and a fixed
+direction `D` (the `a - a_abl` of a reference run): its gradient is the EAP score of the patched
+model, which re-linearised attribution uses at interpolated inputs.
+
+Per-head q/k/v inputs are realised by recomputing each head's projection from its own
+corrected residual stream with the layer's ln1: `hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]`
+(before RoPE); with `frozen` (GIM's `freeze_norm`) the norm's scale is a constant for the
+gradient. The MLP input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
+
+Example:
+    >>> import torch
+    >>> from gimlens.testing import tiny_model
+    >>> from circuits.graph import Graph
+    >>> from circuits.model import ModelSpec, recorded_sources
+    >>> from gimlens.runtime import run_hooked
+    >>> model = tiny_model("gpt2")
+    >>> spec, graph = ModelSpec.read(model), Graph.from_model(model)
+    >>> clean, corrupted = model.to_tokens(["When Mary and John went"]), model.to_tokens(["When Anna and John went"])
+    >>> ablated, corrupted_logits = recorded_sources(model, spec, corrupted, None)
+    >>> missing = graph.valid  # every edge ablated: the corrupted run
+    >>> patcher = Patcher(spec, missing, blocks(spec, graph, missing), ablated)
+    >>> with torch.no_grad():
+    ...     logits = run_hooked(model, clean, fwd_hooks=patcher.hooks())
+    >>> torch.allclose(logits, corrupted_logits, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from gimlens.errors import GimlensError
+from gimlens.heads import head_outputs
+
+from .graph import Graph, KVEdges
+from .model import Hook, ModelSpec, Norm, NormKind, Site, Sources, head_projection_deltas
+
+__all__ = ["Patcher", "blocks"]
+
+
+@dataclass
+class Patcher:
+    """Hooks for one patched run of one batch.
+
+    Args (fields):
+        spec: the model's `ModelSpec`.
+        missing: `[n_fwd, n_bwd]` missing coefficients `w` (bool, or float in [0, 1]; zero off
+            `graph.valid`), on the model's device.
+        blocks: destination blocks to correct, from `blocks`.
+        ablated: the batch's ablated sources.
+        frozen: GIM's frozen norm scale in the recomputed q/k/v norms (gradient only).
+        probe: optional `[n_fwd, n_bwd]` float coefficients `v` (normally zeros requiring grad).
+        direction: the probe's fixed `a - a_abl` per source row, `[n_fwd, B, S, d]`; `None`:
+            recorded (detached) from this run, for the reference run itself.
+    """
+
+    spec: ModelSpec
+    missing: Tensor
+    blocks: dict  # (layer | None, part) -> (n_up, cols, W or None)
+    ablated: Sources
+    frozen: bool = False
+    probe: Tensor | None = None
+    direction: Tensor | None = None
+    delta: Float[Tensor, "n_fwd B S d"] | None = None  # fast path: a - a_abl of this run
+    chunks: list = field(default_factory=list)  # differentiable path: (rows, [n, B, S, d])
+    heads_chunk: tuple | None = None  # this layer's head rows until its MLP output arrives
+    pending: dict = field(default_factory=dict)
+    fast: bool = True  # set by hooks(): bool coefficients, no probe, grad off
+
+    def recorded(self) -> Float[Tensor, "n_fwd B S d"]:
+        """This (differentiable) run's `a - a_abl` of every source, detached: the probe's
+        direction for later runs."""
+        return torch.cat([d.detach() for _, d in self.chunks])
+
+    def hooks(self) -> list[Hook]:
+        self.fast = (self.missing.dtype == torch.bool and self.probe is None
+                     and not torch.is_grad_enabled())
+        self.chunks, self.heads_chunk, self.pending = [], None, {}
+        if self.fast:
+            self.delta = torch.empty_like(self.ablated.resid)
+        spec = self.spec
+        hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: self._record(0, x))]
+        for l in range(spec.n_layers):
+            hooks.append((Site.Z.at(l), lambda x, hook, l=l: self._record_heads(l, x)))
+            hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: self._record(spec.mlp_row(l), x)))
+            if any((l, p) in self.blocks for p in "qkv"):
+                hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._heads(x, l)))
+                for p in "qkv":
+                    hooks.append((Site(f"blocks.{{l}}.attn.hook_{p}").at(l),
+                                  lambda x, hook, l=l, p=p: self._add(x, l, p)))
+            if (l, "mlp") in self.blocks:
+                hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
+        if (None, "logits") in self.blocks:
+            hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._patch(x, None, "logits")))
+        return hooks
+
+    # -- sources
+    def _record(self, row: int, x: Tensor) -> None:
+        if self.fast:
+            torch.sub(x.detach().float(), self.ablated.resid[row], out=self.delta[row])
+            return
+        d = (x.float() - self.ablated.resid[row])[None]
+        self._keep(slice(row, row + 1), d)
+
+    def _record_heads(self, layer: int, z: Tensor) -> None:
+        W_O, rows = self.spec.attn[layer].W_O.float(), self.spec.head_rows(layer)
+        if self.fast:
+            head_outputs(z.detach().float() - self.ablated.z[layer].float(), W_O,
+                         out=self.delta[rows])
+            return
+        self._keep(rows, head_outputs(z.float() - self.ablated.z[layer].float(), W_O))
+
+    def _keep(self, rows: slice, d: Tensor) -> None:
+        if rows.stop - rows.start > 1:  # a layer's heads: joined with its MLP row when it arrives
+            self.heads_chunk = (rows, d)
+        elif self.heads_chunk is not None:
+            h_rows, h = self.heads_chunk
+            self.chunks.append((slice(h_rows.start, rows.stop), torch.cat([h, d])))
+            self.heads_chunk = None
+        else:
+            self.chunks.append((rows, d))
+
+    # -- destinations
+    def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
+        n_up, cols, _ = self.blocks[layer, part]
+        if self.fast:
+            m = self.missing[:n_up, cols].to(self.delta.dtype)
+            c = m.T @ self.delta[:n_up].reshape(n_up, -1)
+            return c.view(m.shape[1], *self.delta.shape[1:])
+        parts = list(self.chunks) + ([self.heads_chunk] if self.heads_chunk is not None else [])
+        c = 0.0
+        for rows, d in parts:
+            if rows.stop <= n_up:
+                c = c + self.missing[rows, cols].float().T @ d.reshape(d.shape[0], -1)
+                if self.probe is not None and self.direction is None:  # this run is the reference
+                    c = c + self.probe[rows, cols].T @ d.detach().reshape(d.shape[0], -1)
+        if self.probe is not None and self.direction is not None:
+            D = self.direction[:n_up]
+            c = c + self.probe[:n_up, cols].T @ D.reshape(n_up, -1)
+        shape = self.ablated.resid.shape[1:]
+        return c.view(-1, *shape)
+
+    def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
+        return x - self._correction(layer, part).squeeze(0).to(x.dtype)
+
+    def _heads(self, x: Tensor, layer: int) -> None:
+        for p in "qkv":
+            if (layer, p) in self.blocks:
+                W = self.blocks[layer, p][2]
+                c = self._correction(layer, p)
+                norm = self.spec.ln1[layer]
+                self.pending[layer, p] = (head_projection_deltas(x, c, W, norm) if self.fast
+                                          else projection_deltas(x, c, W, norm, self.frozen))
+
+    def _add(self, x: Tensor, layer: int, part: str):
+        d = self.pending.pop((layer, part), None)
+        return None if d is None else x + d.to(x.dtype)
+
+
+def _norm(norm: Norm, x: Tensor, frozen: bool) -> Tensor:
+    if norm.kind is NormKind.LAYER_NORM:
+        x = x - x.mean(-1, keepdim=True)
+    inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    out = x * (inv.detach() if frozen else inv) * norm.weight
+    return out if norm.bias is None else out + norm.bias
+
+
+def projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
+                      W: Float[Tensor, "n d dh"], norm: Norm, frozen: bool
+                      ) -> Float[Tensor, "B S n dh"]:
+    """Differentiable `(norm(x - c_h) - norm(x)) @ W[h]`; with `frozen` the norm's scale is a
+    constant for the gradient (GIM's `freeze_norm`), its value unchanged."""
+    n, B, S, d = correction.shape
+    x = x.float()
+    delta = _norm(norm, x - correction, frozen) - _norm(norm, x, frozen)
+    out = torch.bmm(delta.reshape(n, B * S, d), W.float())
+    return out.view(n, B, S, -1).permute(1, 2, 0, 3)
+
+
+def blocks(spec: ModelSpec, graph: Graph, missing_cpu: Bool[Tensor, "n_fwd n_bwd"]) -> dict:
+    """Destination blocks with at least one edge in `missing_cpu` (pass `graph.valid` for every
+    block), with their upstream count, columns and projection weight.
+
+    Raises `GimlensError` for a `per_query_head` graph of a grouped-KV model whose query heads
+    of one KV group differ in their k or v edges (they share one projection)."""
+    H, Hk = spec.n_heads, spec.n_kv_heads
+    split = graph.kv_edges is KVEdges.PER_QUERY_HEAD and Hk < H
+    out = {}
+    for l in range(spec.n_layers):
+        n_up = spec.upstream(l)
+        for p in "qkv":
+            cols = graph.backward_slice(l, p)
+            if p != "q" and split:
+                shared = missing_cpu[:, cols].reshape(-1, Hk, H // Hk)
+                if not bool((shared == shared[..., :1]).all()):
+                    raise GimlensError(
+                        f"layer {l}: query heads of one KV group have different {p} edges in this "
+                        "per_query_head graph, but they share one key/value projection, so exact "
+                        "patching cannot give them different inputs. Use "
+                        "graph.as_kv_edges('grouped') (an edge stays if any head of the group "
+                        "keeps it) or select the circuit on a kv_edges='grouped' graph."
+                    )
+                cols = slice(cols.start, cols.stop, H // Hk)
+            if bool(missing_cpu[:n_up, cols].any()):
+                out[l, p] = (n_up, cols, getattr(spec.attn[l], f"W_{p.upper()}"))
+        col = graph.backward_index(l)
+        n_up = spec.upstream(l, mlp=True)
+        if bool(missing_cpu[:n_up, col].any()):
+            out[l, "mlp"] = (n_up, slice(col, col + 1), None)
+    col = graph.n_backward - 1
+    if bool(missing_cpu[:, col].any()):
+        out[None, "logits"] = (spec.n_forward, slice(col, col + 1), None)
+    return out
