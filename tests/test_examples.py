@@ -81,7 +81,12 @@ def test_docs_build_strict_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     api = (site / "api" / "gimlens" / "index.html").read_text()
     assert "GIMConfig" in api and "softmax_temperature" in api, "API reference not generated from docstrings"
-    assert "&gt;&gt;&gt;" in api, "docstring examples missing from the API reference"
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in api, "docstring examples not rendered as Python code"
+    for page in (site / "api").rglob("*.html"):  # docstrings are Markdown: no reST left, no example admonition
+        text = page.read_text()
+        raw = re.findall(r":(?:class|func|meth|attr|mod|data|exc):`|``\w", text)
+        assert not raw, f"{page.relative_to(site)} shows reST markup {sorted(set(raw))}; run md_convert.py"
+        assert 'class="example"' not in text, f"{page.relative_to(site)}: an `Example:` heading (write `Examples:`)"
     for page in site.rglob("*.html"):  # nothing the page loads may come from the network
         text = page.read_text()
         assert not re.search(r"<(link|script)[^>]+(href|src)=\"https?://", text), page
