@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
-from gimlens.gim import _NORM_REBUILD_WARNING
+from gimlens.runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
 from gimlens.heads import head_outputs as shared_head_outputs
 
 Hook = tuple[str, Callable]

@@ -52,7 +52,7 @@ from .attribution.inputs import model_device
 from .attribution.targets import Readout, ResolvedTarget, TargetKind, with_continuation
 from .distributed import all_reduce_sum, is_main_process, shard_range
 from .errors import GimlensError
-from .gim import _NORM_REBUILD_WARNING
+from .runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
 
 __all__ = [
     "SUFFICIENCY_RATIOS",

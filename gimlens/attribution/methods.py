@@ -33,7 +33,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ..gim import GIMConfig, _NORM_REBUILD_WARNING
+from ..gim import GIMConfig
+from ..runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
 from ..quadrature import Quadrature, nodes_and_weights
 from ..runtime import prepared as attribution_mode
 from .gradients import embedding_gradients, token_embeddings
