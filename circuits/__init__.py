@@ -9,7 +9,7 @@ Example:
     True
 """
 
-from . import tasks
+from . import mib, tasks
 from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
@@ -32,6 +32,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "load",
+    "mib",
     "prune_dangling",
     "save",
     "tasks",
