@@ -18,6 +18,15 @@ follows MIB's `evaluate_area_under_curve` and its leaderboard's choice of runs:
    their **signed** score and **CMD** (area of `|1 - f|`, lower is better) from a run that ranks
    by **absolute** score. `mib_metrics` runs both selections and reports both full curves.
 
+**Score sign.** MIB attributes with `loss=True`: its scores are those of the *negated* logit
+difference, so an edge whose ablation lowers the logit difference scores positive, and the signed
+selection keeps those first. gimlens scores the metric itself (`graph.scores` is the estimated
+change of the metric when the edge is ablated: negative for such an edge). `mib_metrics`
+therefore ranks the signed run by `-graph.scores` by default (`loss=False`); pass `loss=True`
+when the scores already have MIB's sign: a graph loaded from a MIB / EAP-IG file, or one scored
+with a metric that ablation raises (a loss, such as [`KLMetric`][circuits.tasks.kl.KLMetric]).
+The absolute run does not depend on the sign.
+
 **Grouped-query attention.** MIB runs `HookedTransformer` with
 `ungroup_grouped_query_attention=True`: every query head then has its own copy of the k/v
 projection, and a per-query-head circuit can give the query heads of one KV group different k/v
@@ -161,7 +170,7 @@ class MIBMetrics:
         fractions: the points' edge fractions.
         n_total: `N`, edges counted per query head.
         n_requested: `int(fraction * N)` per point.
-        signed: the run ranking edges by signed score (its `area_under` is CPR).
+        signed: the run ranking edges by signed score in MIB's sign (its `area_under` is CPR).
         absolute: the run ranking edges by absolute score (its `area_from_1` is CMD).
         clean_metric: mean metric of the clean run (`m_clean`).
         corrupted_metric: mean metric of the empty circuit (`m_corrupt`).
@@ -188,7 +197,7 @@ class MIBMetrics:
 
 def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
                 fractions: Sequence[float] = MIB_FRACTIONS, selection: Selection | str = "topn",
-                ablation: Ablation | str = "corrupted", batch_size: int | None = None,
+                loss: bool = False, ablation: Ablation | str = "corrupted", batch_size: int | None = None,
                 attention_mask: Tensor | None = None) -> MIBMetrics:
     """CPR, CMD and mean faithfulness of a scored graph, by MIB's rules (module docstring).
 
@@ -204,6 +213,9 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
         fractions: the points (default `MIB_FRACTIONS`).
         selection: `"topn"` (MIB's default) or `"greedy"` (MIB's choice for information-flow
             routes).
+        loss: `graph.scores` already have MIB's sign (scores of a loss: MIB / EAP-IG files, a
+            KL metric). `False` (gimlens scores of a metric that important edges raise, such as
+            the logit difference): the signed run ranks by `-graph.scores` (module docstring).
         ablation: what edges outside the circuit carry: `"corrupted"` (MIB's patching), `"mean"`
             or `"zero"`.
         batch_size: examples per forward pass (`None`: all at once).
@@ -230,9 +242,14 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
         selection = None
     if selection not in _SELECT:
         raise GimlensError(f"selection must be one of {[s.value for s in _SELECT]}, got {selection!r}")
+    if not isinstance(loss, bool):
+        raise GimlensError(f"loss must be True or False, got {loss!r}")
     fractions = _check_fractions(fractions)
     graph.check_matches(model)
     per_query = graph.as_kv_edges(KVEdges.PER_QUERY_HEAD)
+    importance = per_query.copy()  # MIB's sign: positive = ablation lowers the metric
+    if not loss:
+        importance.scores = -per_query.scores
     n_total = per_query.n_valid_edges
     requested = mib_points(n_total, fractions)
     cache: dict[bytes, float] = {}
@@ -256,7 +273,7 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
     def run(absolute: bool) -> MIBCurve:
         n_edges, n_patched, f = [], [], []
         for n in requested:
-            circuit = per_query.copy()
+            circuit = importance.copy()
             _SELECT[selection](circuit, n, absolute)
             n_edges.append(circuit.n_edges_in_graph)
             as_patched = circuit.as_kv_edges(KVEdges.GROUPED)

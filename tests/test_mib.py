@@ -85,10 +85,13 @@ def test_cpr_and_cmd_equal_an_independent_loop_over_points(request, name):
     assert got.clean_metric == pytest.approx(clean_m, abs=1e-5)
     assert got.corrupted_metric == pytest.approx(corrupt_m, abs=1e-5)
     assert got.n_requested == (0, 0, 0, 1, 2, 5, 11, 22, 55, 110)
+    # MIB scores the negated logit difference: its signed run ranks by -(gimlens score)
+    mib_signed = graph.copy()
+    mib_signed.scores = -graph.scores
     for absolute, curve in ((False, got.signed), (True, got.absolute)):
         f, counts = [], []
         for n in (0, 0, 0, 1, 2, 5, 11, 22, 55, 110):
-            circuit = graph.copy().apply_topn(n, absolute=absolute)
+            circuit = (graph if absolute else mib_signed).copy().apply_topn(n, absolute=absolute)
             counts.append(circuit.n_edges_in_graph)
             patched = circuit.as_kv_edges("grouped")  # what exact patching can realise
             m = float(circuits.evaluate(model, patched, task).mean())
@@ -116,6 +119,23 @@ def test_a_grouped_graph_is_ranked_as_its_per_query_head_expansion(llama_model):
     assert a == b
 
 
+def test_loss_true_takes_scores_with_mibs_sign_as_they_are(gpt2_model):
+    task = make("ioi", gpt2_model, n=4, seed=4)
+    graph = attribute(gpt2_model, Graph.from_model(gpt2_model), task)
+    negated = graph.copy()
+    negated.scores = -graph.scores  # what MIB's loss=True attribution stores
+    fractions = (0.02, 0.1, 1.0)
+    ours = mib_metrics(gpt2_model, graph, task, fractions=fractions)
+    assert ours == mib_metrics(gpt2_model, negated, task, fractions=fractions, loss=True)
+    flipped = mib_metrics(gpt2_model, graph, task, fractions=fractions, loss=True)
+    assert flipped.absolute == ours.absolute  # the absolute run ignores the sign
+    # the signed run of loss=True on gimlens scores keeps the edges that *raise* the metric
+    assert flipped.signed.n_edges == tuple(
+        graph.copy().apply_topn(n, absolute=False).n_edges_in_graph for n in flipped.n_requested)
+    with pytest.raises(GimlensError, match="loss"):
+        mib_metrics(gpt2_model, graph, task, loss="yes")
+
+
 def test_greedy_selection_follows_apply_greedy_at_each_point(gpt2_model):
     task = make("ioi", gpt2_model, n=4, seed=3)
     graph = attribute(gpt2_model, Graph.from_model(gpt2_model), task)
@@ -124,7 +144,9 @@ def test_greedy_selection_follows_apply_greedy_at_each_point(gpt2_model):
     corrupt_m = _model_metric(gpt2_model, task, task.corrupted)
     f = []
     for n in (5, 22, 110):
-        circuit = graph.copy().apply_greedy(n, absolute=False)
+        circuit = graph.copy()
+        circuit.scores = -graph.scores  # MIB's sign
+        circuit.apply_greedy(n, absolute=False)
         f.append((float(circuits.evaluate(gpt2_model, circuit, task).mean()) - corrupt_m) / (clean_m - corrupt_m))
     assert_close(torch.tensor(got.signed.faithfulness), torch.tensor(f), atol=1e-4, rtol=1e-4)
 
