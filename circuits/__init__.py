@@ -9,7 +9,7 @@ Example:
     True
 """
 
-from . import tasks
+from . import mib, tasks
 from .model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
@@ -35,6 +35,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "load",
+    "mib",
     "prune_dangling",
     "save",
     "tasks",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from circuits.tasks import TASKS, MetricKind, Task, capitals, greater_than, induction, ioi, make
+from circuits.tasks import TASKS, KLMetric, MetricKind, Task, capitals, greater_than, induction, ioi, make
 from circuits.tasks.capitals import CAPITALS
 from gimlens import GimlensError
 from gimlens.testing import TINY_NAMES, tiny_tokenizer
@@ -263,6 +263,67 @@ def test_induction_repeats_the_first_half_and_the_corruption_cannot_be_copied(to
         assert not set(y) & set(x) and len(set(y)) == k - 1
         assert task.labels[i, 0] == x[-1] and int(task.labels[i, 1]) not in set(x) | set(y)
         assert all(tok.decode(t).startswith(" ") for t in x + y)
+
+
+# ----------------------------------------------------------------------------- KL divergence
+
+
+def test_kl_metric_equals_torch_kl_div_in_eap_igs_direction(tok):
+    task = ioi(tok, n=6, seed=0)
+    g = torch.Generator().manual_seed(1)
+    clean_logits = torch.randn(6, task.clean.shape[1], len(tok), generator=g)
+    run_logits = torch.randn(6, task.clean.shape[1], len(tok), generator=g)
+    rows, pos = torch.arange(6), task.answer_position
+    log_p = torch.log_softmax(clean_logits[rows, pos], -1)
+    kl = KLMetric(task, log_p)
+    log_q = torch.log_softmax(run_logits[rows, pos], -1)
+    # KL(clean || run): kl_div(input=log Q, target=log P) summed over the vocabulary
+    expected = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none")
+    assert_close(kl(run_logits), expected.sum(-1))
+    hand = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert_close(kl(run_logits), hand)
+    # EAP-IG's own scale: the mean over the vocabulary instead of the sum
+    assert_close(KLMetric(task, log_p, vocab_mean=True)(run_logits), expected.mean(-1))
+    # examples by index, as circuits.attribute / evaluate call it
+    idx = torch.tensor([4, 1])
+    assert_close(kl(run_logits[idx], idx), hand[idx])
+    with pytest.raises(GimlensError, match="clean_log_probs"):
+        KLMetric(task, log_p[:3])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_kl_metric_is_zero_on_the_clean_run_and_the_empty_circuit_gives_the_corrupted_kl(llama_model, name):
+    import circuits
+
+    task = make(name, llama_model, n=5, seed=1)
+    hooks_before = sum(len(h.fwd_hooks) + len(h.bwd_hooks) for h in llama_model.hook_dict.values())
+    flags = [p.requires_grad for p in llama_model.parameters()]
+    kl = task.kl_metric(llama_model, batch_size=2)
+    assert [p.requires_grad for p in llama_model.parameters()] == flags
+    assert sum(len(h.fwd_hooks) + len(h.bwd_hooks) for h in llama_model.hook_dict.values()) == hooks_before
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = llama_model(task.clean, attention_mask=task.attention_mask)
+        corrupted = llama_model(task.corrupted, attention_mask=task.attention_mask)
+    assert_close(kl(clean), torch.zeros(5), atol=1e-5, rtol=0)
+    corrupted_kl = kl(corrupted)
+    assert bool((corrupted_kl > 1e-4).all())
+    empty = circuits.Graph.from_model(llama_model).reset(empty=True)
+    assert_close(circuits.evaluate(llama_model, empty, task, metric=kl), corrupted_kl, atol=1e-5, rtol=1e-4)
+    full = circuits.Graph.from_model(llama_model)
+    assert_close(circuits.evaluate(llama_model, full, task, metric=kl), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def test_kl_metric_has_zero_gradient_at_the_clean_run_so_eap_scores_vanish(gpt2_model):
+    import circuits
+
+    task = make("ioi", gpt2_model, n=4, seed=0)
+    kl = task.kl_metric(gpt2_model)
+    eap = circuits.attribute(gpt2_model, circuits.Graph.from_model(gpt2_model), task, metric=kl, method="EAP")
+    ig = circuits.attribute(gpt2_model, circuits.Graph.from_model(gpt2_model), task, metric=kl,
+                            method="EAP-IG-inputs")
+    ig_max = float(ig.scores.abs().max())
+    assert ig_max > 0 and float(eap.scores.abs().max()) < 1e-4 * ig_max
 
 
 # ----------------------------------------------------------------------------- SmolLM2

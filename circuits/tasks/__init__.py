@@ -21,8 +21,9 @@ from .capitals import capitals
 from .greater_than import greater_than
 from .induction import induction
 from .ioi import ioi
+from .kl import KLMetric
 
-__all__ = ["Task", "MetricKind", "TASKS", "make", "ioi", "greater_than", "capitals", "induction"]
+__all__ = ["Task", "MetricKind", "KLMetric", "TASKS", "make", "ioi", "greater_than", "capitals", "induction"]
 
 #: task name -> generator ``f(model_or_tokenizer, n, seed, **options) -> Task``.
 TASKS: dict[str, Callable[..., Task]] = {

@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+
+if TYPE_CHECKING:
+    from .kl import KLMetric
 
 __all__ = ["Task", "MetricKind", "Indices", "tokenizer_and_bos", "encode", "single_tokens", "pair_batch"]
 
@@ -150,6 +153,32 @@ class Task:
             return picked[:, 0] - picked[:, 1]
         probs = final.softmax(-1)[:, self.answer_tokens.to(final.device)]
         return (probs * self.answer_sign[idx].to(final)).sum(-1)
+
+    def kl_metric(self, model, *, batch_size: int | None = None, vocab_mean: bool = False) -> "KLMetric":
+        """A KL-divergence metric (EAP-IG-KL's): `KL(clean || run)` at the answer position.
+
+        Runs the model once on the clean examples and keeps their log-probabilities; the returned
+        [`KLMetric`][circuits.tasks.kl.KLMetric] is `metric(logits, indices) -> Tensor[b]`
+        (rules and EAP-IG's conventions in [circuits.tasks.kl][]). It is 0 for the clean run and
+        so has zero gradient there: score with an integrated-gradients method, not plain EAP.
+
+        Args:
+            model: the TransformerLens model the task is run on (left as found).
+            batch_size: examples per forward pass (`None`: all at once).
+            vocab_mean: divide by the vocabulary size (EAP-IG's `kl_div(...).mean(-1)` scale).
+
+        Example:
+            >>> from gimlens.testing import tiny_model
+            >>> from circuits.tasks import make
+            >>> model = tiny_model("gpt2")
+            >>> task = make("ioi", model, n=4)
+            >>> kl = task.kl_metric(model)
+            >>> bool((kl(model(task.clean, attention_mask=task.attention_mask)).abs() < 1e-5).all())
+            True
+        """
+        from .kl import KLMetric, clean_log_probs
+
+        return KLMetric(self, clean_log_probs(model, self, batch_size), vocab_mean=vocab_mean)
 
     def metric_for(self, indices: Indices = None) -> Callable[[Tensor], Tensor]:
         """``metric`` with the examples fixed: ``task.metric_for(idx)(logits) == task.metric(logits, idx)``."""
