@@ -20,18 +20,25 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
-from gimlens.gim import _NORM_REBUILD_WARNING
 from gimlens.heads import head_outputs as shared_head_outputs
+from gimlens.runtime import coerce_enum, require_lens_model, run_hooked
+
+__all__ = [
+    "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Site",
+    "Sources", "ablated_sources", "check_norm", "head_input_grads", "head_outputs",
+    "head_projection_deltas", "mean_sources", "recorded_sources", "require_hooks", "run_model",
+    "source_hooks",
+]
 
 Hook = tuple[str, Callable]
 
@@ -61,13 +68,9 @@ CORE_SITES = (Site.EMBED, Site.LN1_IN, Site.LN1_OUT, Site.Q, Site.K, Site.V, Sit
 
 
 def require_hooks(model, sites=CORE_SITES) -> None:
-    """Raise :class:`GimlensError` naming the hook points ``model`` lacks."""
-    hook_dict = getattr(model, "hook_dict", None)
-    if hook_dict is None or not hasattr(model, "hooks"):
-        raise GimlensError(
-            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
-            f"{type(model).__name__}"
-        )
+    """Raise [`GimlensError`][gimlens.errors.GimlensError] naming the hook points `model` lacks."""
+    require_lens_model(model)
+    hook_dict = model.hook_dict
     names = {s.at(l) for s in sites for l in range(int(model.cfg.n_layers))}
     missing = sorted(n for n in names if n not in hook_dict)
     if missing:
@@ -88,10 +91,7 @@ class Ablation(str, Enum):
 
     @classmethod
     def coerce(cls, value: "Ablation | str") -> "Ablation":
-        try:
-            return cls(value)
-        except ValueError:
-            raise GimlensError(f"unknown ablation {value!r}; known: {[a.value for a in cls]}") from None
+        return coerce_enum(cls, value, "ablation")
 
 
 class NormKind(str, Enum):
@@ -213,6 +213,10 @@ class ModelSpec:
         return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
                    tuple(ln1), tuple(attn), W_O.device, W_O.dtype)
 
+    # ---- the graph's forward (source) index: input, then per layer its heads and its MLP.
+    # The same arithmetic as circuits.graph's layout; it is kept here, in this one block, until
+    # ModelSpec reads it from the layout module.
+
     @property
     def n_forward(self) -> int:
         return 1 + self.n_layers * (self.n_heads + 1)
@@ -232,6 +236,8 @@ class ModelSpec:
             return self.n_forward
         n = 1 + layer * (self.n_heads + 1)
         return n + self.n_heads if mlp and not self.parallel_attn_mlp else n
+
+    # ---- end of the index arithmetic
 
 
 def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"],
@@ -256,7 +262,7 @@ def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"]
     B, S, n, dh = grad.shape
     d = W.shape[1]
     weighted = (W.float() * norm.weight[:, None]).transpose(1, 2)  # w * (g @ W^T) = g @ (w W)^T
-    g = grad.permute(2, 0, 1, 3).reshape(n, B * S, dh).float()
+    g = rearrange(grad, "B S n dh -> n (B S) dh").float()
     if out is None:
         out = torch.empty(n, B, S, d, device=g.device)
     torch.bmm(g, weighted, out=out.view(n, B * S, d))
@@ -313,7 +319,7 @@ def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
 
 def recorded_sources(model, spec: ModelSpec, tokens: Tensor, mask: Tensor | None
                      ) -> tuple[Sources, Tensor]:
-    """A no-grad run's :class:`Sources` and logits."""
+    """A no-grad run's [`Sources`][circuits.model.Sources] and logits."""
     B, S = tokens.shape
     src = Sources(torch.empty(spec.n_forward, B, S, spec.d_model, device=spec.device),
                   [None] * spec.n_layers)
@@ -366,10 +372,6 @@ def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, 
 
 
 def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:
-    """``model(tokens)`` with ``hooks`` in place (removed afterwards, also on error) -> logits."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
-        with model.hooks(fwd_hooks=hooks):
-            if attention_mask is None:
-                return model(tokens)
-            return model(tokens, attention_mask=attention_mask)
+    """`model(tokens)` with forward `hooks` in place (removed afterwards, also on error) -> logits
+    ([`run_hooked`][gimlens.runtime.run_hooked])."""
+    return run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)

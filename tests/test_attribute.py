@@ -27,7 +27,7 @@ from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
 from reference import Rules, _causal_scores, _layer_norm, _rms_norm, _rope, _scale, _softmax
 
-attribute_module = importlib.import_module("circuits.attribute")  # circuits.attribute is also a function
+scoring_module = importlib.import_module("circuits.scoring")
 
 GIM_RULES = Rules(freeze_norm=True, temperature=2.0, q=0.25, k=0.25, v=0.5, gate=0.5, up=0.5)
 PAIRS = [  # (clean, corrupted): the corruption changes the second mention of a name
@@ -505,7 +505,7 @@ def test_model_left_as_found_after_failures_inside_the_run(llama_model, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("hook failed")
 
-    monkeypatch.setattr(attribute_module, "head_outputs", boom)  # raised inside a forward hook
+    monkeypatch.setattr(scoring_module, "head_outputs", boom)  # raised inside a forward hook
     with pytest.raises(RuntimeError, match="hook failed"):
         attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric, gim=True)
     assert_state_equal(before, model_state(llama_model))
@@ -519,10 +519,13 @@ def _bad_cases(model):
     g = Graph.from_model(model)
     return {
         "shape": (dict(clean=clean, corrupted=corrupted[:, :-1]), "same shape"),
-        "float tokens": (dict(clean=clean.float(), corrupted=corrupted), "integer token tensor"),
-        "token range": (dict(clean=clean + 10_000, corrupted=corrupted), "must lie in"),
-        "method": (dict(method="EAP-XL"), "known: \\['EAP', 'EAP-IG-inputs'"),
-        "ablation": (dict(ablation="resample"), "known: \\['corrupted', 'mean', 'zero'\\]"),
+        "float tokens": (dict(clean=clean.float(), corrupted=corrupted), "integer token ids"),
+        "token range": (dict(clean=clean + 10_000, corrupted=corrupted), "outside the vocabulary"),
+        "method": (dict(method="EAP-XL"), "unknown method 'EAP-XL'; expected one of 'EAP', 'EAP-IG-inputs'"),
+        "ablation": (dict(ablation="resample"), "expected one of 'corrupted', 'mean', 'zero'"),
+        "steps and ig_steps": (dict(steps=2, ig_steps=2), "not both"),
+        "quadrature": (dict(method="EAP-IG-inputs", quadrature="simpson"), "unknown quadrature rule"),
+        "metric arity": (dict(metric=lambda: 0.0), "metric must be callable as"),
         "ig_steps": (dict(ig_steps=0), "ig_steps"),
         "batch_size": (dict(batch_size=0), "batch_size"),
         "metric shape": (dict(metric=lambda lg, idx: lg[:, -1, :2]), "shape \\[3\\]"),
@@ -535,7 +538,8 @@ def _bad_cases(model):
     }, dict(graph=g, clean=clean, corrupted=corrupted, metric=metric)
 
 
-BAD_CASES = ["shape", "float tokens", "token range", "method", "ablation", "ig_steps", "batch_size",
+BAD_CASES = ["shape", "float tokens", "token range", "method", "ablation", "ig_steps",
+             "steps and ig_steps", "quadrature", "metric arity", "batch_size",
              "metric shape", "metric nan", "metric constant", "graph model", "graph type", "gim", "mask"]
 
 

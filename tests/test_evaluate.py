@@ -191,7 +191,7 @@ def test_model_left_as_found_after_success_and_after_a_failure(llama_model, monk
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(ablation="resample"), "known: \\['corrupted', 'mean', 'zero'\\]"),
+    (dict(ablation="resample"), "expected one of 'corrupted', 'mean', 'zero'"),
     (dict(graph=Graph(n_layers=3, n_heads=4, d_model=32)), "does not match"),
     (dict(corrupted=torch.zeros(2, 2, dtype=torch.long)), "same shape"),
     (dict(metric=lambda logits, idx: logits[:, -1]), "shape \\[3\\]"),
