@@ -50,8 +50,10 @@ meanwhile.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -67,10 +69,10 @@ from .accumulate import Accumulator
 from .examples import Examples
 from .graph import Graph, KVEdges
 from .memory import estimate_memory, fit_batch_size
-from .model import Ablation, ModelSpec, ablated_sources, run_model
+from .model import Ablation, ModelSpec, Site, ablated_sources, run_model
 from .scoring import Point, Scorer
 
-__all__ = ["Examples", "Method", "attribute", "gradient_points"]
+__all__ = ["Activations", "Completeness", "Examples", "Method", "attribute", "gradient_points"]
 
 #: Gradient points of the IG methods when neither `steps` nor `ig_steps` is given.
 DEFAULT_STEPS = 5
@@ -89,22 +91,66 @@ class Method(str, Enum):
         return coerce_enum(cls, value, "method")
 
 
+class Activations(str, Enum):
+    """How `EAP-IG-activations` interpolates (see the module docstring)."""
+
+    PER_NODE = "per_node"  #: EAP-IG's: one node group's output at a time, m runs each
+    JOINT = "joint"  #: every destination's input at once, m runs in all
+
+
+#: EAP-IG's integration rule per method: inputs at alpha = k/m, k = 0..m-1; per-node
+#: activations at alpha = k/m, k = 1..m (EAP-IG's `get_scores_ig_activations`).
+DEFAULT_RULES = {(Method.EAP_IG_INPUTS, None): Quadrature.RIEMANN_LEFT,
+                 (Method.EAP_IG_ACTIVATIONS, Activations.PER_NODE): Quadrature.RIEMANN_RIGHT,
+                 (Method.EAP_IG_ACTIVATIONS, Activations.JOINT): Quadrature.RIEMANN_RIGHT}
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """How exact the integral was: the input node's edge scores summed over destinations
+    against the metric change when only the token embedding is ablated (means over examples).
+
+    For `EAP-IG-inputs` the two agree in the limit of many points (integrated gradients'
+    completeness); for `EAP` the gap is the linear estimate's error.
+    """
+
+    input_edges: float  #: sum of the `input -> *` scores
+    metric_change: float  #: mean metric(embedding ablated) - mean metric(clean)
+
+    @property
+    def relative_error(self) -> float:
+        """`|input_edges - metric_change| / |metric_change|` (inf if the change is 0)."""
+        gap = abs(self.input_edges - self.metric_change)
+        return gap / abs(self.metric_change) if self.metric_change else math.inf
+
+
 def gradient_points(method: Method | str, steps: int = DEFAULT_STEPS,
-                    quadrature: Quadrature | str = Quadrature.RIEMANN_RIGHT) -> list[Point]:
-    """The gradient passes of `method`, the clean one (if any) first.
+                    quadrature: Quadrature | str | None = None, *,
+                    activations: Activations | str = Activations.PER_NODE,
+                    n_layers: int = 1) -> list[Point]:
+    """The gradient passes of `method`, the clean one (if any) first; `quadrature=None` takes
+    EAP-IG's rule for the method ([`DEFAULT_RULES`][circuits.attribute.DEFAULT_RULES]).
 
     Example:
         >>> [(p.alpha, p.weight) for p in gradient_points("EAP-IG-inputs", 2)]
-        [(1.0, 0.5), (0.5, 0.5)]
+        [(0.5, 0.5), (0.0, 0.5)]
+        >>> len(gradient_points("EAP-IG-activations", 2, n_layers=3))  # 7 node groups x 2
+        14
     """
     method = coerce_enum(Method, method, "method")
+    activations = coerce_enum(Activations, activations, "activations")
     if method is Method.EAP:
         return [Point(1.0)]
     if method is Method.CLEAN_CORRUPTED:
         return [Point(0.5), Point(0.5, 0.0, False)]
-    alpha, weights = nodes_and_weights(steps, coerce_enum(Quadrature, quadrature, "quadrature rule"))
-    inputs = method is Method.EAP_IG_INPUTS
-    points = [Point(float(w), float(a), inputs) for a, w in zip(alpha.tolist(), weights.tolist())]
+    how = None if method is Method.EAP_IG_INPUTS else activations
+    rule = DEFAULT_RULES[method, how] if quadrature is None else quadrature
+    alpha, weights = nodes_and_weights(steps, coerce_enum(Quadrature, rule, "quadrature rule"))
+    pairs = list(zip(alpha.tolist(), weights.tolist()))
+    if how is Activations.PER_NODE:
+        groups = 1 + 2 * n_layers
+        return [Point(w / groups, a, False, node) for node in range(groups) for a, w in pairs]
+    points = [Point(w, a, method is Method.EAP_IG_INPUTS) for a, w in pairs]
     return sorted(points, key=lambda p: -p.alpha)
 
 
@@ -120,7 +166,8 @@ def _steps(steps: int | None, ig_steps: int | None) -> int:
 
 def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
               method: Method | str = "EAP", steps: int | None = None, ig_steps: int | None = None,
-              quadrature: Quadrature | str = Quadrature.RIEMANN_RIGHT,
+              quadrature: Quadrature | str | None = None,
+              activations: Activations | str = Activations.PER_NODE,
               gim: GIMConfig | bool | dict | None = None, batch_size: int | None = None,
               ablation: Ablation | str = "corrupted", attention_mask: Tensor | None = None,
               progress: bool = False, max_memory: int | str | None = None) -> Graph:
@@ -136,9 +183,12 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             `.corrupted`, `.metric` (and `.attention_mask`) as `clean`.
         metric: `metric(logits [b, pos, vocab], indices [b]) -> Tensor[b]` or `metric(logits)`.
         method: `"EAP"`, `"EAP-IG-inputs"`, `"EAP-IG-activations"`, `"clean-corrupted"`.
-        steps: gradient points of the IG methods (default 5); `ig_steps` is the same setting.
+        steps: gradient points of the IG methods (default 5; per node group for per-node
+            activations); `ig_steps` is the same setting.
         quadrature: the IG methods' integration rule (a
-            [`Quadrature`][gimlens.quadrature.Quadrature] or its value, e.g. `"gauss_legendre"`).
+            [`Quadrature`][gimlens.quadrature.Quadrature] or its value, e.g. `"gauss_legendre"`,
+            `"riemann_right"`); `None`: EAP-IG's (module docstring).
+        activations: `"per_node"` (EAP-IG's) or `"joint"`, for `EAP-IG-activations`.
         gim: `True`, a [`GIMConfig`][gimlens.gim.GIMConfig] or a dict: gradients follow GIM.
         batch_size: examples per forward pass (`None`: all at once).
         ablation: `"corrupted"`, `"mean"` or `"zero"`.
@@ -153,7 +203,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
 
     Returns:
         `graph`, with `graph.scores[src, dst]` the estimated change of the mean metric when edge
-        `src -> dst` is ablated.
+        `src -> dst` is ablated, and `graph.completeness` a
+        [`Completeness`][circuits.attribute.Completeness] (how far the `input` node's scores
+        are from the metric change they estimate).
 
     Example:
         >>> from gimlens.testing import tiny_model
@@ -174,7 +226,8 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     graph.check_matches(model)
     method = coerce_enum(Method, method, "method")
     ablation = coerce_enum(Ablation, ablation, "ablation")
-    points = gradient_points(method, _steps(steps, ig_steps), quadrature)
+    points = gradient_points(method, _steps(steps, ig_steps), quadrature, activations=activations,
+                             n_layers=spec.n_layers)
     config = GIMConfig.coerce(gim)
     ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
     own = shard_range(len(ex))
@@ -190,29 +243,34 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     split_kv = graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads
 
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
+    metric_sums = torch.zeros(2, dtype=torch.float64, device=spec.device)  # clean, input ablated
     with prepared(model), torch.enable_grad(), \
             progress_bar(len(batches) * len(points), show=show, desc="attribute") as bar:
         extra = [] if config.is_off else gim_hooks(model, config)
         mean = ex.mean_sources(model, spec, batch_size) if ablation is Ablation.MEAN else None
         for i, idx in enumerate(batches):
-            ablated, _ = ablated_sources(model, spec, ablation,
-                                         *ex.tokens("corrupted", idx, spec.device), mean)
+            ablated, corrupted_logits = ablated_sources(
+                model, spec, ablation, *ex.tokens("corrupted", idx, spec.device), mean)
             acc = Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
                                     defer=len(points) > 1)
             if os.environ.get("GIMLENS_WINDOWS"):  # TEMP measurement
                 acc.windows = [(s, 0) for s in _first_differences(ex, idx, ablation)]
             scorer = Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
-                            keep_clean=any(not p.inputs for p in points), acc=acc)
+                            keep_clean=any(not p.inputs and p.node is None for p in points),
+                            acc=acc, keep_nodes=any(p.node is not None for p in points))
             toks, mask = ex.tokens("clean", idx, spec.device)
             if not points[0].clean:
                 with torch.no_grad():
-                    run_model(model, toks, mask, scorer.record_hooks())
+                    metric_sums[0] += ex.score(run_model(model, toks, mask, scorer.record_hooks()),
+                                               idx).double().sum()
             for j, point in enumerate(points):
                 hooks = scorer.hooks(point, check_norm_once=i == 0 and j == 0) + extra
                 logits = run_model(model, toks, mask, hooks)
                 values = ex.score(logits, idx)
                 if not values.requires_grad:
                     raise GimlensError("metric must be a differentiable function of the logits")
+                if point.clean:
+                    metric_sums[0] += values.detach().double().sum()
                 torch.autograd.backward(point.weight * values.sum(), inputs=[scorer.leaf],
                                         retain_graph=split_kv)
                 acc.end_pass()
@@ -221,9 +279,26 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
                 del logits, values
                 bar.update(1)
             acc.flush()
+            with torch.no_grad():
+                metric_sums[1] += _input_ablated_metric(model, ex, idx, toks, mask, scorer,
+                                                        corrupted_logits).double().sum()
     all_reduce_sum(scores)
+    all_reduce_sum(metric_sums)
     graph.scores = (scores / len(ex)).to(graph.scores.device)
+    m_clean, m_ablated = (metric_sums / len(ex)).tolist()
+    graph.completeness = Completeness(float(graph.scores[0].sum()), m_ablated - m_clean)
     return graph
+
+
+def _input_ablated_metric(model, ex: Examples, idx, toks, mask, scorer: Scorer,
+                          corrupted_logits: Tensor | None) -> Tensor:
+    """The metric when only the token embedding is ablated: the corrupted run's for
+    `ablation="corrupted"` (the rest of the run follows from the embedding), else one run."""
+    if corrupted_logits is not None:
+        return ex.score(corrupted_logits, idx)
+    shift = scorer.diff[0]
+    logits = run_model(model, toks, mask, [(Site.EMBED.at(), lambda x, hook: x + shift.to(x.dtype))])
+    return ex.score(logits, idx)
 
 
 def _first_differences(ex: Examples, idx: Tensor, ablation: Ablation) -> list[int]:  # TEMP

@@ -5,10 +5,14 @@ In the clean run the source hooks turn the ablated activations into `diff = a_ab
 in every gradient pass the destination hooks hand each destination input's gradient (per head
 for q/k/v, through the ln1 backward of `circuits.model.head_input_grads`) to the
 [`Accumulator`][circuits.accumulate.Accumulator]. A [`Point`][circuits.scoring.Point] says how a
-pass is interpolated.
+pass is interpolated: the token embedding, every destination input at once (joint), or one node
+group's output (per node: `node` 0 is the input, `1 + 2 l` layer `l`'s attention, `2 + 2 l` its
+MLP), whose output is then a constant for the backward pass (no gradient flows through it).
 
 Example:
     >>> Point(weight=0.5, alpha=0.25, inputs=True).clean
+    False
+    >>> Point(weight=0.1, alpha=1.0, inputs=False, node=3).clean  # layer 1's attention, held fixed
     False
 """
 
@@ -30,15 +34,18 @@ __all__ = ["Point", "Scorer"]
 @dataclass(frozen=True)
 class Point:
     """One gradient pass: interpolation `alpha` (1 = clean, 0 = ablated) of the token embedding
-    (`inputs`) or of every destination input (`not inputs`), and its weight in the average."""
+    (`inputs`), of every destination input (`not inputs`, `node` None) or of one node group's
+    output (`node`), and its weight in the average."""
 
     weight: float
     alpha: float = 1.0
     inputs: bool = True
+    node: int | None = None
 
     @property
     def clean(self) -> bool:
-        return self.alpha == 1.0
+        """The plain clean run (it also records `diff`)."""
+        return self.alpha == 1.0 and self.node is None
 
 
 @dataclass
@@ -57,11 +64,16 @@ class Scorer:
     clean_in: dict = field(default_factory=dict)  # destination site -> clean input (activations IG)
     shift: dict = field(default_factory=dict)  # destination site -> x_abl - x_clean
     kept: dict = field(default_factory=dict)  # (layer, name) -> tensors for split k/v
+    keep_nodes: bool = False  # keep the clean node outputs (per-node interpolation follows)
+    clean_z: dict = field(default_factory=dict)  # layer -> clean hook_z (per node)
+    clean_mlp: dict = field(default_factory=dict)  # layer -> clean MLP output, float32 (per node)
+    metric_values: dict = field(default_factory=dict)  # "clean" -> metric of the record run
     leaf: Tensor | None = None
     ln1_x0: Tensor | None = None
 
     def record_hooks(self) -> list[Hook]:
-        """Hooks of a clean pass without backward: `diff` (and the clean destination inputs)."""
+        """Hooks of a clean pass without backward: `diff` (and the clean destination inputs or
+        node outputs)."""
         hooks = source_hooks(self.spec, self._subtract, self._heads)
         if self.keep_clean:
             sites = [Site.LN1_IN.at(l) for l in range(self.spec.n_layers)]
@@ -77,6 +89,13 @@ class Scorer:
             hooks += source_hooks(spec, self._subtract, self._heads)
         hooks.append((Site.EMBED.at(), lambda x, hook: self._embed(x, point)))
         for l in range(spec.n_layers):
+            if point.node == 1 + 2 * l:
+                hooks.append((Site.Z.at(l), lambda x, hook, l=l: self._fixed(
+                    x, self.clean_z[l].float() + (1 - point.alpha) * (
+                        self.ablated.z[l].float() - self.clean_z[l].float()))))
+            if point.node == 2 + 2 * l:
+                hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: self._fixed(
+                    x, self.clean_mlp[l] + (1 - point.alpha) * self.diff[spec.mlp_row(l)])))
             hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._ln1_in(x, l, point)))
             for qkv in "qkv":
                 site = Site(f"blocks.{{l}}.attn.hook_{qkv}")
@@ -100,13 +119,22 @@ class Scorer:
 
     def _subtract(self, row: int, values: Tensor) -> None:
         self.diff[row] -= values
+        if self.keep_nodes and row > 0:
+            self.clean_mlp[(row - 1) // (self.spec.n_heads + 1)] = values
 
     def _heads(self, layer: int, z: Tensor) -> None:
+        if self.keep_nodes:
+            self.clean_z[layer] = z
         head_outputs(self.ablated.z[layer], self.spec.attn[layer].W_O, minus=z,
                      out=self.diff[self.spec.head_rows(layer)])
 
+    @staticmethod
+    def _fixed(x: Tensor, value: Tensor) -> Tensor:
+        """`value` in place of `x`; the gradient reaching `x` through it is zero."""
+        return value.to(x.dtype) + x * 0
+
     def _embed(self, x: Tensor, point: Point) -> Tensor:
-        if point.inputs and not point.clean:
+        if (point.inputs or point.node == 0) and point.alpha != 1.0:
             x = x + ((1 - point.alpha) * self.diff[0]).to(x.dtype)
         self.leaf = x.detach().requires_grad_(True)
         return self.leaf
@@ -117,7 +145,7 @@ class Scorer:
             if self.keep_clean:
                 self.clean_in[site] = x.detach()
             return x
-        if point.inputs:
+        if point.inputs or point.node is not None:
             return x
         target = self.clean_in[site].float() + (1 - point.alpha) * self._shift(site)
         return target.to(x.dtype) + (x - x.detach())

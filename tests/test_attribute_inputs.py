@@ -151,3 +151,23 @@ def test_accumulator_leaves_unwritten_kv_columns_at_zero():
     assert torch.equal(scores[:, kv], torch.zeros_like(scores[:, kv]))
     expected = torch.einsum("fbsd,nbsd->fn", diff, 2 * grads) * graph.valid
     _close((scores * graph.valid)[:, ~kv], expected[:, ~kv])
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_completeness_compares_input_edges_with_the_input_ablated_metric_change(ablation, gpt2_model):
+    clean, corrupted, metric = ioi(gpt2_model)
+    idx = torch.arange(len(clean))
+    emb = gpt2_model.embed(clean) if hasattr(gpt2_model, "embed") else None
+    with torch.no_grad():
+        if ablation == "zero":
+            e_abl = torch.zeros_like(emb)
+        else:  # per position, the mean embedding of the corrupted examples
+            e_abl = gpt2_model.embed(corrupted).mean(0, keepdim=True).expand_as(emb)
+        m_clean = metric(gpt2_model(clean), idx).mean()
+        m_abl = metric(gpt2_model.run_with_hooks(
+            clean, fwd_hooks=[("hook_embed", lambda x, hook: e_abl.to(x.dtype))]), idx).mean()
+    g = attribute(gpt2_model, Graph.from_model(gpt2_model), clean, corrupted, metric,
+                  method="EAP-IG-inputs", steps=16, quadrature="gauss_legendre", ablation=ablation)
+    assert g.completeness.metric_change == pytest.approx(float(m_abl - m_clean), rel=1e-4, abs=1e-7)
+    assert g.completeness.input_edges == pytest.approx(float(g.scores[0].sum()))
+    assert g.completeness.input_edges == pytest.approx(g.completeness.metric_change, rel=0.01, abs=1e-7)
