@@ -415,6 +415,11 @@ def test_right_sum_is_eap_ig_plus_the_endpoint_correction(llama_model):
     eap, cc = run(method="EAP"), run(method="clean-corrupted")
     assert not torch.allclose(right, left, rtol=1e-3, atol=1e-5)
     _close(right, left + 2 * (eap - cc) / m, rtol=1e-4)
+    # the same identity on the joint activation path (clean-corrupted's alpha = 0 point is on it);
+    # its left sum has no clean point, so it takes the separate clean recording run
+    right = run(method="EAP-IG-activations", activations="joint", steps=m, quadrature="riemann_right")
+    left = run(method="EAP-IG-activations", activations="joint", steps=m, quadrature="riemann_left")
+    _close(right, left + 2 * (eap - cc) / m, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
