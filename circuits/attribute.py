@@ -15,25 +15,32 @@ per-head destination inputs need no split mode:
 
 Methods ([`Method`][circuits.attribute.Method]); the IG methods integrate over `alpha` in
 [0, 1] (0 = ablated, 1 = clean) with the points and weights of a
-[`Quadrature`][gimlens.quadrature.Quadrature] rule and `steps` points (default: the right
-Riemann sum, `alpha = k / steps`, `k = 1..steps`):
+[`Quadrature`][gimlens.quadrature.Quadrature] rule and `steps` points, by default EAP-IG's:
 
 - `EAP`: gradients of the clean run.
 - `EAP-IG-inputs`: gradients averaged over runs whose token embeddings are
-  `e_abl + alpha (e_clean - e_abl)` (`e_abl`: the ablated `input` activation).
-- `EAP-IG-activations`: gradients averaged over runs in which *every destination's input* is
+  `e_abl + alpha (e_clean - e_abl)` (`e_abl`: the ablated `input` activation); default
+  `alpha = k / steps`, `k = 0..steps-1` (`"riemann_left"`: the ablated point in, the clean out).
+- `EAP-IG-activations`, `activations="per_node"` (default): for each node group in turn (the
+  input, each layer's attention, each MLP) `steps` runs in which only that group's output is
+  `a_clean + (1 - alpha)(a_abl - a_clean)`, a constant for the backward pass; default
+  `alpha = k / steps`, `k = 1..steps` (EAP-IG's code); all `(2L + 1) steps` runs averaged.
+- `EAP-IG-activations`, `activations="joint"`: runs in which *every destination's input* is
   `x_abl + alpha (x_clean - x_abl)` (equivalently every source activation is interpolated; the
   gradient passes each replacement straight through). `x_abl - x_clean` is the sum of the
   upstream sources' `a_abl - a_clean`, so the path is the same for every ablation.
 - `clean-corrupted`: the mean of the clean-run gradient and the gradient at `alpha = 0` of the
-  previous path (for `ablation="corrupted"` that is the corrupted run's).
+  joint path (for `ablation="corrupted"` that is the corrupted run's).
 
-Ablations ([`Ablation`][circuits.model.Ablation]): `corrupted` (the corrupted example's
+The returned graph carries `graph.completeness` ([`Completeness`][circuits.attribute.Completeness]):
+the `input` node's scores summed against the metric change they estimate.
+
+Ablations (`circuits.model.Ablation`): `corrupted` (the corrupted example's
 activations), `mean` (per position, the mean over all given corrupted examples, weighted by
 `attention_mask`), `zero`.
 
 **Metric.** `metric(logits, indices) -> Tensor[b]` or `metric(logits) -> Tensor[b]`
-(see [`circuits.examples`][circuits.examples]).
+(see `circuits.examples`).
 
 **Grouped KV heads.** With `kv_edges="per_query_head"` the k/v score of query head `h` is its
 exact share: the gradient that reaches the KV head through `h`'s attention scores (k) or
@@ -129,7 +136,7 @@ def gradient_points(method: Method | str, steps: int = DEFAULT_STEPS,
                     activations: Activations | str = Activations.PER_NODE,
                     n_layers: int = 1) -> list[Point]:
     """The gradient passes of `method`, the clean one (if any) first; `quadrature=None` takes
-    EAP-IG's rule for the method ([`DEFAULT_RULES`][circuits.attribute.DEFAULT_RULES]).
+    EAP-IG's rule for the method (`DEFAULT_RULES`).
 
     Example:
         >>> [(p.alpha, p.weight) for p in gradient_points("EAP-IG-inputs", 2)]
