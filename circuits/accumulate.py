@@ -74,7 +74,6 @@ class Accumulator:
     current: tuple[int, Tensor] | None = None  # (chunk, its buffer) being filled
     summed: dict = field(default_factory=dict)  # chunk -> buffer summed over points (defer)
     free: list = field(default_factory=list)  # buffers to reuse (fresh memory is slow to touch)
-    windows: list | None = None  # TEMP measurement: per-example (start, end) positions
 
     @classmethod
     def build(cls, spec: ModelSpec, graph, scores, diff, *, split_kv: bool, defer: bool
@@ -136,10 +135,4 @@ class Accumulator:
         """`scores[:rows, cols] += diff[:rows] . grads`, summed over examples, positions and
         `d_model`."""
         out, n = self.scores[:rows, cols], grads.shape[0]
-        if self.windows is not None:  # TEMP measurement
-            for b, (start, end) in enumerate(self.windows):
-                if start < end:
-                    out.addmm_(self.diff[:rows, b, start:end].reshape(rows, -1),
-                               grads[:, b, start:end].reshape(n, -1).T)
-            return
         out.addmm_(self.diff[:rows].reshape(rows, -1), grads.reshape(n, -1).T)

@@ -58,7 +58,6 @@ meanwhile.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -260,8 +259,6 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
                 model, spec, ablation, *ex.tokens("corrupted", idx, spec.device), mean)
             acc = Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
                                     defer=len(points) > 1)
-            if os.environ.get("GIMLENS_WINDOWS"):  # TEMP measurement
-                acc.windows = [(s, 0) for s in _first_differences(ex, idx, ablation)]
             scorer = Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
                             keep_clean=any(not p.inputs and p.node is None for p in points),
                             acc=acc, keep_nodes=any(p.node is not None for p in points))
@@ -306,10 +303,3 @@ def _input_ablated_metric(model, ex: Examples, idx, toks, mask, scorer: Scorer,
     shift = scorer.diff[0]
     logits = run_model(model, toks, mask, [(Site.EMBED.at(), lambda x, hook: x + shift.to(x.dtype))])
     return ex.score(logits, idx)
-
-
-def _first_differences(ex: Examples, idx: Tensor, ablation: Ablation) -> list[int]:  # TEMP
-    if ablation is not Ablation.CORRUPTED:
-        return [0] * len(idx)
-    differ = ex.clean[idx] != ex.corrupted[idx]
-    return torch.where(differ.any(1), differ.int().argmax(1), differ.shape[1]).tolist()

@@ -190,11 +190,6 @@ class Scorer:
         return y
 
     def _dest_arrive(self, g: Tensor, layer: int, col: int) -> None:
-        if col == self.graph.n_backward - 1 and self.acc.windows is not None:  # TEMP measurement
-            live = g.detach().ne(0).any(-1)
-            S = live.shape[1]
-            ends = torch.where(live.any(1), S - live.flip(1).int().argmax(1), 0).tolist()
-            self.acc.windows = [(s, max(e, old_e)) for (s, old_e), e in zip(self.acc.windows, ends)]
         self.acc.slot(layer, slice(col, col + 1))[0] = g
 
     def _head_grads(self, g: Tensor, layer: int, qkv: str, out: Tensor | None = None
