@@ -605,6 +605,7 @@ def _bad_cases(model):
         "steps and ig_steps": (dict(steps=2, ig_steps=2), "not both"),
         "quadrature": (dict(method="EAP-IG-inputs", quadrature="simpson"), "unknown quadrature rule"),
         "metric arity": (dict(metric=lambda: 0.0), "metric must be callable as"),
+        "activations": (dict(method="EAP-IG-activations", activations="each"), "unknown activations"),
         "ig_steps": (dict(ig_steps=0), "ig_steps"),
         "batch_size": (dict(batch_size=0), "batch_size"),
         "metric shape": (dict(metric=lambda lg, idx: lg[:, -1, :2]), "shape \\[3\\]"),
@@ -618,7 +619,7 @@ def _bad_cases(model):
 
 
 BAD_CASES = ["shape", "float tokens", "token range", "method", "ablation", "ig_steps",
-             "steps and ig_steps", "quadrature", "metric arity", "batch_size",
+             "steps and ig_steps", "quadrature", "metric arity", "activations", "batch_size",
              "metric shape", "metric nan", "metric constant", "graph model", "graph type", "gim", "mask"]
 
 
