@@ -8,7 +8,9 @@ interleaved runs (after a warm-up) of:
   clean batch (the metric's gradient w.r.t. a leaf at ``hook_embed``, parameters frozen);
 - ``circuits.attribute`` EAP for the batch (all edge scores);
 - floor (IG, ``steps``) = the corrupted forward + ``steps`` forward-and-backward passes;
-- EAP-IG-inputs with ``steps`` steps; EAP with GIM (defaults); evaluate of one circuit;
+- EAP-IG-inputs with ``steps`` points (EAP-IG's rule ``alpha = k/steps``, ``k = 0..steps-1``,
+  which costs one clean no-grad forward more than the floor counts); EAP with GIM (defaults);
+  evaluate of one circuit;
 - peak resident memory of the process (``resource.getrusage``).
 
 Wall and process CPU times are both printed: on a shared machine the CPU time (with
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         "EAP": lambda: attribute(model, graph, task),
         f"floor IG (1 fwd + {args.steps} fwd/bwd)": lambda: floor(model, task, args.steps),
         f"EAP-IG-inputs ({args.steps})": lambda: attribute(model, graph, task, method="EAP-IG-inputs",
-                                                          ig_steps=args.steps),
+                                                          steps=args.steps),
         "EAP + GIM": lambda: attribute(model, graph, task, gim=True),
         "evaluate (1 circuit)": lambda: evaluate(model, circuit, task),
     }

@@ -1,14 +1,14 @@
 """Per-model helpers for edge attribution and patching: hook names, per-head weights, norms.
 
 Everything here reads a TransformerLens model through its hook-point names and its per-head
-weight views (``blocks[l].attn.W_Q`` ``[H, d_model, d_head]``, ``W_K``/``W_V`` ``[H_kv, ...]``,
-``W_O`` ``[H, d_head, d_model]``) and never switches a ``set_use_*`` mode. Per-head quantities
+weight views (`blocks[l].attn.W_Q` `[H, d_model, d_head]`, `W_K`/`W_V` `[H_kv, ...]`,
+`W_O` `[H, d_head, d_model]`) and never switches a `set_use_*` mode. Per-head quantities
 are derived instead:
 
-- head ``h``'s output ``out[h] = z[:, :, h] @ W_O[h]`` (the attention output is their sum plus
-  ``b_O``, which belongs to no head);
-- the gradient at head ``h``'s *own copy* of the residual stream before ``ln1``:
-  ``g_in[h] = LN1_backward(g_q[h] @ W_Q[h]^T)``, with the norm Jacobian exact or frozen (GIM).
+- head `h`'s output `out[h] = z[:, :, h] @ W_O[h]` (the attention output is their sum plus
+  `b_O`, which belongs to no head);
+- the gradient at head `h`'s *own copy* of the residual stream before `ln1`:
+  `g_in[h] = LN1_backward(g_q[h] @ W_Q[h]^T)`, with the norm Jacobian exact or frozen (GIM).
 
 Example:
     >>> import torch
@@ -20,18 +20,25 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
-from gimlens.runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
 from gimlens.heads import head_outputs as shared_head_outputs
+from gimlens.runtime import coerce_enum, require_lens_model, run_hooked
+
+__all__ = [
+    "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Site",
+    "Sources", "ablated_sources", "check_norm", "head_input_grads", "head_outputs",
+    "head_projection_deltas", "mean_sources", "recorded_sources", "require_hooks", "run_model",
+    "source_hooks",
+]
 
 Hook = tuple[str, Callable]
 
@@ -39,7 +46,7 @@ Hook = tuple[str, Callable]
 class Site(str, Enum):
     """The hook points edge attribution reads and writes (HookedTransformer names)."""
 
-    EMBED = "hook_embed"  #: token embedding: the ``input`` node
+    EMBED = "hook_embed"  #: token embedding: the `input` node
     LN1_IN = "blocks.{l}.ln1.hook_in"  #: residual stream entering ln1 (feeds only attention)
     LN1_OUT = "blocks.{l}.ln1.hook_out"  #: used once to check the norm read here is the model's
     Q = "blocks.{l}.attn.hook_q"  #: [B, S, H, dh], before RoPE
@@ -49,7 +56,7 @@ class Site(str, Enum):
     Z = "blocks.{l}.attn.hook_z"  #: [B, S, H, dh]
     LN2_IN = "blocks.{l}.ln2.hook_in"  #: residual stream entering ln2 (feeds only the MLP)
     MLP_OUT = "blocks.{l}.hook_mlp_out"
-    LN_FINAL_IN = "ln_final.hook_in"  #: the ``logits`` destination
+    LN_FINAL_IN = "ln_final.hook_in"  #: the `logits` destination
 
     def at(self, layer: int | None = None) -> str:
         return self.value.format(l=layer)
@@ -61,13 +68,9 @@ CORE_SITES = (Site.EMBED, Site.LN1_IN, Site.LN1_OUT, Site.Q, Site.K, Site.V, Sit
 
 
 def require_hooks(model, sites=CORE_SITES) -> None:
-    """Raise :class:`GimlensError` naming the hook points ``model`` lacks."""
-    hook_dict = getattr(model, "hook_dict", None)
-    if hook_dict is None or not hasattr(model, "hooks"):
-        raise GimlensError(
-            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
-            f"{type(model).__name__}"
-        )
+    """Raise [`GimlensError`][gimlens.errors.GimlensError] naming the hook points `model` lacks."""
+    require_lens_model(model)
+    hook_dict = model.hook_dict
     names = {s.at(l) for s in sites for l in range(int(model.cfg.n_layers))}
     missing = sorted(n for n in names if n not in hook_dict)
     if missing:
@@ -88,10 +91,7 @@ class Ablation(str, Enum):
 
     @classmethod
     def coerce(cls, value: "Ablation | str") -> "Ablation":
-        try:
-            return cls(value)
-        except ValueError:
-            raise GimlensError(f"unknown ablation {value!r}; known: {[a.value for a in cls]}") from None
+        return coerce_enum(cls, value, "ablation")
 
 
 class NormKind(str, Enum):
@@ -101,7 +101,7 @@ class NormKind(str, Enum):
 
 @dataclass(frozen=True)
 class NormStats:
-    """``x_hat = (x - mean) / sigma`` (LayerNorm) or ``x / rms`` (RMSNorm), and ``1 / sigma``."""
+    """`x_hat = (x - mean) / sigma` (LayerNorm) or `x / rms` (RMSNorm), and `1 / sigma`."""
 
     x_hat: Float[Tensor, "*batch d"]
     inv_scale: Float[Tensor, "*batch 1"]
@@ -129,10 +129,10 @@ class Norm:
 
     def backward(self, stats: NormStats, g: Float[Tensor, "n *batch d"], frozen: bool
                  ) -> Float[Tensor, "n *batch d"]:
-        """Gradient at the norm's input from ``g = w * grad`` (``grad``: at the norm's output;
-        leading dim: heads). Works in place on ``g``.
+        """Gradient at the norm's input from `g = w * grad` (`grad`: at the norm's output;
+        leading dim: heads). Works in place on `g`.
 
-        Exact: ``(g - [mean(g)] - x_hat * mean(x_hat * g)) / sigma`` (the bracket only for
+        Exact: `(g - [mean(g)] - x_hat * mean(x_hat * g)) / sigma` (the bracket only for
         LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
         """
         if self.kind is NormKind.LAYER_NORM:
@@ -213,12 +213,16 @@ class ModelSpec:
         return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
                    tuple(ln1), tuple(attn), W_O.device, W_O.dtype)
 
+    # ---- the graph's forward (source) index: input, then per layer its heads and its MLP.
+    # The same arithmetic as circuits.graph's layout; it is kept here, in this one block, until
+    # ModelSpec reads it from the layout module.
+
     @property
     def n_forward(self) -> int:
         return 1 + self.n_layers * (self.n_heads + 1)
 
     def head_rows(self, layer: int) -> slice:
-        """Rows of the heads of ``layer`` in the graph's forward (source) index."""
+        """Rows of the heads of `layer` in the graph's forward (source) index."""
         start = 1 + layer * (self.n_heads + 1)
         return slice(start, start + self.n_heads)
 
@@ -226,18 +230,20 @@ class ModelSpec:
         return 1 + layer * (self.n_heads + 1) + self.n_heads
 
     def upstream(self, layer: int | None, mlp: bool = False) -> int:
-        """How many sources (a prefix of the forward index) feed layer ``layer``'s attention
-        inputs, its MLP input (``mlp``), or the logits (``layer=None``)."""
+        """How many sources (a prefix of the forward index) feed layer `layer`'s attention
+        inputs, its MLP input (`mlp`), or the logits (`layer=None`)."""
         if layer is None:
             return self.n_forward
         n = 1 + layer * (self.n_heads + 1)
         return n + self.n_heads if mlp and not self.parallel_attn_mlp else n
 
+    # ---- end of the index arithmetic
+
 
 def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"],
                  minus: Tensor | None = None, out: Tensor | None = None) -> Float[Tensor, "H B S d"]:
-    """Each head's contribution to the attention output of ``z - minus``, detached, in float32
-    (written into ``out`` if given)."""
+    """Each head's contribution to the attention output of `z - minus`, detached, in float32
+    (written into `out` if given)."""
     z = z.detach().float()
     if minus is not None:
         z = z - minus.float()
@@ -247,16 +253,16 @@ def head_outputs(z: Float[Tensor, "B S H dh"], W_O: Float[Tensor, "H dh d"],
 def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"], norm: Norm,
                      stats: NormStats, frozen: bool, out: Tensor | None = None
                      ) -> Float[Tensor, "n B S d"]:
-    """Gradient at each head's own copy of the residual stream before ``norm`` (float32).
+    """Gradient at each head's own copy of the residual stream before `norm` (float32).
 
-    ``grad`` is the gradient at the head's projection output (``hook_q/k/v``), ``W`` the head's
-    projection ``[n, d_model, d_head]``; ``stats`` describe the norm's input. Written into
-    ``out`` (contiguous) if given.
+    `grad` is the gradient at the head's projection output (`hook_q/k/v`), `W` the head's
+    projection `[n, d_model, d_head]`; `stats` describe the norm's input. Written into
+    `out` (contiguous) if given.
     """
     B, S, n, dh = grad.shape
     d = W.shape[1]
     weighted = (W.float() * norm.weight[:, None]).transpose(1, 2)  # w * (g @ W^T) = g @ (w W)^T
-    g = grad.permute(2, 0, 1, 3).reshape(n, B * S, dh).float()
+    g = rearrange(grad, "B S n dh -> n (B S) dh").float()
     if out is None:
         out = torch.empty(n, B, S, d, device=g.device)
     torch.bmm(g, weighted, out=out.view(n, B * S, d))
@@ -265,8 +271,8 @@ def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"]
 
 def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
                            W: Float[Tensor, "n d dh"], norm: Norm) -> Float[Tensor, "B S n dh"]:
-    """How each head's projection changes when its input ``x`` becomes ``x - correction[h]``:
-    ``(norm(x - c_h) - norm(x)) @ W[h]`` (exact norm; no bias needed; 0 where ``c_h = 0``)."""
+    """How each head's projection changes when its input `x` becomes `x - correction[h]`:
+    `(norm(x - c_h) - norm(x)) @ W[h]` (exact norm; no bias needed; 0 where `c_h = 0`)."""
     n, B, S, d = correction.shape
     x = x.float()
     delta = norm.forward(x - correction) - norm.forward(x)
@@ -275,7 +281,7 @@ def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, 
 
 
 def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
-    """Raise if ``norm`` (as read here) does not reproduce the model's own norm output."""
+    """Raise if `norm` (as read here) does not reproduce the model's own norm output."""
     # the model's output is rounded to its dtype: allow a few units of that rounding (bf16: ~3%)
     tol = max(1e-3, 4 * torch.finfo(out.dtype).eps) if out.dtype.is_floating_point else 1e-3
     mine, out = norm.forward(x.detach()), out.detach().float()
@@ -290,9 +296,9 @@ def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
 
 @dataclass
 class Sources:
-    """Source activations of one batch in the graph's forward order: the ``input`` and MLP rows
-    of ``resid`` (float32; head rows are left for the caller) and each layer's ``z``, from which
-    head ``h``'s output is ``z[..., h, :] @ W_O[h]``."""
+    """Source activations of one batch in the graph's forward order: the `input` and MLP rows
+    of `resid` (float32; head rows are left for the caller) and each layer's `z`, from which
+    head `h`'s output is `z[..., h, :] @ W_O[h]`."""
 
     resid: Float[Tensor, "n_fwd B S d"]
     z: list[Float[Tensor, "B S H dh"]]
@@ -301,8 +307,8 @@ class Sources:
 
 def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
                  z: Callable[[int, Tensor], None]) -> list[Hook]:
-    """Forward hooks handing over each source activation: ``resid(row, [B, S, d] float32)`` for
-    the token embedding (``input``, row 0) and each MLP output, ``z(layer, hook_z value)``."""
+    """Forward hooks handing over each source activation: `resid(row, [B, S, d] float32)` for
+    the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`."""
     hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: resid(0, x.detach().float()))]
     for l in range(spec.n_layers):
         hooks.append((Site.Z.at(l), lambda x, hook, l=l: z(l, x.detach())))
@@ -313,7 +319,7 @@ def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
 
 def recorded_sources(model, spec: ModelSpec, tokens: Tensor, mask: Tensor | None
                      ) -> tuple[Sources, Tensor]:
-    """A no-grad run's :class:`Sources` and logits."""
+    """A no-grad run's [`Sources`][circuits.model.Sources] and logits."""
     B, S = tokens.shape
     src = Sources(torch.empty(spec.n_forward, B, S, spec.d_model, device=spec.device),
                   [None] * spec.n_layers)
@@ -330,7 +336,7 @@ def recorded_sources(model, spec: ModelSpec, tokens: Tensor, mask: Tensor | None
 
 
 def mean_sources(model, spec: ModelSpec, batches) -> Sources:
-    """Per-position means (``B = 1``) of the sources over ``batches`` of ``(tokens, mask)``,
+    """Per-position means (`B = 1`) of the sources over `batches` of `(tokens, mask)`,
     each example weighted by its attention mask (positions nobody reaches are 0)."""
     total: Sources | None = None
     count = 0
@@ -352,7 +358,7 @@ def mean_sources(model, spec: ModelSpec, batches) -> Sources:
 def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, mask,
                     mean: Sources | None) -> tuple[Sources, Tensor | None]:
     """The ablated sources of a batch (the corrupted run's, the mean, or zeros) and, for
-    ``corrupted``, the corrupted run's logits."""
+    `corrupted`, the corrupted run's logits."""
     B, S = tokens.shape
     shape = (spec.n_forward, B, S, spec.d_model)
     if ablation is Ablation.CORRUPTED:
@@ -366,10 +372,6 @@ def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, 
 
 
 def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:
-    """``model(tokens)`` with ``hooks`` in place (removed afterwards, also on error) -> logits."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
-        with model.hooks(fwd_hooks=hooks):
-            if attention_mask is None:
-                return model(tokens)
-            return model(tokens, attention_mask=attention_mask)
+    """`model(tokens)` with forward `hooks` in place (removed afterwards, also on error) -> logits
+    ([`run_hooked`][gimlens.runtime.run_hooked])."""
+    return run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)

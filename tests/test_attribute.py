@@ -27,7 +27,7 @@ from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
 from reference import Rules, _causal_scores, _layer_norm, _rms_norm, _rope, _scale, _softmax
 
-attribute_module = importlib.import_module("circuits.attribute")  # circuits.attribute is also a function
+scoring_module = importlib.import_module("circuits.scoring")
 
 GIM_RULES = Rules(freeze_norm=True, temperature=2.0, q=0.25, k=0.25, v=0.5, gate=0.5, up=0.5)
 PAIRS = [  # (clean, corrupted): the corruption changes the second mention of a name
@@ -118,13 +118,16 @@ def _project(x, W, b):  # x [n, B, S, d] per head, W [n, d, dh] -> [B, S, n, dh]
     return out if b is None else out + b
 
 
-def edge_reference(hf, emb, alpha, rules=Rules(), *, delta=None, patch_to=None, per_query_kv=False):
+def edge_reference(hf, emb, alpha, rules=Rules(), *, delta=None, patch_to=None, per_query_kv=False,
+                   fixed=None):
     """Logits and source activations of a forward in which destination ``c`` reads
     ``sum_src a[src] + alpha[src, c] * t[src]`` (+ position embedding and attention biases), with
     ``t = delta`` (fixed) or ``t = patch_to - a`` (exact patching at ``alpha = 1``).
 
     ``alpha`` is ``[n_forward, n_backward]`` in the graph layout; k/v slots per KV head or, with
-    ``per_query_kv``, per query head (each head then projects its own k/v input).
+    ``per_query_kv``, per query head (each head then projects its own k/v input). ``fixed``
+    maps forward rows to values that replace those sources' outputs, with no gradient flowing
+    through them (EAP-IG's per-node interpolation).
     """
     w = _hf_weights(hf)
     B, S, d = emb.shape
@@ -133,6 +136,14 @@ def edge_reference(hf, emb, alpha, rules=Rules(), *, delta=None, patch_to=None, 
     block = H + 2 * Hs + 1
     acts = [emb]
     const = w.pos(S)
+    fixed = {} if fixed is None else fixed
+
+    def fix(start):
+        for r in range(start, len(acts)):
+            if r in fixed:
+                acts[r] = acts[r] * 0 + fixed[r]
+
+    fix(0)
 
     def inputs(n_up, cols):
         a = torch.stack(acts[:n_up])
@@ -156,9 +167,11 @@ def edge_reference(hf, emb, alpha, rules=Rules(), *, delta=None, patch_to=None, 
         pattern = _softmax(_causal_scores(q.transpose(1, 2), k.transpose(1, 2)), rules.temperature)
         z = (pattern @ v.transpose(1, 2)).transpose(1, 2)
         acts += list(torch.einsum("bshk,hkd->hbsd", z, lw["Wo"]))
+        fix(n_up)
         if lw["bo"] is not None:
             const = const + lw["bo"]
         acts.append(lw["mlp"](inputs(n_up + H, [base + block - 1])[0], rules))
+        fix(n_up + H)
     logits = w.final(inputs(len(acts), [L * block])[0], rules)
     return logits, torch.stack(acts)
 
@@ -362,25 +375,86 @@ def _grab_as(store, name, x):
 def test_ig_inputs_with_one_step_is_eap(llama_model):
     clean, corrupted, metric = ioi(llama_model)
     eap = attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric).scores
-    for method in ("EAP-IG-inputs", "EAP-IG-activations"):
+    for method in ("EAP-IG-inputs", "EAP-IG-activations"):  # the right sum's one point is clean
         ig = attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric,
-                       method=method, ig_steps=1).scores
+                       method=method, ig_steps=1, quadrature="riemann_right",
+                       activations="joint").scores
         assert torch.equal(ig, eap)
 
 
-def test_ig_inputs_matches_reference_integral(gpt2_model, hf_models):
-    """Mean over alpha = k/m of reference gradients at embeddings e_corr + alpha (e_clean - e_corr)."""
+LEGENDRE_3 = ([0.5 - 0.15 ** 0.5, 0.5, 0.5 + 0.15 ** 0.5], [5 / 18, 8 / 18, 5 / 18])
+
+
+@pytest.mark.parametrize("quadrature, alphas, weights", [
+    (None, [0, 1 / 3, 2 / 3], [1 / 3] * 3),  # EAP-IG: the corrupted point in, the clean one out
+    ("riemann_right", [1 / 3, 2 / 3, 1], [1 / 3] * 3),
+    ("gauss_legendre", *LEGENDRE_3),
+])
+def test_ig_inputs_matches_reference_integral(quadrature, alphas, weights, gpt2_model, hf_models):
+    """Weighted sum over alpha of reference gradients at embeddings e_corr + alpha (e_clean - e_corr)."""
     clean, corrupted, metric = ioi(gpt2_model)
-    hf, steps = hf_models["gpt2"], 3
+    hf = hf_models["gpt2"]
     ig = attribute(gpt2_model, Graph.from_model(gpt2_model), clean, corrupted, metric,
-                   method="EAP-IG-inputs", ig_steps=steps).scores
+                   method="EAP-IG-inputs", steps=3, quadrature=quadrature).scores
     emb = hf.get_input_embeddings().weight
     expected = 0
-    for k in range(1, steps + 1):
-        a = k / steps
+    for a, w in zip(alphas, weights):
         wte = (1 - a) * emb[corrupted] + a * emb[clean]
-        expected = expected + _reference_at_embeddings(hf, clean, corrupted, wte, metric) / steps
+        expected = expected + _reference_at_embeddings(hf, clean, corrupted, wte, metric) * w
     _close(ig, expected)
+
+
+def test_right_sum_is_eap_ig_plus_the_endpoint_correction(llama_model):
+    """right = EAP-IG (left) + 2 (EAP - clean-corrupted) / m (shared/DESIGN.md)."""
+    clean, corrupted, metric = ioi(llama_model)
+    run = lambda **kw: attribute(llama_model, Graph.from_model(llama_model), clean, corrupted,  # noqa: E731
+                                 metric, **kw).scores
+    m = 4
+    right = run(method="EAP-IG-inputs", steps=m, quadrature="riemann_right")
+    left = run(method="EAP-IG-inputs", steps=m)
+    eap, cc = run(method="EAP"), run(method="clean-corrupted")
+    assert not torch.allclose(right, left, rtol=1e-3, atol=1e-5)
+    _close(right, left + 2 * (eap - cc) / m, rtol=1e-4)
+    # the same identity on the joint activation path (clean-corrupted's alpha = 0 point is on it);
+    # its left sum has no clean point, so it takes the separate clean recording run
+    right = run(method="EAP-IG-activations", activations="joint", steps=m, quadrature="riemann_right")
+    left = run(method="EAP-IG-activations", activations="joint", steps=m, quadrature="riemann_left")
+    _close(right, left + 2 * (eap - cc) / m, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_ig_activations_per_node_matches_reference_loop(name, hf_models, request):
+    """EAP-IG's activations rule: for each node group (input, each layer's attention, each MLP)
+    and alpha = k/m, k = 1..m, a run in which only that group's output is the fixed value
+    a_clean + (1 - alpha)(a_corr - a_clean); the gradients of all runs averaged."""
+    model = request.getfixturevalue(f"{name}_model")
+    clean, corrupted, metric = ioi(model)
+    hf, m = hf_models[name], 2
+    got = attribute(model, Graph.from_model(model), clean, corrupted, metric,
+                    method="EAP-IG-activations", steps=m).scores
+    emb = hf.get_input_embeddings().weight
+    g = Graph.from_model(_cfg(hf))
+    zero = torch.zeros(g.n_forward, g.n_backward)
+    with torch.no_grad():
+        _, a_clean = edge_reference(hf, emb[clean], zero, delta=zero[:, :1, None, None])
+        _, a_corr = edge_reference(hf, emb[corrupted], zero, delta=zero[:, :1, None, None])
+    w = _hf_weights(hf)
+    H, L = w.H, len(w.layers)
+    groups = [[0]] + [rows for l in range(L) for rows in (
+        list(range(1 + l * (H + 1), 1 + l * (H + 1) + H)), [1 + l * (H + 1) + H])]
+    expected, runs = 0, 0
+    for rows in groups:
+        for k in range(1, m + 1):
+            a = k / m
+            fixed = {r: a_clean[r] + (1 - a) * (a_corr[r] - a_clean[r]) for r in rows}
+            alpha = zero.clone().requires_grad_()
+            logits, _ = edge_reference(hf, emb[clean], alpha, delta=a_corr - a_clean, fixed=fixed)
+            (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), alpha)
+            expected, runs = expected + grad * g.valid, runs + 1
+    _close(got, expected / runs)
+    joint = attribute(model, Graph.from_model(model), clean, corrupted, metric,
+                      method="EAP-IG-activations", steps=m, activations="joint").scores
+    assert not torch.allclose(joint, got, rtol=1e-2, atol=1e-4)
 
 
 def _reference_at_embeddings(hf, clean, corrupted, embeds, metric):
@@ -407,9 +481,14 @@ def test_ig_completeness_input_and_logit_edges(llama_model):
     logits_col = -1
     sums = {}
     for method, steps in (("EAP", 1), ("EAP-IG-inputs", 64), ("EAP-IG-activations", 64)):
-        s = attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric,
-                      method=method, ig_steps=steps).scores
+        g = attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric,
+                      method=method, ig_steps=steps, activations="joint")
+        s = g.scores
         sums[method] = (float(s[0].sum()), float(s[:, logits_col].sum()))
+        assert g.completeness.input_edges == pytest.approx(sums[method][0])
+        assert g.completeness.metric_change == pytest.approx(delta, rel=1e-5)
+        if method == "EAP-IG-inputs":
+            assert g.completeness.relative_error < 0.03
     assert abs(sums["EAP-IG-inputs"][0] - delta) < 0.03 * abs(delta)
     assert abs(sums["EAP-IG-activations"][1] - delta) < 0.03 * abs(delta)
     assert abs(sums["EAP"][0] - delta) > 0.1 * abs(delta)
@@ -505,7 +584,7 @@ def test_model_left_as_found_after_failures_inside_the_run(llama_model, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("hook failed")
 
-    monkeypatch.setattr(attribute_module, "head_outputs", boom)  # raised inside a forward hook
+    monkeypatch.setattr(scoring_module, "head_outputs", boom)  # raised inside a forward hook
     with pytest.raises(RuntimeError, match="hook failed"):
         attribute(llama_model, Graph.from_model(llama_model), clean, corrupted, metric, gim=True)
     assert_state_equal(before, model_state(llama_model))
@@ -519,10 +598,14 @@ def _bad_cases(model):
     g = Graph.from_model(model)
     return {
         "shape": (dict(clean=clean, corrupted=corrupted[:, :-1]), "same shape"),
-        "float tokens": (dict(clean=clean.float(), corrupted=corrupted), "integer token tensor"),
-        "token range": (dict(clean=clean + 10_000, corrupted=corrupted), "must lie in"),
-        "method": (dict(method="EAP-XL"), "known: \\['EAP', 'EAP-IG-inputs'"),
-        "ablation": (dict(ablation="resample"), "known: \\['corrupted', 'mean', 'zero'\\]"),
+        "float tokens": (dict(clean=clean.float(), corrupted=corrupted), "integer token ids"),
+        "token range": (dict(clean=clean + 10_000, corrupted=corrupted), "outside the vocabulary"),
+        "method": (dict(method="EAP-XL"), "unknown method 'EAP-XL'; expected one of 'EAP', 'EAP-IG-inputs'"),
+        "ablation": (dict(ablation="resample"), "expected one of 'corrupted', 'mean', 'zero'"),
+        "steps and ig_steps": (dict(steps=2, ig_steps=2), "not both"),
+        "quadrature": (dict(method="EAP-IG-inputs", quadrature="simpson"), "unknown quadrature rule"),
+        "metric arity": (dict(metric=lambda: 0.0), "metric must be callable as"),
+        "activations": (dict(method="EAP-IG-activations", activations="each"), "unknown activations"),
         "ig_steps": (dict(ig_steps=0), "ig_steps"),
         "batch_size": (dict(batch_size=0), "batch_size"),
         "metric shape": (dict(metric=lambda lg, idx: lg[:, -1, :2]), "shape \\[3\\]"),
@@ -535,7 +618,8 @@ def _bad_cases(model):
     }, dict(graph=g, clean=clean, corrupted=corrupted, metric=metric)
 
 
-BAD_CASES = ["shape", "float tokens", "token range", "method", "ablation", "ig_steps", "batch_size",
+BAD_CASES = ["shape", "float tokens", "token range", "method", "ablation", "ig_steps",
+             "steps and ig_steps", "quadrature", "metric arity", "activations", "batch_size",
              "metric shape", "metric nan", "metric constant", "graph model", "graph type", "gim", "mask"]
 
 

@@ -208,7 +208,7 @@ def test_model_in_train_mode_is_evaluated_in_eval_mode_and_left_in_train_mode(gp
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(ablation="resample"), "known: \\['corrupted', 'mean', 'zero'\\]"),
+    (dict(ablation="resample"), "expected one of 'corrupted', 'mean', 'zero'"),
     (dict(graph=Graph(n_layers=3, n_heads=4, d_model=32)), "does not match"),
     (dict(corrupted=torch.zeros(2, 2, dtype=torch.long)), "same shape"),
     (dict(metric=lambda logits, idx: logits[:, -1]), "shape \\[3\\]"),

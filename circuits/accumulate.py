@@ -1,0 +1,138 @@
+"""Destination gradients -> edge scores: `scores[src, dst] += diff[src] . grad[dst]`, summed over
+positions and `d_model`, with few wide GEMMs.
+
+Backward reaches the layers in order, last first, so the gradients of one layer all arrive
+before any of the layer below. The destinations of consecutive layers (the last layer's with the
+logits) form chunks of at least `MIN_COLUMNS` columns; a chunk's gradients gather in one buffer,
+and the buffer is multiplied (one GEMM against the `diff` rows that feed it) when the first
+gradient of the next chunk arrives, or at the end of the pass ([`Accumulator.end_pass`]
+[circuits.accumulate.Accumulator.end_pass]). With `defer`, the buffers are summed over all
+gradient points of a batch and multiplied once, in [`Accumulator.flush`]
+[circuits.accumulate.Accumulator.flush].
+
+Example:
+    >>> import torch
+    >>> from gimlens.testing import tiny_model
+    >>> from circuits.graph import Graph
+    >>> from circuits.model import ModelSpec
+    >>> model = tiny_model("gpt2")
+    >>> spec, graph = ModelSpec.read(model), Graph.from_model(model)
+    >>> diff, grads = torch.randn(graph.n_forward, 1, 3, 32), torch.randn(graph.n_backward, 1, 3, 32)
+    >>> scores = torch.zeros(graph.n_forward, graph.n_backward)
+    >>> acc = Accumulator.build(spec, graph, scores, diff, split_kv=False, defer=False)
+    >>> acc.slot(spec.n_layers - 1, slice(graph.n_backward - 1, graph.n_backward))[:] = grads[-1:]
+    >>> for layer in reversed(range(spec.n_layers)):  # the order backward reaches them
+    ...     cols = slice(graph.backward_index(layer, 0, "q"), graph.backward_index(layer) + 1)
+    ...     acc.slot(layer, cols)[:] = grads[cols]
+    >>> acc.end_pass()
+    >>> torch.allclose(scores[0], torch.einsum("bsd,nbsd->n", diff[0], grads), atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .model import ModelSpec
+
+__all__ = ["Accumulator", "MIN_COLUMNS"]
+
+#: Destination columns gathered per score GEMM (thin GEMMs run at a fraction of the speed).
+MIN_COLUMNS = 64
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Destination columns `[c0, c1)` of consecutive layers, fed by the first `rows` sources."""
+
+    c0: int
+    c1: int
+    rows: int
+
+
+@dataclass
+class Accumulator:
+    """Collects destination gradients chunk by chunk and adds `diff . grads` to `scores`.
+
+    `slot(layer, cols)` hands out the buffer rows for the gradients of columns `cols` of
+    `layer`; writing them there is all a hook does. Columns left unwritten (the k/v columns of
+    a split-KV model, scored separately through [`gemm`][circuits.accumulate.Accumulator.gemm])
+    are zero.
+    """
+
+    scores: Float[Tensor, "n_fwd n_bwd"]
+    diff: Float[Tensor, "n_fwd B S d"]
+    chunks: list[Chunk]
+    chunk_of: list[int]  # layer -> chunk
+    defer: bool
+    split_kv: bool
+    current: tuple[int, Tensor] | None = None  # (chunk, its buffer) being filled
+    summed: dict = field(default_factory=dict)  # chunk -> buffer summed over points (defer)
+    free: list = field(default_factory=list)  # buffers to reuse (fresh memory is slow to touch)
+
+    @classmethod
+    def build(cls, spec: ModelSpec, graph, scores, diff, *, split_kv: bool, defer: bool
+              ) -> "Accumulator":
+        L = spec.n_layers
+        per = max(1, math.ceil(MIN_COLUMNS * L / graph.n_backward))
+        chunks, chunk_of = [], []
+        for first in range(0, L, per):
+            last = min(first + per, L) - 1
+            final = last == L - 1
+            c1 = graph.n_backward if final else graph.backward_index(last) + 1
+            rows = spec.n_forward if final else spec.upstream(last, mlp=True)
+            chunk_of += [len(chunks)] * (last - first + 1)
+            chunks.append(Chunk(graph.backward_index(first, 0, "q"), c1, rows))
+        return cls(scores, diff, chunks, chunk_of, defer, split_kv)
+
+    def slot(self, layer: int, cols: slice) -> Float[Tensor, "n B S d"]:
+        """The part of `layer`'s chunk buffer that receives the gradients of columns `cols`; the
+        previous chunk is multiplied first when this is the first gradient of a new chunk."""
+        chunk = self.chunk_of[layer]
+        if self.current is None or self.current[0] != chunk:
+            self._done()
+            buf = self.free.pop() if self.free else torch.empty(
+                max(c.c1 - c.c0 for c in self.chunks), *self.diff.shape[1:], device=self.diff.device)
+            if self.split_kv:  # its k/v columns are never written here
+                buf.zero_()
+            self.current = (chunk, buf)
+        c0 = self.chunks[chunk].c0
+        return self.current[1][cols.start - c0: cols.stop - c0]
+
+    def end_pass(self) -> None:
+        """The backward pass is over: multiply (or, with `defer`, sum) the last chunk."""
+        self._done()
+
+    def _done(self) -> None:
+        if self.current is None:
+            return
+        chunk, buf = self.current
+        self.current = None
+        c = self.chunks[chunk]
+        if not self.defer:
+            self.gemm(c.rows, slice(c.c0, c.c1), buf[: c.c1 - c.c0])
+        elif chunk not in self.summed:
+            self.summed[chunk] = buf
+            return
+        else:
+            self.summed[chunk].add_(buf)
+        self.free.append(buf)
+
+    def flush(self) -> None:
+        """Multiply the buffers summed over the gradient points (with `defer`)."""
+        self._done()
+        for chunk, grads in self.summed.items():
+            c = self.chunks[chunk]
+            self.gemm(c.rows, slice(c.c0, c.c1), grads[: c.c1 - c.c0])
+        self.summed.clear()
+
+    def gemm(self, rows: int, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
+        """`scores[:rows, cols] += diff[:rows] . grads`, summed over examples, positions and
+        `d_model`."""
+        out, n = self.scores[:rows, cols], grads.shape[0]
+        out.addmm_(self.diff[:rows].reshape(rows, -1), grads.reshape(n, -1).T)
