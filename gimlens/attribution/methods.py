@@ -97,7 +97,13 @@ def as_method(name) -> Method:
 
 
 def run_method(method: Method, job: Job) -> MethodOutput:
-    return METHODS[method].run(job)
+    spec = METHODS[method]
+    kind = PassKind.GRADIENTS if spec.gradients else PassKind.FORWARD
+    # the heaviest row first: a budget too small for it fails before any pass runs
+    fit_rows(f"{job.method} ({'gradients' if spec.gradients else 'forwards'})",
+             per_row=row_bytes(job.model, job.tokens.shape[1], kind, gim=not job.gim.is_off),
+             n_rows=1, max_memory=job.max_memory, device=job.tokens.device)
+    return spec.run(job)
 
 
 # ---------------------------------------------------------------------------------------------
