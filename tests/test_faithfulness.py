@@ -25,17 +25,19 @@ TEXTS = [
 ]
 
 
-def _protocol_by_hand(model, attr, row, max_k=50):
-    """The GIM paper's loop, one forward per replacement, on row ``row`` alone."""
+def _protocol_by_hand(model, attr, row, max_k=50, t=0):
+    """The GIM paper's loop, one forward per replacement, on row ``row`` alone; for a
+    continuation, target token ``t`` (read after the first ``t`` continuation tokens)."""
     real = attr.attention_mask[row].bool() if attr.attention_mask is not None else torch.ones_like(attr.scored[row])
     ids = attr.token_ids[row][real].clone()[None]
-    scores = attr.scores[row][real]
+    scores = (attr.scores[row, t] if attr.is_continuation else attr.scores[row])[real]
     scored = attr.scored[row][real]
-    target = int(attr.target_ids[row, 0])
+    target = int(attr.target_ids[row, t])
+    given = attr.target_ids[row, :t][None]  # the continuation before target t
 
     def logit(x):
         with torch.no_grad():
-            return float(model(x)[0, -1, target])
+            return float(model(torch.cat([x, given], 1))[0, -1, target])
 
     full = logit(ids)
     inner = torch.arange(1, ids.shape[1] - 1)  # first and last never ranked
@@ -104,10 +106,17 @@ def test_a_one_token_continuation_scores_like_the_token_target(qwen2_model):
     assert_close(a.sufficiency, b.sufficiency[:, 0])
 
 
-def test_multi_token_continuations_give_one_value_per_target_token(llama_model):
+def test_multi_token_continuations_follow_the_protocol_per_target_token(llama_model):
     attr = attribute(llama_model, TEXTS, target=" Paris is")
     f = attribution_faithfulness(llama_model, attr)
-    assert f.comprehensiveness.shape == (2, 2) and not torch.isnan(f.comprehensiveness).any()
+    assert f.comprehensiveness.shape == (2, 2)
+    for row in range(2):
+        for t in range(2):
+            comp, s, n, full = _protocol_by_hand(llama_model, attr, row, t=t)
+            assert int(f.n_rankable[row, t]) == n
+            assert_close(float(f.original[row, t]), full, rtol=1e-5, atol=1e-5)
+            assert_close(float(f.comprehensiveness[row, t]), sum(comp) / n, rtol=1e-4, atol=1e-5)
+            assert_close(float(f.sufficiency[row, t]), s, rtol=1e-4, atol=1e-5)
 
 
 def test_spearman_equals_scipy_with_ties():
