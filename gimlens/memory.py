@@ -110,8 +110,8 @@ def row_bytes(model: Any, n_pos: int, kind: PassKind | str, *, gim: bool = False
 
 
 def resolve_budget(max_memory: int | str | None, device: torch.device | str) -> int:
-    """`max_memory` in bytes; `None`: [`DEFAULT_FRACTION`][gimlens.memory.DEFAULT_FRACTION] of
-    what [`available_memory`][gimlens.runtime.available_memory] reports for `device`.
+    """`max_memory` in bytes; `None`: `DEFAULT_FRACTION` of
+    what `gimlens.runtime.available_memory` reports for `device`.
 
     Example:
         >>> resolve_budget("4GB", "cpu")
