@@ -369,5 +369,6 @@ def _variant_values(model, a, variants, rows, batch_size, show, max_memory) -> T
             sl = slice(s, min(s + plan.rows, own.stop))
             logits = run_hooked(model, tokens[sl], attention_mask=None if mask is None else mask[sl])
             out[sl] = target.values(logits, rows[sl]).double().cpu()
+            del logits  # not alive during the next pass
             bar.update(1)
     return all_reduce_sum(out)  # each variant was computed by exactly one rank

@@ -58,8 +58,8 @@ class PassKind(str, Enum):
 # gradients, per layer: residual-stream copies x d_model, MLP intermediates x d_mlp, attention
 # scores x heads x positions; logits and their gradient x vocabulary.
 _GRAD_D, _GRAD_MLP, _GRAD_ATT, _GRAD_LOGITS = 6.0, 2.5, 1.16, 2.0
-# forward without gradient: one layer's temporaries at a time, the batch's logits (and part of a copy).
-_FWD_D, _FWD_MLP, _FWD_ATT, _FWD_LOGITS = 2.0, 1.0, 1.0, 1.5
+# forward without gradient: one layer's temporaries at a time, the batch's logits.
+_FWD_D, _FWD_MLP, _FWD_ATT, _FWD_LOGITS = 2.0, 1.0, 1.0, 1.0
 # GIM's backward rules keep one more attention-sized tensor per layer.
 _GIM_ATT = 1.0
 

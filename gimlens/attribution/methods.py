@@ -234,4 +234,5 @@ def _forward_values(
                 k = min(sl.stop, first_is_clean) - sl.start
                 job.target.fill_argmax(logits[:k], rows[sl][:k])
             out[sl] = job.target.values(logits, rows[sl])
+            del logits  # not alive during the next pass
     return out
