@@ -50,7 +50,7 @@ def main() -> None:
 
     from gimlens.attribution import attribute
     from gimlens.data import load_prompts
-    from gimlens.evaluate import ablation_agreement, faithfulness
+    from gimlens.evaluate import ablation_agreement, attribution_faithfulness as faithfulness
     from gimlens.models import load_model
 
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from IPython.display import display
 
 import gimlens
 from gimlens.attribution import Continuation, LogitDiff
-from gimlens.evaluate import ablation_agreement, faithfulness
+from gimlens.evaluate import ablation_agreement, attribution_faithfulness
 
 torch.manual_seed(0)
 model = gimlens.load_model()  # embedded SmolLM2-135M-Instruct, offline
@@ -135,7 +135,7 @@ batch = {m: gimlens.attribute(model, prompts, method=m, batch_size=32, **kw) for
 reference = batch["feature_ablation"]
 table = {}
 for m, a in batch.items():
-    f = faithfulness(model, a)
+    f = attribution_faithfulness(model, a)
     agree = ablation_agreement(model, a, reference=reference)
     table[m] = {**f.summary(), "spearman_vs_ablation": float(agree.nanmean())}
 print(f"{'method':>22} {'comprehensiveness':>18} {'sufficiency':>12} {'spearman':>9}")

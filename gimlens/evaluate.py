@@ -1,43 +1,44 @@
 """Faithfulness of token attributions: comprehensiveness, sufficiency, agreement with ablation.
 
 The protocol of the GIM paper (Edin et al. 2025, arXiv:2505.17630; its evaluation script
-``src/evaluation/evaluate_feature_attributions.py`` and ``results/aopc_table.py``), per row:
+`src/evaluation/evaluate_feature_attributions.py` and `results/aopc_table.py`), per row:
 
 - **Ranking.** Positions are sorted by their signed score, most positive first. The first and the
-  last real position are never ranked (nor padding, nor an unscored BOS); ``n`` positions remain.
-- **Comprehensiveness.** For ``k = 1 .. K`` with ``K = min(max_k, n)`` (``max_k = 50``), the top
-  ``k`` positions (cumulative) are replaced by the baseline token and the model is rerun;
-  ``c_k = (F(x) − F(x_k)) / F(x)`` with ``F`` the explained quantity (the target logit).
-  Comprehensiveness is the mean of ``c_k`` over ``k = 1 .. K`` (``short_rows="cap"``, the
-  default). The paper's script fills ``c_k = 0`` for ``k > n`` and averages over all 50 entries;
-  ``short_rows="zero_fill"`` reproduces that (it shrinks short prompts' values by ``K / 50``).
+  last real position are never ranked (nor padding, nor an unscored BOS); `n` positions remain.
+- **Comprehensiveness.** For `k = 1 .. K` with `K = min(max_k, n)` (`max_k = 50`), the top
+  `k` positions (cumulative) are replaced by the baseline token and the model is rerun;
+  `c_k = (F(x) − F(x_k)) / F(x)` with `F` the explained quantity (the target logit).
+  Comprehensiveness is the mean of `c_k` over `k = 1 .. K` (`short_rows="cap"`, the
+  default). The paper's script fills `c_k = 0` for `k > n` and averages over all 50 entries;
+  `short_rows="zero_fill"` reproduces that (it shrinks short prompts' values by `K / 50`).
   Higher is better.
-- **Sufficiency.** For each ``r`` in ``{0.5, 0.8, 0.9, 0.95, 0.99}`` the ``int(r · n)`` least
-  important positions are replaced; ``s_r = (F(x) − F(x_r)) / F(x)``, averaged over ``r``.
+- **Sufficiency.** For each `r` in `{0.5, 0.8, 0.9, 0.95, 0.99}` the `int(r · n)` least
+  important positions are replaced; `s_r = (F(x) − F(x_r)) / F(x)`, averaged over `r`.
   Lower is better.
-- A data set's value is the mean over rows (:meth:`Faithfulness.summary`).
+- A data set's value is the mean over rows (`AttributionFaithfulness.summary`).
 
-Dividing by ``F(x)`` follows the paper; it is unstable when the target logit is near zero or
-negative (e.g. a logit difference), so the per-row values and ``F(x)`` are returned as well.
+Dividing by `F(x)` follows the paper; it is unstable when the target logit is near zero or
+negative (e.g. a logit difference), so the per-row values and `F(x)` are returned as well.
 
-:func:`ablation_agreement` adds the Spearman rank correlation between an attribution and
-leave-one-out ablation (:mod:`gimlens.attribution.methods`' ``feature_ablation``) over the scored
-positions, per row. All model runs are batched no-grad forwards; the model is left as found.
+`ablation_agreement` adds the Spearman rank correlation between an attribution and
+leave-one-out ablation (`feature_ablation` of [`gimlens.attribution.methods`][gimlens.attribution.methods])
+over the scored positions, per row. All model runs are batched no-grad forwards, as many rows per
+pass as `max_memory` allows ([`gimlens.memory`][gimlens.memory]); the model is left as found.
+(`circuits.faithfulness` is the other faithfulness: of a circuit, not of a token attribution.)
 
 Example:
     >>> from gimlens.attribution import attribute
-    >>> from gimlens.evaluate import faithfulness
+    >>> from gimlens.evaluate import attribution_faithfulness
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> attr = attribute(model, "When Mary and John went to the store, John gave a drink to")
-    >>> f = faithfulness(model, attr)
+    >>> f = attribution_faithfulness(model, attr)
     >>> sorted(f.summary())
     ['comprehensiveness', 'sufficiency']
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -47,18 +48,18 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .attribution import Attribution, attribute
-from .runtime import prepared as attribution_mode
 from .attribution.inputs import model_device
 from .attribution.targets import Readout, ResolvedTarget, TargetKind, with_continuation
 from .distributed import all_reduce_sum, is_main_process, shard_range
 from .errors import GimlensError
-from .runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
+from .memory import PassKind, fit_rows, row_bytes
+from .runtime import coerce_enum, parse_bytes, prepared, progress as progress_bar, require_lens_model, run_hooked
 
 __all__ = [
     "SUFFICIENCY_RATIOS",
     "ShortRows",
-    "Faithfulness",
-    "faithfulness",
+    "AttributionFaithfulness",
+    "attribution_faithfulness",
     "ablation_agreement",
     "rankable_positions",
     "spearman",
@@ -69,24 +70,24 @@ SUFFICIENCY_RATIOS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
 
 
 class ShortRows(str, Enum):
-    """How comprehensiveness treats ``k`` beyond a row's number of rankable tokens."""
+    """How comprehensiveness treats `k` beyond a row's number of rankable tokens."""
 
     CAP = "cap"  # average over k = 1 .. min(max_k, n)
     ZERO_FILL = "zero_fill"  # the paper's script: c_k = 0 for k > n, average over max_k
 
 
 @dataclass
-class Faithfulness:
-    """Per-row faithfulness values (rows: ``[batch]``, or ``[batch, n_targets]`` flattened to
-    ``batch · n_targets`` for continuations, target-major within a row).
+class AttributionFaithfulness:
+    """Per-row faithfulness values (rows: `[batch]`, or `[batch, n_targets]` flattened to
+    `batch · n_targets` for continuations, target-major within a row).
 
     Attributes:
-        comprehensiveness: ``[rows]`` (higher is better).
-        sufficiency: ``[rows]`` (lower is better).
-        comprehensiveness_curve: ``[rows, max_k]``, ``c_k``; NaN for ``k > n``.
-        sufficiency_curve: ``[rows, len(ratios)]``, ``s_r``.
-        original: ``[rows]`` ``F(x)``, the explained quantity on the unchanged input.
-        n_rankable: ``[rows]`` number of ranked positions ``n``.
+        comprehensiveness: `[rows]` (higher is better).
+        sufficiency: `[rows]` (lower is better).
+        comprehensiveness_curve: `[rows, max_k]`, `c_k`; NaN for `k > n`.
+        sufficiency_curve: `[rows, len(ratios)]`, `s_r`.
+        original: `[rows]` `F(x)`, the explained quantity on the unchanged input.
+        n_rankable: `[rows]` number of ranked positions `n`.
     """
 
     comprehensiveness: Float[Tensor, " rows"]
@@ -117,7 +118,7 @@ def rankable_positions(attribution: Attribution) -> Bool[Tensor, "batch pos"]:
     return a.scored & real & (idx != first[:, None]) & (idx != last[:, None])
 
 
-def faithfulness(
+def attribution_faithfulness(
     model,
     attribution: Attribution,
     *,
@@ -126,23 +127,31 @@ def faithfulness(
     short_rows: ShortRows | str = ShortRows.CAP,
     batch_size: int = 64,
     progress: bool = False,
-) -> Faithfulness:
-    """Comprehensiveness and sufficiency of ``attribution`` (made on ``model``) by the GIM
+    max_memory: int | str | None = None,
+) -> AttributionFaithfulness:
+    """Comprehensiveness and sufficiency of `attribution` (made on `model`) by the GIM
     paper's protocol (see the module docstring); every replacement in batched forwards.
 
     Args:
         model: the TransformerLens model the attribution was computed on.
-        attribution: any method's :class:`~gimlens.Attribution`.
+        attribution: any method's `Attribution`.
         max_k: largest number of top tokens replaced for comprehensiveness.
         ratios: fractions of least important tokens replaced for sufficiency.
-        short_rows: ``"cap"`` or ``"zero_fill"`` (the paper's script), see :class:`ShortRows`.
-        batch_size: rows per forward pass.
-        progress: a progress bar over the batches.
+        short_rows: `"cap"` or `"zero_fill"` (the paper's script), see `ShortRows`.
+        batch_size: the most rows per forward pass.
+        progress: a progress bar over the batches and the memory estimate (stderr).
+        max_memory: bytes or a size like `"4GB"` the passes may add (rows per pass lowered to
+            fit); `None`: half the memory free on the model's device.
 
     Returns:
-        A :class:`Faithfulness` with per-row values.
+        An `AttributionFaithfulness` with per-row values.
+
+    Raises:
+        GimlensError: on bad arguments, or when not even one variant fits `max_memory`.
     """
-    short_rows = _enum(ShortRows, short_rows, "short_rows")
+    short_rows = coerce_enum(ShortRows, short_rows, "short_rows")
+    if max_memory is not None:
+        parse_bytes(max_memory)
     if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
         raise GimlensError(f"max_k must be a positive integer, got {max_k!r}")
     ratios = tuple(float(r) for r in ratios)
@@ -185,7 +194,7 @@ def faithfulness(
     variants = a.token_ids[u_rows].clone()
     for u, (_, pos) in enumerate(unique):
         variants[u, list(pos)] = a.baseline_token_id
-    all_targets = _variant_values(model, a, variants, u_rows, batch_size, progress, model_device(model))
+    all_targets = _variant_values(model, a, variants, u_rows, batch_size, progress, max_memory)
     values = all_targets[torch.tensor(slot), torch.tensor(keep_t, dtype=torch.long)]
 
     n_ratios = len(ratios)
@@ -206,7 +215,7 @@ def faithfulness(
             comp[row] = c.mean() if short_rows is ShortRows.CAP else c.sum() / max_k
             suff[row] = s.mean()
     shape = (B, T) if a.is_continuation else (B,)
-    return Faithfulness(
+    return AttributionFaithfulness(
         comprehensiveness=comp.view(shape),
         sufficiency=suff.view(shape),
         comprehensiveness_curve=comp_curve,
@@ -226,14 +235,17 @@ def ablation_agreement(
     reference: Attribution | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    max_memory: int | str | None = None,
 ) -> Float[Tensor, " rows"]:
-    """Spearman rank correlation between ``attribution`` and leave-one-out ablation, per row
-    (``[batch]``, or ``[batch, n_targets]``), over the scored positions; NaN where fewer than two
+    """Spearman rank correlation between `attribution` and leave-one-out ablation, per row
+    (`[batch]`, or `[batch, n_targets]`), over the scored positions; NaN where fewer than two
     positions are scored or either side is constant.
 
     Args:
-        reference: a ``feature_ablation`` attribution of the same inputs and targets (computed
-            here when ``None``; pass it to share one across methods).
+        reference: a `feature_ablation` attribution of the same inputs and targets (computed
+            here when `None`; pass it to share one across methods).
+        batch_size, progress, max_memory: as for `attribution_faithfulness`, for the
+            reference's forwards.
     """
     _check_batch_size(batch_size)
     a = _check(model, attribution)
@@ -248,6 +260,7 @@ def ablation_agreement(
             score_bos=bool(a.config.get("score_bos", False)),
             batch_size=batch_size,
             progress=progress,
+            max_memory=max_memory,
         )
     if not (
         torch.equal(reference.token_ids, a.token_ids)
@@ -302,14 +315,6 @@ def _average_ranks(v: Tensor) -> Tensor:
     return ranks
 
 
-def _enum(cls, value, name: str):
-    try:
-        return cls(value)
-    except ValueError:
-        known = ", ".join(m.value for m in cls)
-        raise GimlensError(f"unknown {name} {value!r}; expected one of: {known}") from None
-
-
 def _check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GimlensError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -318,8 +323,7 @@ def _check_batch_size(batch_size) -> None:
 def _check(model, attribution) -> Attribution:
     if not isinstance(attribution, Attribution):
         raise GimlensError(f"expected a gimlens Attribution, got {type(attribution).__name__}")
-    if not (hasattr(model, "cfg") and hasattr(model, "hooks")):
-        raise GimlensError(f"expected the TransformerLens model of the attribution, got {type(model).__name__}")
+    require_lens_model(model)
     vocab = int(model.cfg.d_vocab)
     top = max(int(attribution.token_ids.max()), int(attribution.target_ids.max()), attribution.baseline_token_id)
     if top >= vocab:
@@ -342,24 +346,29 @@ def _resolved(a: Attribution, device) -> ResolvedTarget:
     )
 
 
-def _variant_values(model, a, variants, rows, batch_size, progress, device) -> Tensor:
-    """Every target's objective on each variant of prompt row ``rows``: ``[n, T]`` float64, CPU."""
+def _variant_values(model, a, variants, rows, batch_size, show, max_memory) -> Tensor:
+    """Every target's objective on each variant of prompt row `rows`: `[n, T]` float64, CPU."""
+    device = model_device(model)
     target = _resolved(a, device)
     variants, rows = variants.to(device), rows.to(device)
     mask = None if a.attention_mask is None else a.attention_mask.to(device)[rows]
     tokens, mask, _ = with_continuation(variants, mask, target.continuation)
     out = torch.zeros(len(variants), target.n_targets, dtype=torch.float64)
     own = shard_range(len(variants))  # under torch.distributed: this rank's block of variants
-    starts = range(own.start, own.stop, batch_size)
-    if progress and len(starts) > 1 and is_main_process():
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="faithfulness", unit="batch")
-    with attribution_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
+    show = show and is_main_process()
+    plan = fit_rows(
+        "attribution_faithfulness", per_row=row_bytes(model, tokens.shape[1], PassKind.FORWARD),
+        n_rows=own.stop - own.start, max_memory=max_memory, device=device, upper=batch_size,
+        show=show,
+    )
+    starts = range(own.start, own.stop, plan.rows)
+    with prepared(model), torch.no_grad(), progress_bar(
+        len(starts), show=show and len(starts) > 1, desc="faithfulness", unit="batch"
+    ) as bar:
         for s in starts:
-            sl = slice(s, min(s + batch_size, own.stop))
-            kwargs = {} if mask is None else {"attention_mask": mask[sl]}
-            logits = model(tokens[sl], **kwargs)
+            sl = slice(s, min(s + plan.rows, own.stop))
+            logits = run_hooked(model, tokens[sl], attention_mask=None if mask is None else mask[sl])
             out[sl] = target.values(logits, rows[sl]).double().cpu()
+            del logits  # not alive during the next pass
+            bar.update(1)
     return all_reduce_sum(out)  # each variant was computed by exactly one rank

@@ -13,7 +13,7 @@ from gimlens.attribution import Attribution, Continuation, attribute
 from gimlens.evaluate import (
     SUFFICIENCY_RATIOS,
     ablation_agreement,
-    faithfulness,
+    attribution_faithfulness,
     rankable_positions,
     spearman,
 )
@@ -25,17 +25,19 @@ TEXTS = [
 ]
 
 
-def _protocol_by_hand(model, attr, row, max_k=50):
-    """The GIM paper's loop, one forward per replacement, on row ``row`` alone."""
+def _protocol_by_hand(model, attr, row, max_k=50, t=0):
+    """The GIM paper's loop, one forward per replacement, on row ``row`` alone; for a
+    continuation, target token ``t`` (read after the first ``t`` continuation tokens)."""
     real = attr.attention_mask[row].bool() if attr.attention_mask is not None else torch.ones_like(attr.scored[row])
     ids = attr.token_ids[row][real].clone()[None]
-    scores = attr.scores[row][real]
+    scores = (attr.scores[row, t] if attr.is_continuation else attr.scores[row])[real]
     scored = attr.scored[row][real]
-    target = int(attr.target_ids[row, 0])
+    target = int(attr.target_ids[row, t])
+    given = attr.target_ids[row, :t][None]  # the continuation before target t
 
     def logit(x):
         with torch.no_grad():
-            return float(model(x)[0, -1, target])
+            return float(model(torch.cat([x, given], 1))[0, -1, target])
 
     full = logit(ids)
     inner = torch.arange(1, ids.shape[1] - 1)  # first and last never ranked
@@ -59,9 +61,9 @@ def _protocol_by_hand(model, attr, row, max_k=50):
 def test_comprehensiveness_and_sufficiency_follow_the_papers_protocol(any_model, method):
     kw = {"steps": 4} if method == "integrated_gradients" else {}
     attr = attribute(any_model, TEXTS, method=method, **kw)
-    got = faithfulness(any_model, attr, batch_size=7)
-    paper = faithfulness(any_model, attr, short_rows="zero_fill")
-    capped = faithfulness(any_model, attr, max_k=3)
+    got = attribution_faithfulness(any_model, attr, batch_size=7)
+    paper = attribution_faithfulness(any_model, attr, short_rows="zero_fill")
+    capped = attribution_faithfulness(any_model, attr, max_k=3)
     for row in range(len(TEXTS)):
         comp, s, n, full = _protocol_by_hand(any_model, attr, row)
         assert int(got.n_rankable[row]) == n == len(comp) and n >= 3
@@ -91,23 +93,30 @@ def test_replacing_by_the_baseline_changes_nothing_when_the_baseline_is_the_toke
     # every prompt token replaced by itself: all metrics are exactly 0
     ids = torch.full((1, 6), 300)
     attr = attribute(gpt2_model, ids, baseline=300, method="gim", target=5)
-    f = faithfulness(gpt2_model, attr)
+    f = attribution_faithfulness(gpt2_model, attr)
     assert float(f.comprehensiveness[0]) == 0 and float(f.sufficiency[0]) == 0
 
 
 def test_a_one_token_continuation_scores_like_the_token_target(qwen2_model):
     token = attribute(qwen2_model, TEXTS, target=" Paris")
     cont = attribute(qwen2_model, TEXTS, target=Continuation(" Paris"))
-    a, b = faithfulness(qwen2_model, token), faithfulness(qwen2_model, cont)
+    a, b = attribution_faithfulness(qwen2_model, token), attribution_faithfulness(qwen2_model, cont)
     assert b.comprehensiveness.shape == (2, 1)
     assert_close(a.comprehensiveness, b.comprehensiveness[:, 0])
     assert_close(a.sufficiency, b.sufficiency[:, 0])
 
 
-def test_multi_token_continuations_give_one_value_per_target_token(llama_model):
+def test_multi_token_continuations_follow_the_protocol_per_target_token(llama_model):
     attr = attribute(llama_model, TEXTS, target=" Paris is")
-    f = faithfulness(llama_model, attr)
-    assert f.comprehensiveness.shape == (2, 2) and not torch.isnan(f.comprehensiveness).any()
+    f = attribution_faithfulness(llama_model, attr)
+    assert f.comprehensiveness.shape == (2, 2)
+    for row in range(2):
+        for t in range(2):
+            comp, s, n, full = _protocol_by_hand(llama_model, attr, row, t=t)
+            assert int(f.n_rankable[row, t]) == n
+            assert_close(float(f.original[row, t]), full, rtol=1e-5, atol=1e-5)
+            assert_close(float(f.comprehensiveness[row, t]), sum(comp) / n, rtol=1e-4, atol=1e-5)
+            assert_close(float(f.sufficiency[row, t]), s, rtol=1e-4, atol=1e-5)
 
 
 def test_spearman_equals_scipy_with_ties():
@@ -141,7 +150,7 @@ def test_metrics_work_on_an_attribution_read_back_from_json(gpt2_model, tmp_path
     attr = attribute(gpt2_model, TEXTS)
     attr.save(tmp_path / "a.json")
     again = Attribution.load(tmp_path / "a.json")
-    assert_close(faithfulness(gpt2_model, again).comprehensiveness, faithfulness(gpt2_model, attr).comprehensiveness)
+    assert_close(attribution_faithfulness(gpt2_model, again).comprehensiveness, attribution_faithfulness(gpt2_model, attr).comprehensiveness)
 
 
 @pytest.mark.parametrize(
@@ -156,22 +165,22 @@ def test_metrics_work_on_an_attribution_read_back_from_json(gpt2_model, tmp_path
 def test_bad_arguments_are_gimlens_errors(llama_model, kwargs, match):
     attr = attribute(llama_model, TEXTS[1])
     with pytest.raises(GimlensError, match=match):
-        faithfulness(llama_model, attr, **kwargs)
+        attribution_faithfulness(llama_model, attr, **kwargs)
 
 
 def test_an_attribution_from_another_vocabulary_is_rejected(llama_model):
     attr = attribute(llama_model, TEXTS[1])
     attr.target_ids = torch.tensor([[10**6]])
     with pytest.raises(GimlensError, match="vocabulary"):
-        faithfulness(llama_model, attr)
+        attribution_faithfulness(llama_model, attr)
     with pytest.raises(GimlensError, match="Attribution"):
-        faithfulness(llama_model, {"scores": [1.0]})
+        attribution_faithfulness(llama_model, {"scores": [1.0]})
 
 
 def test_evaluation_leaves_the_model_as_found_after_success_and_error(any_model):
     attr = attribute(any_model, TEXTS)
     before = model_state(any_model)
-    faithfulness(any_model, attr)
+    attribution_faithfulness(any_model, attr)
     ablation_agreement(any_model, attr)
     assert_state_equal(before, model_state(any_model))
 
@@ -180,5 +189,5 @@ def test_evaluation_leaves_the_model_as_found_after_success_and_error(any_model)
 
     with any_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", boom)]):
         with pytest.raises(RuntimeError, match="forced failure"):
-            faithfulness(any_model, attr)
+            attribution_faithfulness(any_model, attr)
     assert_state_equal(before, model_state(any_model))

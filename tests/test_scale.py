@@ -123,7 +123,7 @@ def _token_worker(rank, size, port, out):
 
         model = tiny_model(**ARGS)
         attr = gimlens.attribute(model, PROMPTS, method="integrated_gradients", steps=4, batch_size=2)
-        faith = gimlens.evaluate.faithfulness(model, attr, max_k=3, batch_size=4)
+        faith = gimlens.evaluate.attribution_faithfulness(model, attr, max_k=3, batch_size=4)
         torch.save({"scores": attr.scores, "targets": attr.target_ids, "delta": attr.delta,
                     "comp": faith.comprehensiveness, "suff": faith.sufficiency}, os.path.join(out, f"{rank}.pt"))
     finally:
@@ -136,7 +136,7 @@ def test_token_attribution_and_faithfulness_under_two_processes_equal_one(tmp_pa
     mp.spawn(_token_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = tiny_model(**ARGS)
     attr = gimlens.attribute(model, PROMPTS, method="integrated_gradients", steps=4, batch_size=2)
-    faith = gimlens.evaluate.faithfulness(model, attr, max_k=3, batch_size=4)
+    faith = gimlens.evaluate.attribution_faithfulness(model, attr, max_k=3, batch_size=4)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert torch.equal(got["targets"], attr.target_ids)  # top predictions gathered back too

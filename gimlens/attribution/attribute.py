@@ -1,4 +1,4 @@
-"""``attribute``: the entry point of token attribution (every method, target and input form)."""
+"""`attribute`: the entry point of token attribution (every method, target and input form)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 from ..errors import GimlensError
 from ..gim import GIMConfig
 from ..quadrature import Quadrature, nodes_and_weights
+from ..runtime import parse_bytes
 from .gradients import as_bridge
 from .inputs import prepare_prompt, resolve_baseline
 from ..distributed import all_gather_rows, is_main_process, shard_range, world
@@ -29,45 +30,53 @@ def attribute(
     baseline: int | str | None = None,
     gim: GIMConfig | bool | dict | None = None,
     steps: int | None = None,
+    ig_steps: int | None = None,
     quadrature: Quadrature | str = "gauss_legendre",
     batch_size: int = 32,
     attention_mask: Tensor | None = None,
     score_bos: bool = False,
     tokenizer=None,
     progress: bool = False,
+    max_memory: int | str | None = None,
 ) -> Attribution:
     """Attribute a prediction to every input token.
 
     Args:
         model: a TransformerLens model (or a HuggingFace causal LM, wrapped once).
-        inputs: a string, a list of strings (tokenised with the model's ``to_tokens``, so BOS is
+        inputs: a string, a list of strings (tokenised with the model's `to_tokens`, so BOS is
             prepended when the model does that, and left-padded with an attention mask), or
-            token ids ``[pos]`` / ``[batch, pos]``.
-        method: ``"gim"`` (gradient × input under GIM, the default), ``"gradient_x_input"``,
-            ``"integrated_gradients"`` or ``"feature_ablation"`` (see
-            :mod:`gimlens.attribution.methods`).
-        target: ``None`` (the top prediction at the last real position), a token id, a string
-            (``" Paris"``; several tokens make a continuation), one target per row (list or
-            ``[batch]`` tensor), or a :class:`TokenTarget` / :class:`LogitDiff` /
-            :class:`Continuation`.
+            token ids `[pos]` / `[batch, pos]`.
+        method: `"gim"` (gradient × input under GIM, the default), `"gradient_x_input"`,
+            `"integrated_gradients"` or `"feature_ablation"` (see
+            [`gimlens.attribution.methods`][gimlens.attribution.methods]).
+        target: `None` (the top prediction at the last real position), a token id, a string
+            (`" Paris"`; several tokens make a continuation), one target per row (list or
+            `[batch]` tensor), or a `TokenTarget` / `LogitDiff` / `Continuation`.
         baseline: the token every scored position is compared with: an id, a one-token string,
-            or ``None`` for the token of ``" "`` (else pad, else unk).
-        gim: GIM's rules for the gradient methods: a :class:`GIMConfig`, ``True`` (defaults),
-            ``False``, or a dict of overrides. Default: on for ``"gim"``, off otherwise.
-        steps: integration steps of ``integrated_gradients`` (default 20).
+            or `None` for the token of `" "` (else pad, else unk).
+        gim: GIM's rules for the gradient methods: a `GIMConfig`, `True` (defaults), `False`,
+            or a dict of overrides. Default: on for `"gim"`, off otherwise.
+        steps: integration steps of `integrated_gradients` (default 20).
+        ig_steps: the same as `steps` (the name `circuits.attribute` uses); give one of them.
         quadrature: the integration rule (default Gauss-Legendre).
-        batch_size: rows per forward pass (an integration step of a row is a row).
-        attention_mask: ``[batch, pos]`` 0/1 for padded token ids; text inputs build their own.
+        batch_size: the most rows per forward pass (an integration step of a row is a row).
+        attention_mask: `[batch, pos]` 0/1 for padded token ids; text inputs build their own.
         score_bos: also score a leading BOS token (compared with the baseline). By default BOS is
             its own baseline, so it scores 0 and faithfulness metrics never rank it.
-        tokenizer: default ``model.tokenizer``.
-        progress: show a progress bar over the batches.
+        tokenizer: default `model.tokenizer`.
+        progress: show a progress bar over the batches and print the memory estimate (stderr).
+        max_memory: the memory the passes may add, in bytes or a size like `"4GB"`; the rows
+            per pass are lowered until the estimate ([`gimlens.memory`][gimlens.memory]) fits.
+            `None`: half the memory free on the model's device. The scores do not depend on it.
 
     Returns:
-        An :class:`Attribution` (scores ``[batch, pos]``, or ``[batch, n_targets, pos]`` for a
-        continuation; float32, on the CPU). Under ``torchrun`` (an initialised
-        ``torch.distributed`` process group) each rank computes a contiguous block of rows and
+        An `Attribution` (scores `[batch, pos]`, or `[batch, n_targets, pos]` for a
+        continuation; float32, on the CPU). Under `torchrun` (an initialised
+        `torch.distributed` process group) each rank computes a contiguous block of rows and
         every rank returns the whole result.
+
+    Raises:
+        GimlensError: on bad arguments, or when not even one row fits `max_memory`.
 
     Example:
         >>> from gimlens.attribution import attribute
@@ -81,7 +90,11 @@ def attribute(
     method = as_method(method)
     spec = METHODS[method]
     config = _gim_config(method, spec, gim)
-    steps = _steps(method, spec, steps, quadrature)
+    if steps is not None and ig_steps is not None:
+        raise GimlensError(f"give steps or ig_steps (the same setting), not both: {steps!r} and {ig_steps!r}")
+    steps = _steps(method, spec, steps if ig_steps is None else ig_steps, quadrature)
+    if max_memory is not None:
+        parse_bytes(max_memory)  # validated before any work
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GimlensError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(score_bos, bool):
@@ -100,7 +113,8 @@ def attribute(
 
     out = _run_sharded(
         method,
-        Job(model, tokens, mask, base_tokens, resolved, config, steps, Quadrature(quadrature), batch_size, progress),
+        Job(model, tokens, mask, base_tokens, resolved, config, steps, Quadrature(quadrature), batch_size,
+            progress, max_memory, method.value),
     )
     B, T, P = tokens.shape[0], resolved.n_targets, prompt.tokens.shape[1]
     scores = out.scores.gather(2, index[:, None, :].expand(B, T, P))
@@ -137,7 +151,7 @@ def attribute(
 
 
 def _run_sharded(method: Method, job: Job) -> MethodOutput:
-    """Run ``job``; under torch.distributed each rank takes a contiguous block of rows and the
+    """Run `job`; under torch.distributed each rank takes a contiguous block of rows and the
     rows (and the top-prediction targets they fixed) are gathered back in order on every rank."""
     if world()[1] == 1:
         return run_method(method, job)

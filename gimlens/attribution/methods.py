@@ -1,15 +1,15 @@
-"""Attribution methods, one function each, behind one registry (:data:`METHODS`).
+"""Attribution methods, one function each, behind one registry (`METHODS`).
 
-Every method gets a :class:`Job` (the model input, the baseline token of every position, the
-resolved target) and returns a :class:`MethodOutput` with scores ``[batch, n_targets, seq]``:
+Every method gets a `Job` (the model input, the baseline token of every position, the
+resolved target) and returns a `MethodOutput` with scores `[batch, n_targets, seq]`:
 
-- ``gradient_x_input``: ``grad_i · (e_i − e'_i)`` summed over ``d_model``; with ``gim`` on this is
-  GIM (the ``gim`` method is this one with GIM's defaults).
-- ``integrated_gradients``: ``(e_i − e'_i) · Σ_s w_s grad(e' + α_s (e − e'))_i`` with quadrature
-  nodes ``α_s`` and weights ``w_s`` (Gauss-Legendre by default); every step of every row is one
-  row of a batched forward and backward. The completeness delta ``|Σ_i a_i − (F(x) − F(x'))|``
+- `gradient_x_input`: `grad_i · (e_i − e'_i)` summed over `d_model`; with `gim` on this is
+  GIM (the `gim` method is this one with GIM's defaults).
+- `integrated_gradients`: `(e_i − e'_i) · Σ_s w_s grad(e' + α_s (e − e'))_i` with quadrature
+  nodes `α_s` and weights `w_s` (Gauss-Legendre by default); every step of every row is one
+  row of a batched forward and backward. The completeness delta `|Σ_i a_i − (F(x) − F(x'))|`
   is returned per row.
-- ``feature_ablation``: leave-one-out, ``F(x) − F(x with token i replaced by the baseline)``,
+- `feature_ablation`: leave-one-out, `F(x) − F(x with token i replaced by the baseline)`,
   all replacements in batched no-grad forwards.
 
 Positions whose baseline is their own token (BOS unless scored, padding, continuation tokens)
@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Iterator
@@ -33,10 +32,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..distributed import is_main_process
 from ..gim import GIMConfig
-from ..runtime import NORM_REBUILD_WARNING as _NORM_REBUILD_WARNING
+from ..memory import PassKind, fit_rows, row_bytes
 from ..quadrature import Quadrature, nodes_and_weights
-from ..runtime import prepared as attribution_mode
+from ..runtime import prepared, progress, run_hooked
 from .gradients import embedding_gradients, token_embeddings
 from .targets import ResolvedTarget
 
@@ -54,7 +54,7 @@ class Method(str, Enum):
 
 @dataclass
 class Job:
-    """What a method needs. ``base_tokens`` equals ``tokens`` wherever a position is not scored."""
+    """What a method needs. `base_tokens` equals `tokens` wherever a position is not scored."""
 
     model: object
     tokens: Int[Tensor, "batch seq"]
@@ -66,6 +66,8 @@ class Job:
     quadrature: Quadrature
     batch_size: int
     progress: bool = False
+    max_memory: int | str | None = None  # None: a share of the device's free memory
+    method: str = "attribution"  # named in the memory estimate
 
 
 @dataclass
@@ -95,7 +97,13 @@ def as_method(name) -> Method:
 
 
 def run_method(method: Method, job: Job) -> MethodOutput:
-    return METHODS[method].run(job)
+    spec = METHODS[method]
+    kind = PassKind.GRADIENTS if spec.gradients else PassKind.FORWARD
+    # the heaviest row first: a budget too small for it fails before any pass runs
+    fit_rows(f"{job.method} ({'gradients' if spec.gradients else 'forwards'})",
+             per_row=row_bytes(job.model, job.tokens.shape[1], kind, gim=not job.gim.is_off),
+             n_rows=1, max_memory=job.max_memory, device=job.tokens.device)
+    return spec.run(job)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,22 +158,27 @@ METHODS: dict[Method, MethodSpec] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunks(n: int, size: int, progress: bool, desc: str) -> Iterator[slice]:
-    starts = range(0, n, size)
-    if progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch")
-    for s in starts:
-        yield slice(s, min(s + size, n))
+def _chunks(job: Job, n: int, kind: PassKind, desc: str) -> Iterator[slice]:
+    """Slices of `n` rows, as many per pass as the memory budget and `batch_size` allow."""
+    show = job.progress and is_main_process()
+    plan = fit_rows(
+        f"{job.method} ({desc})", per_row=row_bytes(job.model, job.tokens.shape[1], kind, gim=not job.gim.is_off),
+        n_rows=n, max_memory=job.max_memory, device=job.tokens.device, upper=job.batch_size,
+        show=show,
+    )
+    starts = range(0, n, plan.rows)
+    with progress(len(starts), show=show and len(starts) > 1, desc=desc, unit="batch") as bar:
+        for s in starts:
+            yield slice(s, min(s + plan.rows, n))
+            bar.update(1)
 
 
 def _path_gradients(
     job: Job, alpha: Float[Tensor, " steps"], weights: Float[Tensor, " steps"]
 ) -> tuple[Float[Tensor, "batch n_targets seq"], Float[Tensor, "batch n_targets"]]:
-    """``Σ_s w_s grad(e' + α_s (e − e')) · (e − e')`` for every (row, target); each (step, row,
+    """`Σ_s w_s grad(e' + α_s (e − e')) · (e − e')` for every (row, target); each (step, row,
     target) is one row of a batched forward+backward. Also returns the objective at the last
-    chunk's points (``F(x)`` when ``alpha == [1]``) and fills top-prediction targets."""
+    chunk's points (`F(x)` when `alpha == [1]`) and fills top-prediction targets."""
     model, target, device = job.model, job.target, job.tokens.device
     B, S = job.tokens.shape
     T = target.n_targets
@@ -178,7 +191,7 @@ def _path_gradients(
     scores = torch.zeros(B * T, S, dtype=torch.float32, device=device)
     values = torch.zeros(B * T, dtype=torch.float32, device=device)
     ids = target.ids.clone().view(-1)
-    for sl in _chunks(n_jobs, job.batch_size, job.progress, "gradients"):
+    for sl in _chunks(job, n_jobs, PassKind.GRADIENTS, "gradients"):
         j = torch.arange(sl.start, sl.stop, device=device)
         s, r = j // (B * T), j % (B * T)
         b, t = r // T, r % T
@@ -211,16 +224,15 @@ def _forward_values(
     first_is_clean: int = 0,
 ) -> Float[Tensor, "n n_targets"]:
     """Every target's objective for each input row (no gradient), in batches. The first
-    ``first_is_clean`` rows must be the clean prompts in order: they fix top-prediction targets."""
+    `first_is_clean` rows must be the clean prompts in order: they fix top-prediction targets."""
     model = job.model
     out = torch.empty(tokens.shape[0], job.target.n_targets, dtype=torch.float32, device=tokens.device)
-    with attribution_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NORM_REBUILD_WARNING)
-        for sl in _chunks(tokens.shape[0], job.batch_size, job.progress, "forwards"):
-            kwargs = {} if mask is None else {"attention_mask": mask[sl]}
-            logits = model(tokens[sl], **kwargs)
+    with prepared(model), torch.no_grad():
+        for sl in _chunks(job, tokens.shape[0], PassKind.FORWARD, "forwards"):
+            logits = run_hooked(model, tokens[sl], attention_mask=None if mask is None else mask[sl])
             if sl.start < first_is_clean:  # clean rows come first, so before any row that needs them
                 k = min(sl.stop, first_is_clean) - sl.start
                 job.target.fill_argmax(logits[:k], rows[sl][:k])
             out[sl] = job.target.values(logits, rows[sl])
+            del logits  # not alive during the next pass
     return out

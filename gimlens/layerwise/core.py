@@ -1,23 +1,23 @@
 """Layer-wise integrated gradients: token-to-token flows inside each transformer layer.
 
-For a target ``j`` and a map ``Φ_j`` (:mod:`gimlens.layerwise.boundaries`), the L2-scalarised
-set-to-set IG against a baseline set ``z'`` (:mod:`gimlens.layerwise.baselines`) is
+For a target `j` and a map `Φ_j` (`gimlens.layerwise.boundaries`), the L2-scalarised
+set-to-set IG against a baseline set `z'` (`gimlens.layerwise.baselines`) is
 
     L_j(α) = ||Φ_j(z' + α (z - z')) - Φ_j(z')||_2,
     IG_{i→j} = sum_d (z_{i,d} - z'_{i,d}) ∫_0^1 ∂L_j/∂z_{i,d} dα,
 
-and completeness reads ``sum_i IG_{i→j} = ||Φ_j(z) - Φ_j(z')||_2`` (exact up to quadrature error,
-reported per target as ``Flow.completeness_error``; with GIM switched on the gradient is GIM's,
-so the gap is GIM's by design). The integral uses :func:`gimlens.quadrature.nodes_and_weights`
-(Gauss-Legendre by default). The gradient of the norm is undefined at ``α = 0`` (there
-``Φ_j = Φ_j(z')``): rules with a node at 0 (trapezoid, left Riemann) replace that node's value by
+and completeness reads `sum_i IG_{i→j} = ||Φ_j(z) - Φ_j(z')||_2` (exact up to quadrature error,
+reported per target as `Flow.completeness_error`; with GIM switched on the gradient is GIM's,
+so the gap is GIM's by design). The integral uses `gimlens.quadrature.nodes_and_weights`
+(Gauss-Legendre by default). The gradient of the norm is undefined at `α = 0` (there
+`Φ_j = Φ_j(z')`): rules with a node at 0 (trapezoid, left Riemann) replace that node's value by
 its linear extrapolation from the next two nodes, folding its weight into theirs, so a gradient
 that is constant or linear along the path is still integrated exactly.
 
 Every target, head and quadrature node of a layer is one row of a batched pass; rows are
-chunked to ``batch_size`` and each chunk needs one forward and one backward: since ``L_j`` of a
+chunked to `batch_size` and each chunk needs one forward and one backward: since `L_j` of a
 row depends only on that row, the gradient of the sum over rows gives every row its own. On
-causal models a pass whose last target is ``j`` runs on the first ``j + 1`` tokens only (hooks a
+causal models a pass whose last target is `j` runs on the first `j + 1` tokens only (hooks a
 caller keeps on the model during the call see those shorter batches).
 
 Example:
@@ -37,15 +37,18 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from ..runtime import check_tokens, prepared as attribution_mode
+from ..distributed import is_main_process
 from ..errors import GimlensError
 from ..gim import GIMConfig, gim_hooks
-from ..quadrature import Quadrature, nodes_and_weights
-from .baselines import Baseline, map_ratio, zero_ratio
 from ..heads import head_outputs
+from ..memory import PassKind, fit_rows, resolve_budget, row_bytes
+from ..quadrature import Quadrature, nodes_and_weights
+from ..runtime import prepared, progress as progress_bar, run_hooked
+from .baselines import Baseline, map_ratio, zero_ratio
+from .options import baseline_map, granularity_list, layer_list, prompt_tokens
 from .boundaries import BOUNDARIES, Granularity, HeadScores, run_block
 from .result import Flow, LayerwiseResult
 
@@ -69,40 +72,45 @@ def layerwise_ig(
     gim: GIMConfig | bool | dict | None = None,
     head_scores: HeadScores | str = HeadScores.OWN,
     batch_size: int | None = None,
+    progress: bool = False,
+    max_memory: int | str | None = None,
 ) -> LayerwiseResult:
-    """Token-to-token (and, for ``mlp``, per-dimension) IG flows inside the given layers.
+    """Token-to-token (and, for `mlp`, per-dimension) IG flows inside the given layers.
 
     Args:
-        model: a TransformerLens ``TransformerBridge`` (or ``HookedTransformer``), pre-norm.
-        text: a prompt (tokenized with ``model.to_tokens``, BOS as the model's default) or
-            token ids ``[T]`` / ``[1, T]``.
-        layers: a layer index, a list of them, or ``None`` for every layer.
-        granularity: ``"layer"``, ``"att"``, ``"mlp"``, a list of them or ``"all"``.
-        baseline: one name for every granularity or ``{granularity: name}`` (missing ones:
-            ``input_token``); see
-            :class:`~gimlens.layerwise.baselines.Baseline`. ``mlp`` takes ``zero`` or
-            ``input_token`` (``u'_j`` = the attention boundary when every position holds
-            ``z_j``, LIG's "ATT ITB a=0"); ``itb_map_ratio`` needs attention (``att`` only).
-        steps: quadrature nodes; ``quadrature``: a :class:`~gimlens.quadrature.Quadrature`.
-            Default: Gauss-Legendre, graded towards ``alpha = 0`` (``gauss_legendre_graded``)
-            when a zero baseline is involved (``zero``, ``itb_zero_ratio``): seen through a norm,
-            a zero baseline's path changes almost entirely next to ``alpha = 0``, where plain
+        model: a TransformerLens `TransformerBridge` (or `HookedTransformer`), pre-norm.
+        text: a prompt (tokenized with `model.to_tokens`, BOS as the model's default) or
+            token ids `[T]` / `[1, T]`.
+        layers: a layer index, a list of them, or `None` for every layer.
+        granularity: `"layer"`, `"att"`, `"mlp"`, a list of them or `"all"`.
+        baseline: one name for every granularity or `{granularity: name}` (missing ones:
+            `input_token`); see
+            `gimlens.layerwise.baselines.Baseline`. `mlp` takes `zero` or
+            `input_token` (`u'_j` = the attention boundary when every position holds
+            `z_j`, LIG's "ATT ITB a=0"); `itb_map_ratio` needs attention (`att` only).
+        steps: quadrature nodes; `quadrature`: a `gimlens.quadrature.Quadrature`.
+            Default: Gauss-Legendre, graded towards `alpha = 0` (`gauss_legendre_graded`)
+            when a zero baseline is involved (`zero`, `itb_zero_ratio`): seen through a norm,
+            a zero baseline's path changes almost entirely next to `alpha = 0`, where plain
             Gauss-Legendre nodes never land (on SmolLM2: completeness errors of 100-400%).
-        gim: ``None``/``False`` for plain gradients, ``True`` or a ``GIMConfig`` for GIM's
+        gim: `None`/`False` for plain gradients, `True` or a `GIMConfig` for GIM's
             backward rules inside the evaluated block.
-        head_scores: ``"own"`` or ``"shared"`` (``att``; see
-            :class:`~gimlens.layerwise.boundaries.HeadScores`).
+        head_scores: `"own"` or `"shared"` (`att`; see
+            `gimlens.layerwise.boundaries.HeadScores`).
         batch_size: rows (target x head x node) per forward/backward; default from the size.
+        progress: a progress bar over the (layer, granularity) flows and the memory estimate.
+        max_memory: bytes or a size like `"4GB"` one pass may add; rows per pass are lowered to
+            fit ([`gimlens.memory`][gimlens.memory]). `None`: half the device's free memory.
 
     Returns:
-        A :class:`~gimlens.layerwise.result.LayerwiseResult`; ``flow(layer, granularity)``
-        gives ``matrix`` (``[source, target]``; ``mlp``: ``[target, d_model]``), ``heads``
-        (``att``: ``[head, source, target]``), ``total`` and ``completeness_error`` per target.
+        A `gimlens.layerwise.result.LayerwiseResult`; `flow(layer, granularity)`
+        gives `matrix` (`[source, target]`; `mlp`: `[target, d_model]`), `heads`
+        (`att`: `[head, source, target]`), `total` and `completeness_error` per target.
     """
-    tokens, text_str = _tokens(model, text)
-    layer_list = _layers(model, layers)
-    grans = _granularities(granularity)
-    baselines = _baselines(baseline, grans)
+    tokens, text_str = prompt_tokens(model, text)
+    layer_ids = layer_list(model, layers)
+    grans = granularity_list(granularity)
+    baselines = baseline_map(baseline, grans)
     if quadrature is None:
         zero_path = any(b in (Baseline.ZERO, Baseline.ITB_ZERO_RATIO) for b in baselines.values())
         graded = zero_path and isinstance(steps, int) and steps >= 7
@@ -117,11 +125,17 @@ def layerwise_ig(
     all_gim = [] if gim_cfg.is_off else gim_hooks(model, gim_cfg)  # validates the model first
     need_mid = Granularity.MLP in grans
     need_pattern = any(baselines[g] is Baseline.ITB_MAP_RATIO for g in grans)
+    show = progress and is_main_process()
+    T = tokens.shape[1]
+    budget = resolve_budget(max_memory, tokens.device)
+    fit_rows("layerwise_ig", per_row=row_bytes(model, T, PassKind.BLOCK, gim=not gim_cfg.is_off), n_rows=_rows_hint(
+        model, T, grans, alpha.numel()), max_memory=budget, upper=batch_size, show=show)
 
-    with attribution_mode(model):
-        clean = _clean_pass(model, tokens, layer_list, need_mid, need_pattern)
+    with prepared(model), progress_bar(len(layer_ids) * len(grans), show=show,
+                                       desc="layerwise_ig", unit="flow") as bar:
+        clean = _clean_pass(model, tokens, layer_ids, need_mid, need_pattern)
         flows: dict = {}
-        for l in layer_list:
+        for l in layer_ids:
             prefix = f"blocks.{l}."
             ctx = _Ctx(
                 model=model,
@@ -133,9 +147,11 @@ def layerwise_ig(
                 hooks=[h for h in all_gim if h[0].startswith(prefix)],
                 heads=heads,
                 batch_size=batch_size,
+                budget=budget,
             )
             for g in grans:
                 flows[(l, g)] = _flow(ctx, g, baselines[g])
+                bar.update(1)
     return LayerwiseResult(
         tokens=[str(t) for t in model.to_str_tokens(tokens[0])],
         token_ids=[int(t) for t in tokens[0]],
@@ -150,68 +166,7 @@ def layerwise_ig(
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation (before anything touches the model)
-
-
-def _tokens(model, text) -> tuple[Int[Tensor, "1 pos"], str | None]:
-    if isinstance(text, str):
-        if not text.strip():
-            raise GimlensError("text is empty; expected a prompt with at least one token")
-        return model.to_tokens(text), text
-    if isinstance(text, torch.Tensor):
-        tokens = check_tokens(text, model, name="text")
-        if tokens.shape[0] != 1:
-            raise GimlensError(f"expected one prompt, got a batch of {tokens.shape[0]}")
-        param = next(model.parameters(), None)
-        return (tokens if param is None else tokens.to(param.device)), None
-    raise GimlensError(f"text must be a string or a tensor of token ids, got {type(text).__name__}")
-
-
-def _layers(model, layers) -> list[int]:
-    n = int(model.cfg.n_layers)
-    if layers is None:
-        return list(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers) if _is_seq(layers) else None
-    if not items or any(isinstance(l, bool) or not isinstance(l, int) for l in items):
-        raise GimlensError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
-    bad = [l for l in items if not -n <= l < n]
-    if bad:
-        raise GimlensError(f"layer(s) {bad} out of range for a model with {n} layers (0..{n - 1})")
-    return list(dict.fromkeys(l % n for l in items))
-
-
-def _is_seq(x) -> bool:
-    return isinstance(x, Sequence) and not isinstance(x, str)
-
-
-def _granularities(granularity) -> list[Granularity]:
-    if granularity == "all":
-        return list(Granularity)
-    items = [granularity] if isinstance(granularity, (str, Granularity)) else granularity
-    if not _is_seq(items) or not items:
-        raise GimlensError(f"granularity must be a name or a non-empty list, got {granularity!r}")
-    return list(dict.fromkeys(Granularity.parse(g) for g in items))
-
-
-def _baselines(baseline, grans: list[Granularity]) -> dict[Granularity, Baseline]:
-    if isinstance(baseline, Mapping):
-        keys = {Granularity.parse(k): v for k, v in baseline.items()}
-        chosen = {g: Baseline.parse(keys.get(g, Baseline.INPUT_TOKEN)) for g in grans}
-    else:
-        b = Baseline.parse(baseline)
-        chosen = {g: b for g in grans}
-    for g, b in chosen.items():
-        if g is Granularity.MLP and b.is_ratio:
-            raise GimlensError(
-                f"baseline {b.value!r} is not defined for the mlp granularity (the MLP map has no "
-                "token-to-token self term); use 'zero' or 'input_token'"
-            )
-        if g is Granularity.LAYER and b is Baseline.ITB_MAP_RATIO:
-            raise GimlensError(
-                "baseline 'itb_map_ratio' needs one attention weight per target and is defined "
-                "for 'att' only (as in LIG); use 'itb_zero_ratio' for 'layer'"
-            )
-    return chosen
+# Quadrature
 
 
 def _fold_zero_node(
@@ -246,6 +201,13 @@ class _Ctx:
     hooks: list  # GIM's forward hooks inside this block
     heads: HeadScores
     batch_size: int | None
+    budget: int  # bytes one pass may add (rows per pass lowered to fit)
+
+    def max_rows(self, pos: int, d_model: int) -> int:
+        """Rows per pass at `pos` positions: `batch_size` (else ~_ELEMENTS_PER_PASS
+        elements), at most what the memory budget allows (at least one row)."""
+        size = self.batch_size or max(1, _ELEMENTS_PER_PASS // (pos * d_model))
+        return max(1, min(size, self.budget // row_bytes(self.model, pos, PassKind.BLOCK, gim=bool(self.hooks))))
 
 
 def _clean_pass(model, tokens, layers, need_mid: bool, need_pattern: bool) -> dict:
@@ -261,8 +223,8 @@ def _clean_pass(model, tokens, layers, need_mid: bool, need_pattern: bool) -> di
         store[key] = tensor.detach().clone()
 
     hooks = [(n, lambda t, hook, k=k: keep(t, hook, k)) for n, k in names.items()]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens)
+    with torch.no_grad():
+        run_hooked(model, tokens, fwd_hooks=hooks)
     assert set(store) == set(names.values()), "a hook point did not fire in the clean pass"
     return store
 
@@ -283,21 +245,26 @@ def _flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
     return Flow(ctx.layer, g, baseline, matrix, itb.total, heads, itb.head_total)
 
 
+def _rows_hint(model, T: int, grans, K: int) -> int:
+    """The rows of the largest flow (for the printed estimate)."""
+    return max(T * (int(model.cfg.n_heads) + 1) * K if g is Granularity.ATT else T * K
+               for g in grans)
+
+
 def _chunks(n_rows: int, ctx: _Ctx, pos: int, d_model: int):
-    size = ctx.batch_size or max(1, _ELEMENTS_PER_PASS // (pos * d_model))
+    size = ctx.max_rows(pos, d_model)
     for start in range(0, n_rows, size):
         yield torch.arange(start, min(start + size, n_rows))
 
 
 def _target_chunks(ctx: _Ctx, T: int, per_target: int, d_model: int) -> list[tuple[int, int, int]]:
-    """``(first row, end row, positions)`` per pass; rows are ordered by target.
+    """`(first row, end row, positions)` per pass; rows are ordered by target.
 
-    On a causal model the outputs at targets ``<= j`` do not depend on later positions, so a pass
-    whose last target is ``j`` runs on the first ``j + 1`` positions only (about half the work
-    over a prompt). Without ``batch_size``, a pass holds about ``_ELEMENTS_PER_PASS`` elements.
+    On a causal model the outputs at targets `<= j` do not depend on later positions, so a pass
+    whose last target is `j` runs on the first `j + 1` positions only (about half the work
+    over a prompt). Without `batch_size`, a pass holds about `_ELEMENTS_PER_PASS` elements.
     """
     causal = getattr(ctx.model.cfg, "attention_dir", "causal") == "causal"
-    budget = max(1, _ELEMENTS_PER_PASS // d_model)
     # At most ~1/8 of the targets per pass, so that short prefixes run short: work ~ 1.1x the
     # triangular minimum instead of 2x, for ~8 passes' overhead.
     span = -(-T // _MIN_PASSES) * per_target if causal else T * per_target
@@ -306,7 +273,7 @@ def _target_chunks(ctx: _Ctx, T: int, per_target: int, d_model: int) -> list[tup
         end = start
         while end < total:
             P = end // per_target + 1 if causal else T
-            allowed = min(ctx.batch_size or max(1, budget // P), span) - (end - start)
+            allowed = min(ctx.max_rows(P, d_model), span) - (end - start)
             if allowed <= 0:
                 break
             end += min(allowed, (end // per_target + 1) * per_target - end)
@@ -316,7 +283,7 @@ def _target_chunks(ctx: _Ctx, T: int, per_target: int, d_model: int) -> list[tup
 
 
 def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
-    """``layer`` and ``att``: one row per (target, head group, node)."""
+    """`layer` and `att`: one row per (target, head group, node)."""
     bound = BOUNDARIES[g]
     in_hook, out_hook = bound.input_hook.format(l=ctx.layer), bound.output_hook.format(l=ctx.layer)
     z = ctx.clean[("resid_pre", ctx.layer)][0]  # [T, d]
@@ -387,7 +354,7 @@ def _token_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
 
 
 def _mlp_flow(ctx: _Ctx, g: Granularity, baseline: Baseline) -> Flow:
-    """``mlp``: position-wise, so one row per node carries every target."""
+    """`mlp`: position-wise, so one row per node carries every target."""
     l = ctx.layer
     in_hook, out_hook = BOUNDARIES[g].input_hook.format(l=l), BOUNDARIES[g].output_hook.format(l=l)
     u = ctx.clean[("resid_mid", l)]  # [1, T, d]
