@@ -1,6 +1,6 @@
 """circuits: edge attribution patching (EAP, EAP-IG) over a networkx-exportable circuit graph.
 
-Example:
+Examples:
     >>> import circuits
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("gpt2")

@@ -1,14 +1,14 @@
-"""``gimlens discover``: find a circuit for a task with edge attribution patching.
+"""`gimlens discover`: find a circuit for a task with edge attribution patching.
 
-Loads the model (the embedded SmolLM2-135M-Instruct unless ``--model`` names a folder or hub
-model), builds the task, finds a circuit of at most ``--edges`` edges with ``circuits.discover``
-(a scoring method: top-n by absolute score; or ``edge-pruning`` / ``EAP-IG-iterative``; dangling
+Loads the model (the embedded SmolLM2-135M-Instruct unless `--model` names a folder or hub
+model), builds the task, finds a circuit of at most `--edges` edges with `circuits.discover`
+(a scoring method: top-n by absolute score; or `edge-pruning` / `EAP-IG-iterative`; dangling
 edges pruned), reports the circuit's normalised
 faithfulness (exact edge patching on the same examples) and writes the circuit. All outputs are
 written together at the end, each atomically; a failure leaves none of them. Bad arguments raise
-:class:`~gimlens.errors.GimlensError` before the model is loaded.
+[`GimlensError`][gimlens.errors.GimlensError] before the model is loaded.
 
-Example:
+Examples:
     >>> import argparse
     >>> parser = argparse.ArgumentParser(prog="gimlens discover")
     >>> add_arguments(parser)
@@ -46,7 +46,7 @@ _OUTPUTS: dict[str, tuple[tuple[str, ...], str | None]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``discover``'s options to ``parser``."""
+    """Add `discover`'s options to `parser`."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to find a circuit for")
     parser.add_argument("--model", default=None, help="model folder or hub name (default: embedded SmolLM2)")
     parser.add_argument("--method", default="EAP-IG-inputs", choices=list(METHODS),
@@ -129,7 +129,7 @@ def _write_all(graph, outputs: dict[str, Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``gimlens discover``; returns the exit status (0)."""
+    """Run `gimlens discover`; returns the exit status (0)."""
     outputs = _check(args)
 
     from gimlens.models import load_model

@@ -63,7 +63,7 @@ def to_eap_json(graph: Graph, path: str | os.PathLike) -> Path:
 
     Scores are written with 9 significant digits: exact for float32 (the dense tensors' dtype).
 
-    Example:
+    Examples:
         >>> import json, os, tempfile
         >>> g = Graph(n_layers=1, n_heads=2, n_kv_heads=1, d_model=8)
         >>> path = to_eap_json(g, os.path.join(tempfile.mkdtemp(), "mib.json"))
@@ -149,7 +149,7 @@ def to_graphml(graph: Graph, path: str | os.PathLike, *, weight: str = "score", 
     """Write GraphML via networkx (cfg as graph attributes): every edge with its `in_graph` flag
     (`include="all"`, an exact round trip), or only the circuit (`include="in_graph"`).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
         >>> from_graphml(to_graphml(g, os.path.join(tempfile.mkdtemp(), "c.graphml"))).equals(g)

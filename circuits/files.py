@@ -89,7 +89,7 @@ class GraphFiles:
         are not carried: use `to_json` or the EAP-IG file for neuron-level circuits). `G.graph` holds
         the cfg. Grouped k/v inputs end at `KV_GROUP` nodes `a{l}.g{g}`.
 
-        Example:
+        Examples:
             >>> from circuits.graph import Graph
             >>> g = Graph(n_layers=1, n_heads=2, d_model=8).reset()
             >>> g.in_graph[g.edge_index("input->logits")] = True
@@ -151,7 +151,7 @@ class GraphFiles:
         `"neurons_in_graph"` when the graph has them), the valid edges in row-major order,
         scores as base64 of little-endian float32 (exact), memberships as base64 `numpy.packbits`.
 
-        Example:
+        Examples:
             >>> from circuits.graph import Graph
             >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
             >>> g.scores[0, -1] = 0.1
@@ -238,7 +238,7 @@ class GraphFiles:
         """Write the graph atomically (complete or not at all; umask honoured) in `format` or the
         one its suffix names (see `Format`); `kwargs` go to the format's writer. Returns the path.
 
-        Example:
+        Examples:
             >>> import os, tempfile
             >>> from circuits.graph import Graph
             >>> g = Graph(n_layers=1, n_heads=2, d_model=8)

@@ -76,7 +76,7 @@ class Graph(GraphFiles):
         kv_edges: `"grouped"` (one k/v slot per KV head) or `"per_query_head"` (EAP-IG / MIB).
         model_name: kept in `cfg` and in exported files.
 
-    Example:
+    Examples:
         >>> g = Graph(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32)
         >>> g.n_forward, g.n_backward, g.n_valid_edges
         (11, 19, 82)
@@ -106,7 +106,7 @@ class Graph(GraphFiles):
         Reads `n_layers`, `n_heads`, `d_model` (required), `n_key_value_heads` (or `n_kv_heads`;
         `None` -> `n_heads`), `parallel_attn_mlp` (absent -> `False`) and `model_name`.
 
-        Example:
+        Examples:
             >>> from types import SimpleNamespace
             >>> Graph.from_model(SimpleNamespace(n_layers=1, n_heads=2, d_model=8)).n_valid_edges
             13

@@ -14,7 +14,7 @@ The layout (EAP-IG / MIB compatible for `per_query_head`):
   `parallel_attn_mlp`); `logits` from everything. The valid sources of every slot are a prefix of
   the forward index: rows `[0, n_upstream[b])`.
 
-Example:
+Examples:
     >>> lay = Layout.of(n_layers=2, n_heads=4, n_kv_heads=2)
     >>> lay.n_forward, lay.n_backward, lay.forward_index(1), lay.backward_index(1, 1, "k")
     (11, 19, 10, 14)
@@ -90,7 +90,7 @@ class Layout:
            kv_edges: KVEdges | str = "grouped") -> "Layout":
         """The (cached) layout of a shape; bad values raise `GimlensError`.
 
-        Example:
+        Examples:
             >>> Layout.of(2, 4) is Layout.of(2, 4, 4, False, "grouped")
             True
         """
@@ -107,7 +107,7 @@ class Layout:
         """The layout of a model config (an object or mapping with `n_layers`, `n_heads`, and
         optionally `n_key_value_heads` or `n_kv_heads`, `parallel_attn_mlp`).
 
-        Example:
+        Examples:
             >>> Layout.from_config({"n_layers": 1, "n_heads": 2, "n_key_value_heads": 1}).n_slot_kv
             1
         """
@@ -198,7 +198,7 @@ class Layout:
         """How many sources feed a slot (its valid rows are exactly `[0, upstream)`): `layer=None`
         -> logits; `mlp` selects the layer's MLP input over its attention inputs.
 
-        Example:
+        Examples:
             >>> Layout.of(2, 2).upstream(1), Layout.of(2, 2).upstream(1, mlp=True)
             (4, 6)
         """

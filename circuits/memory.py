@@ -8,7 +8,7 @@ model's own activations kept for the backward pass.
 [`fit_batch_size`][circuits.memory.fit_batch_size] picks the largest batch that stays within a
 budget, so a long run is split into chunks instead of failing.
 
-Example:
+Examples:
     >>> from circuits.graph import Graph
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("llama")

@@ -38,7 +38,7 @@ GPT-2) this is exactly MIB's circuit; elsewhere the patched circuit is a superse
 curve's `n_edges_patched` (per-query-head count of what was patched) shows by how much next to
 `n_edges` (MIB's count).
 
-Example:
+Examples:
     >>> from circuits.mib import MIB_FRACTIONS, mib_points
     >>> mib_points(32491, MIB_FRACTIONS)
     (32, 64, 162, 324, 649, 1624, 3249, 6498, 16245, 32491)
@@ -80,7 +80,7 @@ def mib_edge_count(graph_or_model: Any) -> int:
     Returns:
         The number of edges of the `kv_edges="per_query_head"` graph (EAP-IG's `len(graph.edges)`).
 
-    Example:
+    Examples:
         >>> mib_edge_count({"n_layers": 24, "n_heads": 14, "n_key_value_heads": 2, "d_model": 896})
         179749
     """
@@ -101,7 +101,7 @@ def mib_points(n_total: int, fractions: Sequence[float] = MIB_FRACTIONS) -> tupl
     Returns:
         One edge count per fraction.
 
-    Example:
+    Examples:
         >>> mib_points(110)
         (0, 0, 0, 1, 2, 5, 11, 22, 55, 110)
     """
@@ -121,7 +121,7 @@ def curve_areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tu
         `(area_under, area_from_1, mean)`: the trapezoid area under `f`, that of `|1 - f|`, and the
         plain mean of `f` over the points.
 
-    Example:
+    Examples:
         >>> curve_areas([0.0, 0.5, 1.0], [0.0, 1.0, 1.0])
         (0.75, 0.25, 0.6666666666666666)
     """
@@ -223,7 +223,7 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
     Returns:
         [`MIBMetrics`][circuits.mib.MIBMetrics]: `.cpr`, `.cmd`, both curves with their means.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> from circuits import Graph, attribute
         >>> model = tiny_model("gpt2")

@@ -112,7 +112,7 @@ def _edge_count(graph: ScoredGraph, n: object) -> int:
 def select_topn(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
     """Mask of the `n` valid edges with the largest (absolute) scores.
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=1, n_heads=1, d_model=4)
         >>> g.scores[0, -1], g.scores[1, -1] = -3.0, 2.0
@@ -137,7 +137,7 @@ def select_threshold(graph: ScoredGraph, t: float, absolute: bool = True) -> Boo
 def select_greedy(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
     """Mask of `n` edges grown greedily from `logits` (rule in the module docstring).
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=1, n_heads=1, d_model=4)
         >>> g.scores[1, -1], g.scores[0, 0] = 1.0, 5.0  # a0.h0 -> logits opens a0.h0's inputs
@@ -219,7 +219,7 @@ def select_neurons(graph: ScoredGraph, method: Selection | str, value: float,
                    absolute: bool = True) -> Bool[Tensor, "n_forward d_model"]:
     """Mask of the neurons a neuron-level top-n or threshold keeps (ties: lower flat index first).
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=1, n_heads=1, d_model=2)
         >>> g.neuron_scores = torch.tensor([[float("nan"), float("nan")], [0.1, -3.0], [2.0, 0.0]])
@@ -233,7 +233,7 @@ def select_nodes(graph: ScoredGraph, method: Selection | str, value: float,
                  absolute: bool = True) -> Bool[Tensor, " n_forward"]:
     """Mask of the source nodes a node-level top-n or threshold keeps (rule in the module docstring).
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=1, n_heads=2, d_model=4)
         >>> g.node_scores = torch.tensor([float("nan"), 0.5, -2.0, 1.0])  # input unscored
@@ -246,7 +246,7 @@ def select_nodes(graph: ScoredGraph, method: Selection | str, value: float,
 def prune_dangling(graph: ScoredGraph) -> tuple[Bool[Tensor, "n_forward n_backward"], Bool[Tensor, " n_forward"]]:
     """`(in_graph, nodes_in_graph)` with everything off an input -> logits path removed.
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=1, n_heads=1, d_model=4).reset()
         >>> g.in_graph[1, -1] = True  # a0.h0 -> logits, but nothing feeds a0.h0
@@ -298,7 +298,7 @@ def select(graph: ScoredGraph, method: Selection | str, value: float, *, absolut
     Without pruning, `nodes_in_graph` marks the sources of the selected edges (edge level) or the
     selected nodes (node level). Returns the graph (changed in place).
 
-    Example:
+    Examples:
         >>> from circuits.graph import Graph
         >>> g = Graph(n_layers=2, n_heads=2, d_model=8)
         >>> g.scores = torch.randn(g.n_forward, g.n_backward)

@@ -58,7 +58,7 @@ def to_dot(graph: Graph, path: str | os.PathLike | None = None, *, include: Incl
     `path` atomically when given. Edge attributes: `name`, `weight`, `in_graph`, `qkv`,
     `color` (by q/k/v), `penwidth` (∝ |score|).
 
-    Example:
+    Examples:
         >>> g = Graph(n_layers=1, n_heads=1, d_model=4).reset()
         >>> g.in_graph[g.edge_index("input->logits")] = True
         >>> [line for line in to_dot(g).splitlines() if "->" in line]
@@ -128,7 +128,7 @@ def render(graph: Graph, path: str | os.PathLike, *, include: Include = "in_grap
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
         >>> render(g, os.path.join(tempfile.mkdtemp(), "c.png"), figsize=(4, 3), dpi=50).name

@@ -6,7 +6,7 @@
 - `layerwise_ig`: token-to-token flows inside each layer.
 - `load_model`: the embedded SmolLM2 model, or any name, folder or HuggingFace model.
 
-Example:
+Examples:
     >>> import gimlens
     >>> sorted(gimlens.__all__)[:3]
     ['Attribution', 'GIM', 'GIMConfig']

@@ -3,7 +3,7 @@
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Only the chosen
 subcommand's module is imported, and the command line is parsed once.
 
-Example:
+Examples:
     >>> from gimlens.cli import build_parser
     >>> build_parser("explain").parse_args(["explain", "Hello", "-o", "a.json"]).output
     'a.json'

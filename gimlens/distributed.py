@@ -8,7 +8,7 @@ initialised process group every function is the single-process identity.
 Shards are contiguous, so gathered rows come back in the original order, and a result equals the
 single-process one up to float summation order.
 
-Example:
+Examples:
     >>> shard_range(10)  # a single process owns every example
     range(0, 10)
 """

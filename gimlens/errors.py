@@ -4,5 +4,5 @@
 class GimlensError(ValueError):
     """Raised for bad input: says what was wrong and what is expected.
 
-    Subclasses :class:`ValueError` so generic ``except ValueError`` handlers keep working.
+    Subclasses `ValueError` so generic `except ValueError` handlers keep working.
     """

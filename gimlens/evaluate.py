@@ -26,7 +26,7 @@ over the scored positions, per row. All model runs are batched no-grad forwards,
 pass as `max_memory` allows ([`gimlens.memory`][gimlens.memory]); the model is left as found.
 (`circuits.faithfulness` is the other faithfulness: of a circuit, not of a token attribution.)
 
-Example:
+Examples:
     >>> from gimlens.attribution import attribute
     >>> from gimlens.evaluate import attribution_faithfulness
     >>> from gimlens.testing import tiny_model
@@ -285,7 +285,7 @@ def ablation_agreement(
 def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> Float[Tensor, ""]:
     """Spearman's rank correlation (ties get their average rank); NaN if undefined.
 
-    Example:
+    Examples:
         >>> import torch
         >>> float(spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0])))
         0.5

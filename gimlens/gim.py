@@ -230,7 +230,7 @@ def config_class(rules: Sequence[Rule], name: str = "GIMConfig") -> type:
 
     [`GIMConfig`][gimlens.gim.GIMConfig] is `config_class(RULES)`.
 
-    Example:
+    Examples:
         >>> Cfg = config_class(RULES[:1], "NormOnly")
         >>> Cfg(), Cfg.off().is_off
         (NormOnly(freeze_norm=True), True)
@@ -267,7 +267,7 @@ Methods: `GIMConfig.off()` (every rule off), `GIMConfig.coerce(gim)` (`True` -> 
 `False`/`None` -> off, a dict -> overrides of the defaults), `GIMConfig.replace_defaults(**kw)`,
 `config.with_overrides(**kw)` (unknown names are an error) and `config.is_off`.
 
-Example:
+Examples:
     >>> GIMConfig(q_scale=0.1).q_scale, GIMConfig.off().is_off
     (0.1, True)
 """
@@ -276,7 +276,7 @@ Example:
 def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:
     """The keyword-only parameters (one per rule, with its default) that `explain` takes.
 
-    Example:
+    Examples:
         >>> [p.name for p in gim_keywords()][:2]
         ['freeze_norm', 'softmax_temperature']
     """
@@ -296,7 +296,7 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     rule needs but the model lacks (never a silent subset). Names that alias one hook point are
     hooked once.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> len(gim_hooks(tiny_model("llama", n_layers=1)))  # 3 norms, 2 softmax, q/k/v, gate/up
         10
@@ -342,7 +342,7 @@ class GIM:
     exception. The rules live in the graphs built inside the block, so `backward()` may run
     after it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from gimlens import GIM
         >>> from gimlens.testing import tiny_model

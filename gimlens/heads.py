@@ -1,6 +1,6 @@
 """Per-head quantities both packages read from a TransformerLens model.
 
-Example:
+Examples:
     >>> import torch
     >>> z, W_O = torch.randn(2, 5, 3, 4), torch.randn(3, 4, 6)  # [B, S, H, d_head], [H, d_head, d]
     >>> out = head_outputs(z, W_O)
@@ -19,12 +19,12 @@ __all__ = ["head_outputs"]
 
 def head_outputs(z: Float[Tensor, "*batch H dh"], W_O: Float[Tensor, "H dh d"], *,
                  out: Float[Tensor, "H *batch d"] | None = None) -> Float[Tensor, "H *batch d"]:
-    """Each head's own contribution ``z[..., h, :] @ W_O[h]`` to the attention output (``b_O``
-    belongs to no head), heads first, in ``z``'s dtype; differentiable unless ``out`` (a
+    """Each head's own contribution `z[..., h, :] @ W_O[h]` to the attention output (`b_O`
+    belongs to no head), heads first, in `z`'s dtype; differentiable unless `out` (a
     contiguous buffer to write into) is given.
 
     Args:
-        z: the values at ``attn.hook_z``, any leading batch dimensions.
+        z: the values at `attn.hook_z`, any leading batch dimensions.
         W_O: the layer's per-head output projection.
         out: optional buffer of the result's shape.
     """

@@ -19,7 +19,7 @@ measurement). [`fit_rows`][gimlens.memory.fit_rows] lowers the rows per pass unt
 fits `max_memory`; by default the budget is half the memory free on the model's device when the
 call starts.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> one = row_bytes(model, 100, PassKind.GRADIENTS)
@@ -87,7 +87,7 @@ def row_bytes(model: Any, n_pos: int, kind: PassKind | str, *, gim: bool = False
     Returns:
         Bytes (an estimate calibrated within ~15% on CPU, not a guarantee).
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")
         >>> row_bytes(model, 200, "gradients") > row_bytes(model, 100, "gradients")
@@ -113,7 +113,7 @@ def resolve_budget(max_memory: int | str | None, device: torch.device | str) -> 
     """`max_memory` in bytes; `None`: `DEFAULT_FRACTION` of
     what `gimlens.runtime.available_memory` reports for `device`.
 
-    Example:
+    Examples:
         >>> resolve_budget("4GB", "cpu")
         4000000000
     """

@@ -59,7 +59,7 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
     Returns:
         A `TransformerBridge` with `cfg.default_prepend_bos=True`.
 
-    Example:
+    Examples:
         >>> from gimlens.models import load_model
         >>> from gimlens.testing import tiny_hf_model, tiny_tokenizer
         >>> load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer()).cfg.n_layers

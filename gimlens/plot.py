@@ -4,7 +4,7 @@ Scores are signed, so colours diverge around zero (red: the token raises the tar
 lowers it) on a scale symmetric in the largest absolute score shown. matplotlib is imported only
 when a figure is drawn, and figures are built without `pyplot` (no global state, any backend).
 
-Example:
+Examples:
     >>> from gimlens.attribution import attribute
     >>> from gimlens.testing import tiny_model
     >>> attr = attribute(tiny_model("llama"), "The capital of France is")

@@ -10,7 +10,7 @@ layer near `alpha = 0` — e.g. a zero baseline seen through an RMSNorm, where t
 input is constant once `alpha * |x|` exceeds `sqrt(eps)`: plain Gauss-Legendre nodes never
 land in that layer.
 
-Example:
+Examples:
     >>> import torch
     >>> alpha, w = nodes_and_weights(4)
     >>> round(float((w * alpha**7).sum()), 12)  # integral of a^7 on [0, 1] is 1/8

@@ -11,7 +11,7 @@ Every rule leaves the forward value untouched and changes only the gradient:
 
 These are mapped to TransformerLens hook points in `gimlens.gim`.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.rules import temperature_softmax_backward
     >>> s = torch.tensor([[1.0, 2.0, 3.0]])

@@ -1,7 +1,7 @@
 """The runtime layer both packages share: how a model is run, prepared, validated, and how
 results reach the disk and the terminal.
 
-Every way into ``gimlens`` and ``circuits`` goes through these few pieces, so each mechanism
+Every way into `gimlens` and `circuits` goes through these few pieces, so each mechanism
 exists once:
 
 - [`run_hooked`][gimlens.runtime.run_hooked]: one forward pass with temporary hooks (removed
@@ -18,7 +18,7 @@ exists once:
 - [`parse_bytes`][gimlens.runtime.parse_bytes], [`format_bytes`][gimlens.runtime.format_bytes]
   and [`available_memory`][gimlens.runtime.available_memory] for memory budgets.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("gpt2")
@@ -74,13 +74,13 @@ E = TypeVar("E", bound=enum.Enum)
 
 
 def is_lens_model(model: Any) -> bool:
-    """Whether ``model`` is a TransformerLens model (``TransformerBridge`` or
-    ``HookedTransformer``): it has hook points, a config and the ``hooks`` context."""
+    """Whether `model` is a TransformerLens model (`TransformerBridge` or
+    `HookedTransformer`): it has hook points, a config and the `hooks` context."""
     return hasattr(model, "hook_dict") and hasattr(model, "cfg") and hasattr(model, "hooks")
 
 
 def require_lens_model(model: Any) -> None:
-    """Raise [`GimlensError`][gimlens.errors.GimlensError] unless ``model`` is a TransformerLens
+    """Raise [`GimlensError`][gimlens.errors.GimlensError] unless `model` is a TransformerLens
     model."""
     if not is_lens_model(model):
         raise GimlensError(
@@ -106,20 +106,20 @@ def run_hooked(
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor:
-    """``model(tokens)`` with temporary hooks in place -> logits.
+    """`model(tokens)` with temporary hooks in place -> logits.
 
     The hooks are removed when the pass returns or fails (a backward hook registered during the
-    pass still fires when the caller runs backward later). ``attention_mask`` is passed on only
+    pass still fires when the caller runs backward later). `attention_mask` is passed on only
     when given.
 
     Args:
         model: a TransformerLens model.
-        tokens: ``[batch, pos]`` token ids (or whatever the model's forward takes).
-        fwd_hooks, bwd_hooks: ``(hook name, fn(tensor, *, hook))`` pairs.
-        attention_mask: optional ``[batch, pos]`` mask, 1 for real tokens.
+        tokens: `[batch, pos]` token ids (or whatever the model's forward takes).
+        fwd_hooks, bwd_hooks: `(hook name, fn(tensor, *, hook))` pairs.
+        attention_mask: optional `[batch, pos]` mask, 1 for real tokens.
         **kwargs: further keyword arguments of the model's forward.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")
@@ -137,12 +137,12 @@ def run_hooked(
 @contextlib.contextmanager
 def prepared(model: Any) -> Iterator[Any]:
     """Eval mode and frozen parameters for the duration; every module's mode and every
-    parameter's ``requires_grad`` restored exactly on exit, also after an exception.
+    parameter's `requires_grad` restored exactly on exit, also after an exception.
 
     Dropout is off inside, so scores do not change from call to call on a model left in train
     mode. Nested use is fine.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("gpt2").train()
         >>> with prepared(model):
@@ -169,10 +169,10 @@ def prepared(model: Any) -> Iterator[Any]:
 
 
 def coerce_enum(cls: type[E], value: Any, what: str) -> E:
-    """``value`` as a member of the enum ``cls`` (a member, or a member's value), else a
-    [`GimlensError`][gimlens.errors.GimlensError] naming ``what`` and the known values.
+    """`value` as a member of the enum `cls` (a member, or a member's value), else a
+    [`GimlensError`][gimlens.errors.GimlensError] naming `what` and the known values.
 
-    Example:
+    Examples:
         >>> from gimlens.quadrature import Quadrature
         >>> coerce_enum(Quadrature, "trapezoid", "quadrature rule").name
         'TRAPEZOID'
@@ -189,9 +189,9 @@ def coerce_enum(cls: type[E], value: Any, what: str) -> E:
 def check_tokens(tokens: Any, model: Any, name: str = "input_ids", *, allow_1d: bool = True
                  ) -> Int[Tensor, "batch pos"]:
     """Validate integer token ids against the model's vocabulary; 1-D becomes a batch of one
-    (unless ``allow_1d`` is False).
+    (unless `allow_1d` is False).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from gimlens.testing import tiny_model
         >>> check_tokens(torch.tensor([1, 2]), tiny_model("gpt2")).shape
@@ -219,7 +219,7 @@ def check_tokens(tokens: Any, model: Any, name: str = "input_ids", *, allow_1d: 
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """``path`` as a ``Path``, after checking that its folder exists and that it is not a folder."""
+    """`path` as a `Path`, after checking that its folder exists and that it is not a folder."""
     p = Path(path)
     if p.is_dir():
         raise GimlensError(f"{what} path {str(p)!r} is a folder; expected a file name")
@@ -231,14 +231,14 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
-    """Write ``data`` (bytes, text as UTF-8, or a function writing to a binary file object) to
-    ``path`` through a temporary file in the same folder and one rename.
+    """Write `data` (bytes, text as UTF-8, or a function writing to a binary file object) to
+    `path` through a temporary file in the same folder and one rename.
 
     A reader sees the old file or the complete new one; on any error the temporary file is
-    removed and ``path`` is left as it was. The file gets the permissions ``open()`` would give
-    (``0o666`` less the umask). The folder must exist.
+    removed and `path` is left as it was. The file gets the permissions `open()` would give
+    (`0o666` less the umask). The folder must exist.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> p = atomic_write(os.path.join(tempfile.mkdtemp(), "a.txt"), "hello")
         >>> p.read_text()
@@ -272,9 +272,9 @@ def _umask() -> int:
 
 
 def progress(total: int | None = None, *, show: bool, desc: str, unit: str = "it", **kwargs: Any):
-    """A tqdm bar (a silent one unless ``show`` and this is the main process).
+    """A tqdm bar (a silent one unless `show` and this is the main process).
 
-    Example:
+    Examples:
         >>> with progress(3, show=False, desc="demo") as bar:
         ...     _ = bar.update(3)
         >>> bar.disable
@@ -292,9 +292,9 @@ def progress(total: int | None = None, *, show: bool, desc: str, unit: str = "it
 
 
 def parse_bytes(value: int | str, what: str = "max_memory") -> int:
-    """``2_000_000_000``, ``"2GB"``, ``"1.5 GiB"``, ``"512MiB"`` -> bytes.
+    """`2_000_000_000`, `"2GB"`, `"1.5 GiB"`, `"512MiB"` -> bytes.
 
-    Example:
+    Examples:
         >>> parse_bytes("1.5 KiB"), parse_bytes("2GB")
         (1536, 2000000000)
     """
@@ -313,7 +313,7 @@ def parse_bytes(value: int | str, what: str = "max_memory") -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
+    """`1536` -> `'1.5 KiB'`."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -322,8 +322,8 @@ def format_bytes(n: float) -> str:
 
 
 def available_memory(device: torch.device | str) -> int:
-    """Bytes free for new tensors on ``device``: the free memory of a CUDA device, else the
-    host's available RAM (``MemAvailable`` on Linux, else physical pages)."""
+    """Bytes free for new tensors on `device`: the free memory of a CUDA device, else the
+    host's available RAM (`MemAvailable` on Linux, else physical pages)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -10,7 +10,7 @@ All share a small byte-level BPE tokenizer trained on a built-in corpus (names, 
 IOI template words are single tokens), so string inputs and baseline inference work as on a
 real model.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> model(model.to_tokens("When Mary and John went to the store")).shape[-1]

@@ -1,8 +1,8 @@
 """Templated circuit-discovery tasks: clean / corrupted token batches of equal shape, labels, a metric.
 
-One generator per task, in the :data:`TASKS` registry; :func:`make` builds one by name.
+One generator per task, in the [`TASKS`][circuits.tasks.TASKS] registry; [`make`][circuits.tasks.make] builds one by name.
 
-Example:
+Examples:
     >>> from circuits.tasks import make
     >>> from gimlens.testing import tiny_tokenizer
     >>> task = make("ioi", tiny_tokenizer(), n=8, seed=0)
@@ -35,7 +35,7 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def make(name: str, model_or_tokenizer, n: int = 64, seed: int = 0, **options) -> Task:
-    """Build the task ``name`` (a key of :data:`TASKS`) with ``n`` examples for a model or tokenizer."""
+    """Build the task `name` (a key of [`TASKS`][circuits.tasks.TASKS]) with `n` examples for a model or tokenizer."""
     try:
         generator = TASKS[name]
     except KeyError:

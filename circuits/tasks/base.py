@@ -1,11 +1,11 @@
-"""The :class:`Task` container (clean / corrupted token batches, labels, metric) and tokenising helpers.
+"""The [`Task`][circuits.tasks.base.Task] container (clean / corrupted token batches, labels, metric) and tokenising helpers.
 
-A task holds ``n`` examples as equal-shape int tensors ``clean`` and ``corrupted`` ``[n, pos]``.
-Examples shorter than the longest are right-padded: the scored position ``answer_position[i]`` is
+A task holds `n` examples as equal-shape int tensors `clean` and `corrupted` `[n, pos]`.
+Examples shorter than the longest are right-padded: the scored position `answer_position[i]` is
 then before the padding, so (causal attention) the padding never changes the scored logits, and the
-``attention_mask`` says which positions are real.
+`attention_mask` says which positions are real.
 
-Example:
+Examples:
     >>> import torch
     >>> from circuits.tasks.base import Task
     >>> task = Task("toy", clean=torch.tensor([[1, 2]]), corrupted=torch.tensor([[1, 3]]),
@@ -38,7 +38,7 @@ Indices = Union[None, slice, Sequence[int], Tensor]
 
 
 class MetricKind(str, Enum):
-    """How :meth:`Task.metric` scores the logits at the answer position."""
+    """How [`Task.metric`][circuits.tasks.base.Task.metric] scores the logits at the answer position."""
 
     #: ``logit[labels[:, 0]] - logit[labels[:, 1]]``.
     LOGIT_DIFF = "logit_diff"
@@ -52,18 +52,18 @@ class Task:
     """Clean / corrupted prompt pairs with labels and a per-example metric.
 
     Args:
-        name: the task's registry name (``"ioi"``, ...).
-        clean, corrupted: token ids ``[n, pos]`` of equal shape (right-padded where needed).
-        labels: ``[n, 2]`` (correct token id, incorrect / contrast token id).
-        answer_position: ``[n]`` position whose logits are scored; default the last position.
-        attention_mask: ``[n, pos]`` 1 for real tokens (``None``: no padding anywhere).
-        metric_kind: :class:`MetricKind`.
-        answer_tokens, answer_sign: for ``PROB_DIFF``: the ``m`` token ids scored and ``[n, m]``
+        name: the task's registry name (`"ioi"`, ...).
+        clean, corrupted: token ids `[n, pos]` of equal shape (right-padded where needed).
+        labels: `[n, 2]` (correct token id, incorrect / contrast token id).
+        answer_position: `[n]` position whose logits are scored; default the last position.
+        attention_mask: `[n, pos]` 1 for real tokens (`None`: no padding anywhere).
+        metric_kind: [`MetricKind`][circuits.tasks.base.MetricKind].
+        answer_tokens, answer_sign: for `PROB_DIFF`: the `m` token ids scored and `[n, m]`
             signs (+1 correct, -1 incorrect, 0 ignored).
         prompts, corrupted_prompts: the strings the tokens came from (for display).
-        info: per-example metadata, each value a tuple of length ``n`` (e.g. ``"order"``).
+        info: per-example metadata, each value a tuple of length `n` (e.g. `"order"`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = Task("toy", torch.tensor([[1, 2], [1, 4]]), torch.tensor([[1, 3], [1, 3]]),
         ...          torch.tensor([[5, 6], [6, 5]]))
@@ -125,7 +125,7 @@ class Task:
             ) from e
 
     def answer_logits(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Float[Tensor, "b vocab"]:
-        """The float32 logits at each example's answer position (``logits`` of exactly ``indices``)."""
+        """The float32 logits at each example's answer position (`logits` of exactly `indices`)."""
         idx = self._index(indices)
         if logits.ndim != 3 or logits.shape[0] != len(idx):
             raise GimlensError(
@@ -141,10 +141,10 @@ class Task:
         return logits[rows, pos.to(logits.device)].float()
 
     def metric(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Float[Tensor, " b"]:
-        """Per-example metric (float32, differentiable) of the examples ``indices`` (None = all).
+        """Per-example metric (float32, differentiable) of the examples `indices` (None = all).
 
-        Logit difference ``logit[correct] - logit[incorrect]`` at the answer position, or for
-        ``PROB_DIFF`` tasks the probability of the correct answer tokens minus the incorrect ones.
+        Logit difference `logit[correct] - logit[incorrect]` at the answer position, or for
+        `PROB_DIFF` tasks the probability of the correct answer tokens minus the incorrect ones.
         """
         final = self.answer_logits(logits, indices)
         idx = self._index(indices)
@@ -167,7 +167,7 @@ class Task:
             batch_size: examples per forward pass (`None`: all at once).
             vocab_mean: divide by the vocabulary size (EAP-IG's `kl_div(...).mean(-1)` scale).
 
-        Example:
+        Examples:
             >>> from gimlens.testing import tiny_model
             >>> from circuits.tasks import make
             >>> model = tiny_model("gpt2")
@@ -181,7 +181,7 @@ class Task:
         return KLMetric(self, clean_log_probs(model, self, batch_size), vocab_mean=vocab_mean)
 
     def metric_for(self, indices: Indices = None) -> Callable[[Tensor], Tensor]:
-        """``metric`` with the examples fixed: ``task.metric_for(idx)(logits) == task.metric(logits, idx)``."""
+        """`metric` with the examples fixed: `task.metric_for(idx)(logits) == task.metric(logits, idx)`."""
         idx = self._index(indices)
         return lambda logits: self.metric(logits, idx)
 
@@ -191,7 +191,7 @@ class Task:
         return final.argmax(-1) == self.labels[self._index(indices)].to(final.device)[:, 0]
 
     def subset(self, indices: Indices) -> "Task":
-        """A task with only the examples ``indices`` (e.g. a held-out split)."""
+        """A task with only the examples `indices` (e.g. a held-out split)."""
         idx = self._index(indices)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         strings = lambda s: tuple(s[i] for i in idx.tolist()) if s else s  # noqa: E731
@@ -209,7 +209,7 @@ class Task:
         )
 
     def batches(self, batch_size: int) -> Iterator[slice]:
-        """Consecutive example slices of at most ``batch_size`` (use with ``metric(logits, s)``)."""
+        """Consecutive example slices of at most `batch_size` (use with `metric(logits, s)`)."""
         if batch_size < 1:
             raise GimlensError(f"batch_size must be a positive int, got {batch_size!r}")
         for start in range(0, len(self), batch_size):
@@ -220,7 +220,7 @@ class Task:
 
 
 def tokenizer_and_bos(model_or_tokenizer, prepend_bos: bool | None = None):
-    """``(tokenizer, bos_id or None)`` following TransformerLens: a model's ``default_prepend_bos``."""
+    """`(tokenizer, bos_id or None)` following TransformerLens: a model's `default_prepend_bos`."""
     model_cfg = getattr(model_or_tokenizer, "cfg", None)
     tok = getattr(model_or_tokenizer, "tokenizer", None) if model_cfg is not None else model_or_tokenizer
     if tok is None or not callable(getattr(tok, "encode", None)):
@@ -234,12 +234,12 @@ def tokenizer_and_bos(model_or_tokenizer, prepend_bos: bool | None = None):
 
 
 def encode(tok, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens."""
+    """Token ids of `text` without special tokens."""
     return list(tok.encode(text, add_special_tokens=False))
 
 
 def single_tokens(tok, words: Sequence[str], prefix: str = " ") -> dict[str, int]:
-    """``{word: id}`` for the words that are one token with ``prefix`` (default: a leading space)."""
+    """`{word: id}` for the words that are one token with `prefix` (default: a leading space)."""
     out = {}
     for w in words:
         ids = encode(tok, prefix + w)
@@ -258,10 +258,10 @@ def pad_id(tok) -> int:
 def pair_batch(
     tok, bos: int | None, clean: Sequence[str], corrupted: Sequence[str], what: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Tokenise prompt pairs into right-padded ``(clean, corrupted, answer_position, mask)``.
+    """Tokenise prompt pairs into right-padded `(clean, corrupted, answer_position, mask)`.
 
-    Every clean prompt must tokenise to as many tokens as its corrupted partner (``what`` names the
-    task in the error otherwise). ``mask`` is ``None`` when all prompts have the same length.
+    Every clean prompt must tokenise to as many tokens as its corrupted partner (`what` names the
+    task in the error otherwise). `mask` is `None` when all prompts have the same length.
     """
     rows_c, rows_x = [], []
     for c, x in zip(clean, corrupted, strict=True):

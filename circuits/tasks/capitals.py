@@ -1,10 +1,10 @@
 """Capitals: "The capital of France is" -> " Paris"; corrupted with another country.
 
-Labels are ``(capital, capital of the corrupting country)``, so the logit difference compares the
+Labels are `(capital, capital of the corrupting country)`, so the logit difference compares the
 right capital with the one the corrupted prompt asks for. Only countries and capitals that are
 single tokens (with a leading space) for the tokenizer are used, so every prompt has the same length.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_tokenizer
     >>> task = capitals(tiny_tokenizer(), n=3, seed=0)
     >>> task.prompts[0], task.corrupted_prompts[0], task.attention_mask is None
@@ -55,18 +55,18 @@ def capitals(
     """Country-capital prompts with a logit-difference metric (capital minus the corrupting capital).
 
     Args:
-        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in :func:`~circuits.tasks.ioi`).
-        n: number of examples (countries repeat when ``n`` exceeds the usable pairs).
+        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in [`ioi`][circuits.tasks.ioi]).
+        n: number of examples (countries repeat when `n` exceeds the usable pairs).
         seed: seed of the country draws.
         pairs: country -> capital; filtered to pairs where both are single tokens.
-        template: a prompt with one ``{country}`` slot whose next token is the capital.
+        template: a prompt with one `{country}` slot whose next token is the capital.
         prepend_bos: override the BOS rule.
 
     Returns:
-        A :class:`~circuits.tasks.base.Task` named ``"capitals"``; ``info`` keys ``country`` and
-        ``corrupted_country``.
+        A [`Task`][circuits.tasks.base.Task] named `"capitals"`; `info` keys `country` and
+        `corrupted_country`.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> task = capitals(tok, n=2, seed=1)

@@ -2,24 +2,24 @@
 
 The metric is Hanna et al.'s probability difference: the probability of the continuations that make
 the second year greater minus those that do not, with probabilities from the full-vocabulary
-softmax at the last position. How the year is continued depends on the tokenizer (``mode``):
+softmax at the last position. How the year is continued depends on the tokenizer (`mode`):
 
-- ``"two_digit"`` (GPT-2-style tokenizers, where ``"1732"`` is ``" 17" + "32"``): Hanna et al.'s
-  original. Prompt ``"... from the year {C}{YY} to the year {C}"``, ``YY`` in 02..98; answer tokens
-  the 100 tokens ``"00"``..``"99"``; ``PD = P(yy > YY) - P(yy <= YY)``. Corrupted: ``YY = 01``.
-- ``"last_digit"`` (tokenizers that split numbers into digits, e.g. SmolLM2, Llama 2, Qwen): the
-  decade is given and only the last digit is predicted. Prompt ``"... from the year {C}{D}{Y} to
-  the year {C}{D}"``, ``Y`` in 1..8; answer tokens the 10 digits; ``PD = P(d > Y) - P(d <= Y)``,
+- `"two_digit"` (GPT-2-style tokenizers, where `"1732"` is `" 17" + "32"`): Hanna et al.'s
+  original. Prompt `"... from the year {C}{YY} to the year {C}"`, `YY` in 02..98; answer tokens
+  the 100 tokens `"00"`..`"99"`; `PD = P(yy > YY) - P(yy <= YY)`. Corrupted: `YY = 01`.
+- `"last_digit"` (tokenizers that split numbers into digits, e.g. SmolLM2, Llama 2, Qwen): the
+  decade is given and only the last digit is predicted. Prompt `"... from the year {C}{D}{Y} to
+  the year {C}{D}"`, `Y` in 1..8; answer tokens the 10 digits; `PD = P(d > Y) - P(d <= Y)`,
   which is exactly Hanna et al.'s metric conditioned on the second year sharing the first year's
   decade (a first-digit version would leave the mass on the equal digit ambiguous). Corrupted:
-  ``Y = 0`` (every later year in the decade is greater, so the prompt no longer says where the
+  `Y = 0` (every later year in the decade is greater, so the prompt no longer says where the
   boundary is).
 
-``"auto"`` picks ``"two_digit"`` when all 100 two-digit strings are single tokens after the
-century, else ``"last_digit"``. Labels are ``(YY + 1, YY)`` (resp. ``(Y + 1, Y)``), the nearest
+`"auto"` picks `"two_digit"` when all 100 two-digit strings are single tokens after the
+century, else `"last_digit"`. Labels are `(YY + 1, YY)` (resp. `(Y + 1, Y)`), the nearest
 correct and incorrect answers, for logit-difference tools.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_tokenizer
     >>> task = greater_than(tiny_tokenizer(), n=4, seed=0)
     >>> task.info["mode"][0], task.answer_sign.shape
@@ -52,7 +52,7 @@ CENTURIES = tuple(range(11, 18))
 
 
 def _continuations(tok, prompt: str, strings: Sequence[str]) -> list[int] | None:
-    """Token ids of ``strings`` as the single next token after ``prompt``, or None if any is not."""
+    """Token ids of `strings` as the single next token after `prompt`, or None if any is not."""
     base = encode(tok, prompt)
     out = []
     for s in strings:
@@ -75,18 +75,18 @@ def greater_than(
     """Greater-than prompts with a probability-difference metric (see the module docstring).
 
     Args:
-        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in :func:`~circuits.tasks.ioi`).
+        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in [`ioi`][circuits.tasks.ioi]).
         n: number of examples.
         seed: seed of the noun / century / year draws.
-        mode: ``"auto"``, ``"two_digit"`` or ``"last_digit"``.
+        mode: `"auto"`, `"two_digit"` or `"last_digit"`.
         nouns: event nouns; single-token ones (with a leading space) are used when there are any.
         prepend_bos: override the BOS rule.
 
     Returns:
-        A ``PROB_DIFF`` :class:`~circuits.tasks.base.Task` named ``"greater_than"``; ``info`` keys
-        ``mode``, ``year`` (the first year, e.g. 1732) and ``noun``.
+        A `PROB_DIFF` [`Task`][circuits.tasks.base.Task] named `"greater_than"`; `info` keys
+        `mode`, `year` (the first year, e.g. 1732) and `noun`.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_tokenizer
         >>> task = greater_than(tiny_tokenizer(), n=2, seed=3)
         >>> task.prompts[0].endswith(str(task.info["year"][0])[:3])

@@ -1,12 +1,12 @@
-"""Induction: ``[BOS] x1 .. xk x1 .. x(k-1)`` -> ``xk`` (repeated random tokens).
+"""Induction: `[BOS] x1 .. xk x1 .. x(k-1)` -> `xk` (repeated random tokens).
 
-The corrupted sequence keeps the first half and replaces the second by ``k - 1`` other random
-tokens ``y1 .. y(k-1)``, so nothing can be copied. Labels are ``(xk, yk)`` with ``yk`` one more
+The corrupted sequence keeps the first half and replaces the second by `k - 1` other random
+tokens `y1 .. y(k-1)`, so nothing can be copied. Labels are `(xk, yk)` with `yk` one more
 fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
 without replacement (every token in a sequence distinct) from a safe range of the vocabulary: ids
 that decode to a space followed by an ASCII word, never special tokens.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_tokenizer
     >>> task = induction(tiny_tokenizer(), n=2, length=5, seed=0)
     >>> task.clean.shape, bool((task.clean[:, 1:5] == task.clean[:, 6:10]).all())
@@ -27,7 +27,7 @@ __all__ = ["induction", "word_tokens"]
 
 
 def word_tokens(tok) -> list[int]:
-    """Ids that decode to ``" "`` + an ASCII alphabetic word, excluding special tokens."""
+    """Ids that decode to `" "` + an ASCII alphabetic word, excluding special tokens."""
     special = set(tok.all_special_ids)
     texts = tok.batch_decode([[i] for i in range(len(tok))])
     return [
@@ -48,16 +48,16 @@ def induction(
     """Repeated random-token sequences with a logit-difference metric (see the module docstring).
 
     Args:
-        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in :func:`~circuits.tasks.ioi`).
+        model_or_tokenizer: a TransformerLens model or a tokenizer (BOS as in [`ioi`][circuits.tasks.ioi]).
         n: number of examples.
         seed: seed of the token draws.
-        length: ``k``, the length of the random sequence (the prompt has ``2k - 1`` tokens + BOS).
+        length: `k`, the length of the random sequence (the prompt has `2k - 1` tokens + BOS).
         prepend_bos: override the BOS rule.
 
     Returns:
-        A :class:`~circuits.tasks.base.Task` named ``"induction"`` (no padding).
+        A [`Task`][circuits.tasks.base.Task] named `"induction"` (no padding).
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_tokenizer
         >>> task = induction(tiny_tokenizer(), n=1, length=4, seed=1)
         >>> int(task.labels[0, 0]) == int(task.clean[0, 4])

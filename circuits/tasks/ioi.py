@@ -1,14 +1,14 @@
 """Indirect object identification (Wang et al. 2023): "When Mary and John went ..., John gave a drink to" -> " Mary".
 
-Templates name the two people introduced ``{A}`` and ``{B}`` (in that order) and the repeated
-subject ``{S}``; optional ``{place}`` / ``{object}`` slots. ABBA examples set ``A = IO, B = S``,
-BABA examples ``A = S, B = IO`` (half each). Labels are ``(IO, S)``; the corrupted prompt is the
-same sentence with ``A``, ``B`` and ``S`` replaced by three other distinct names (the "ABC"
+Templates name the two people introduced `{A}` and `{B}` (in that order) and the repeated
+subject `{S}`; optional `{place}` / `{object}` slots. ABBA examples set `A = IO, B = S`,
+BABA examples `A = S, B = IO` (half each). Labels are `(IO, S)`; the corrupted prompt is the
+same sentence with `A`, `B` and `S` replaced by three other distinct names (the "ABC"
 corruption: the indirect object can no longer be inferred). Names, places and objects are drawn
 only from words that are a single token (with a leading space) for the tokenizer, so a clean
 prompt and its corruption always have the same length.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_tokenizer
     >>> task = ioi(tiny_tokenizer(), n=4, seed=0)
     >>> task.clean.shape == task.corrupted.shape, task.info["order"]
@@ -85,19 +85,19 @@ def ioi(
     """IOI prompts with ABC corruptions and a logit-difference metric (IO minus S).
 
     Args:
-        model_or_tokenizer: a TransformerLens model (its tokenizer and ``default_prepend_bos``)
-            or a tokenizer (BOS prepended when it has one, unless ``prepend_bos=False``).
-        n: number of examples; ABBA and BABA alternate (half each for even ``n``).
+        model_or_tokenizer: a TransformerLens model (its tokenizer and `default_prepend_bos`)
+            or a tokenizer (BOS prepended when it has one, unless `prepend_bos=False`).
+        n: number of examples; ABBA and BABA alternate (half each for even `n`).
         seed: seed of the name / template / place / object draws.
-        templates: sentence templates (see the module docstring); example ``i`` draws one at random.
+        templates: sentence templates (see the module docstring); example `i` draws one at random.
         names, places, objects: word lists, filtered to single tokens with a leading space.
         prepend_bos: override the BOS rule above.
 
     Returns:
-        A :class:`~circuits.tasks.base.Task` named ``"ioi"`` with ``info`` keys ``order``,
-        ``template``, ``io``, ``s``, ``corrupted_names``.
+        A [`Task`][circuits.tasks.base.Task] named `"ioi"` with `info` keys `order`,
+        `template`, `io`, `s`, `corrupted_names`.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> task = ioi(tok, n=2, seed=1, templates=["When {A} and {B} went to the {place}, {S} gave a {object} to"])

@@ -73,7 +73,7 @@ class KLMetric:
         clean_log_probs: `[n, vocab]` clean log-probabilities at the answer positions.
         vocab_mean: divide by the vocabulary size, as EAP-IG's `kl_div(...).mean(-1)` does.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from circuits.tasks.base import Task
         >>> task = Task("toy", torch.tensor([[1, 2]]), torch.tensor([[1, 3]]), torch.tensor([[0, 1]]))

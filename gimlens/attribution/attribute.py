@@ -78,7 +78,7 @@ def attribute(
     Raises:
         GimlensError: on bad arguments, or when not even one row fits `max_memory`.
 
-    Example:
+    Examples:
         >>> from gimlens.attribution import attribute
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")

@@ -70,7 +70,7 @@ def explain(
     Returns:
         Scores `[pos]` for a 1-D input, else `[batch, pos]`; float32, on the model's device.
 
-    Example:
+    Examples:
         >>> import gimlens
         >>> from gimlens.testing import tiny_model
         >>> model = tiny_model("llama")

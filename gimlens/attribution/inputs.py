@@ -1,6 +1,6 @@
 """Inputs of an attribution: text or token ids to a padded batch, BOS handling, the baseline.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> from gimlens.attribution.inputs import prepare_prompt
     >>> model = tiny_model("llama")

@@ -15,7 +15,7 @@ resolved target) and returns a `MethodOutput` with scores `[batch, n_targets, se
 Positions whose baseline is their own token (BOS unless scored, padding, continuation tokens)
 score exactly 0 in every method.
 
-Example:
+Examples:
     >>> from gimlens.attribution.methods import Method, known_methods
     >>> Method("gim").value, known_methods()
     ('gim', 'gradient_x_input, gim, integrated_gradients, feature_ablation')

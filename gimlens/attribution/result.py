@@ -3,7 +3,7 @@ tokens, target, method and config.
 
 Tensors are the source of truth; JSON, figures and HTML are views built on demand.
 
-Example:
+Examples:
     >>> from gimlens.attribution import Attribution, attribute
     >>> from gimlens.testing import tiny_model
     >>> attr = attribute(tiny_model("llama"), "The capital of France is")
@@ -164,7 +164,7 @@ class Attribution:
     def save(self, path: str | os.PathLike, *, indent: int | None = None) -> Path:
         """Write the JSON to `path` atomically (complete or not at all; the folder must exist).
 
-        Example:
+        Examples:
             >>> import os, tempfile
             >>> from gimlens.attribution import attribute
             >>> from gimlens.testing import tiny_model

@@ -6,7 +6,7 @@ target is a multi-token continuation (the continuation is appended after each ro
 token and every continuation token's logit is read at the position that predicts it, as captum's
 `LLMAttribution` does; only prompt tokens are scored).
 
-Example:
+Examples:
     >>> from gimlens.attribution.targets import LogitDiff, TokenTarget, as_target
     >>> as_target(" Paris")
     TokenTarget(token=' Paris', position=-1, readout=<Readout.LOGIT: 'logit'>)

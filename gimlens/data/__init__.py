@@ -1,11 +1,11 @@
 """Data shipped with gimlens: a prompt set for token-attribution benchmarks.
 
-``prompts.jsonl`` holds 148 prompts in three tasks, one JSON object per line: ``task`` (``ioi``,
-``capitals`` or ``factual``), ``prompt``, the expected next token ``answer`` (one token with its
-leading space for SmolLM2's tokenizer) and, for IOI, the ``contrast`` (the repeated name).
+`prompts.jsonl` holds 148 prompts in three tasks, one JSON object per line: `task` (`ioi`,
+`capitals` or `factual`), `prompt`, the expected next token `answer` (one token with its
+leading space for SmolLM2's tokenizer) and, for IOI, the `contrast` (the repeated name).
 SmolLM2-135M-Instruct predicts 114 of the answers (IOI 51/56, capitals 32/38, factual 31/54).
 
-Example:
+Examples:
     >>> from gimlens.data import load_prompts
     >>> rows = load_prompts()
     >>> len(rows), rows[0]["task"], sorted({r["task"] for r in rows})
@@ -27,7 +27,7 @@ TASKS = ("ioi", "capitals", "factual")
 
 
 def load_prompts(task: str | None = None) -> list[dict]:
-    """The shipped prompts, optionally of one task (``"ioi"``, ``"capitals"``, ``"factual"``)."""
+    """The shipped prompts, optionally of one task (`"ioi"`, `"capitals"`, `"factual"`)."""
     if task is not None and task not in TASKS:
         raise GimlensError(f"unknown prompt task {task!r}; expected one of: {', '.join(TASKS)}")
     text = resources.files(__name__).joinpath("prompts.jsonl").read_text(encoding="utf-8")

@@ -5,7 +5,7 @@ heads and quadrature nodes, on TransformerLens hook points. See `.core` for the
 definition, `.boundaries` for the maps (`layer`, `att`, `mlp`), `.baselines` for
 the baselines and `.result` for the JSON schema.
 
-Example:
+Examples:
     >>> from gimlens.layerwise import layerwise_ig
     >>> from gimlens.testing import tiny_model
     >>> res = layerwise_ig(tiny_model("llama"), "When Mary and John", layers=0, granularity="att")

@@ -18,7 +18,7 @@ then the self entry is replaced by `self` and the column multiplied by
 `gamma = sum_i IG^ITB_{i→j} / (S + self)` (1 if the denominator is ~0), so every column keeps
 the ITB column sum and with it the ITB completeness target.
 
-Example:
+Examples:
     >>> import torch
     >>> itb = torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # [source, target]; column 1: IG_{0→1}=1
     >>> zero = torch.tensor([[2.0, 1.0], [0.0, 3.0]])

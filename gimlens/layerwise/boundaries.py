@@ -15,7 +15,7 @@ exception raised at the output hook stops the forward (no later block, norm or u
 `mlp`: replacing `hook_resid_mid` feeds the MLP (`ln2.hook_in`) but not, on
 `TransformerBridge`, the residual addition, so `Φ` adds `u` itself to `hook_mlp_out`.
 
-Example:
+Examples:
     >>> BOUNDARIES[Granularity.ATT].output_hook.format(l=3)
     'blocks.3.attn.hook_z'
 """

@@ -20,7 +20,7 @@ row depends only on that row, the gradient of the sum over rows gives every row 
 causal models a pass whose last target is `j` runs on the first `j + 1` tokens only (hooks a
 caller keeps on the model during the call see those shorter batches).
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("gpt2", n_layers=2)
     >>> res = layerwise_ig(model, "When Mary and John went to the store", layers=1)

@@ -1,6 +1,6 @@
 """Heatmaps of layer-wise IG flows (matplotlib, imported lazily; no pyplot state).
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.layerwise.result import Flow
     >>> from gimlens.layerwise.boundaries import Granularity

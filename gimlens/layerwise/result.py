@@ -32,7 +32,7 @@ their columns keep) and `error[j]` the column sum minus it. `z2z`/`z2u`/`u2z` an
 `targets` section follow LIG 0.1.0's `explain()` output; `LayerwiseResult.from_json`
 reads the dense fields back.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.layerwise.boundaries import Granularity
     >>> from gimlens.layerwise.baselines import Baseline
