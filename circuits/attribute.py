@@ -233,6 +233,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> g = attribute(model, Graph.from_model(model), clean, corrupted, metric)
         >>> g.scores.shape == (g.n_forward, g.n_backward)
         True
+        >>> n = attribute(model, Graph.from_model(model), clean, corrupted, metric, level="node")
+        >>> bool(torch.allclose(n.node_scores, n.scores.sum(1), atol=1e-6))  # row sums
+        True
     """
     require_lens_model(model)
     if not isinstance(graph, Graph):
