@@ -94,6 +94,8 @@ class Patcher:
         self.fast = (self.missing.dtype == torch.bool and self.probe is None
                      and not torch.is_grad_enabled())
         self.chunks, self.heads_chunk, self.pending, self.masked = [], None, {}, 0
+        if self.neuron_mask is not None and not self.fast:
+            raise GimlensError("a neuron mask needs boolean edge coefficients, no probe, grad off")
         if self.fast:
             self.delta = torch.empty_like(self.ablated.resid)
         spec = self.spec

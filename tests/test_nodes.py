@@ -12,15 +12,16 @@ from circuits.evaluate import evaluate, faithfulness, faithfulness_curve
 from circuits.export import from_eap_json, to_eap_json
 from circuits.graph import Graph
 from gimlens import GimlensError
+from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.runtime import prepared, run_hooked
 from test_attribute import ioi
 
 METHODS = ["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted"]
 
 
-def _sources(model, tokens, *, leaf=False):
-    """`(embed, [z per layer], [mlp_out per layer], logits)` of one run; with `leaf` the
-    embedding is a leaf and every captured tensor keeps its gradient."""
+def _sources(model, tokens, *, leaf=False, extra=()):
+    """`(embed, [z per layer], [mlp_out per layer], logits)` of one run (with the hooks `extra`
+    too); with `leaf` the embedding is a leaf and every captured tensor keeps its gradient."""
     got = {"z": {}, "mlp": {}}
 
     def embed(x, hook):
@@ -42,11 +43,11 @@ def _sources(model, tokens, *, leaf=False):
     hooks = [("hook_embed", embed)]
     hooks += [(f"blocks.{l}.attn.hook_z", keep("z", l)) for l in range(L)]
     hooks += [(f"blocks.{l}.hook_mlp_out", keep("mlp", l)) for l in range(L)]
-    logits = run_hooked(model, tokens, fwd_hooks=hooks)
+    logits = run_hooked(model, tokens, fwd_hooks=hooks + list(extra))
     return got["embed"], [got["z"][l] for l in range(L)], [got["mlp"][l] for l in range(L)], logits
 
 
-def node_reference(model, clean, corrupted, metric):
+def node_reference(model, clean, corrupted, metric, extra=()):
     """Node scores by plain autograd: `(a_corrupt - a_clean) . dM/da` at the input's, each
     head's and each MLP's output (a head through `hook_z`: `dz . dM/dz` equals `d(z W_O) . dM/d
     out` because the head's output is linear in its z), mean over examples."""
@@ -55,7 +56,7 @@ def node_reference(model, clean, corrupted, metric):
         with torch.no_grad():
             e_c, z_c, m_c, _ = _sources(model, corrupted)
         with torch.enable_grad():
-            e, z, m, logits = _sources(model, clean, leaf=True)
+            e, z, m, logits = _sources(model, clean, leaf=True, extra=extra)
             metric(logits, torch.arange(n)).sum().backward()
     scores = [((e_c - e) * e.grad).sum()]
     for l in range(model.cfg.n_layers):
@@ -89,13 +90,15 @@ def test_node_scores_are_row_sums_of_edge_scores_and_neuron_scores_sum_to_them(r
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_node_scores_with_gim_are_row_sums_of_gim_edge_scores(request, arch):
+def test_node_scores_with_gim_equal_autograd_under_gim_hooks_and_gim_edge_row_sums(request, arch):
     model = request.getfixturevalue(f"{arch}_model")
     clean, corrupted, metric = ioi(model)
     g = attribute(model, Graph.from_model(model), clean, corrupted, metric, gim=True, level="node")
     plain = attribute(model, Graph.from_model(model), clean, corrupted, metric, level="node")
     assert_close(g.node_scores, g.scores.sum(1), atol=1e-6, rtol=1e-4)
     assert not torch.allclose(g.node_scores, plain.node_scores)  # GIM changed the gradients
+    ref = node_reference(model, clean, corrupted, metric, extra=gim_hooks(model, GIMConfig()))
+    assert_close(g.node_scores, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_neuron_scores_of_input_and_mlp_rows_equal_autograd_per_dimension(gpt2_model):
@@ -136,12 +139,14 @@ def test_edge_level_attribution_leaves_node_and_neuron_scores_alone(gpt2_model):
 
 
 # ------------------------------------------------------------------------ evaluation by hand
-def patched_by_hand(model, clean, corrupted, *, heads=(), mlps=(), embed=False, dims=None):
+def patched_by_hand(model, clean, corrupted, *, heads=(), mlps=(), embed=False, dims=None, zero=False):
     """Logits of the clean run with the outputs of the given heads `(layer, head)`, MLPs and the
     input replaced by their corrupted values; with `dims` (a dict node -> dimension list, nodes
-    `"input"`, `("m", l)`, `(l, h)`) only those output dimensions are replaced."""
+    `"input"`, `("m", l)`, `(l, h)`) only those output dimensions are replaced; with `zero` by 0."""
     with prepared(model), torch.no_grad():
         e_c, z_c, m_c, _ = _sources(model, corrupted)
+        if zero:
+            e_c, z_c, m_c = torch.zeros_like(e_c), [torch.zeros_like(z) for z in z_c], [torch.zeros_like(m) for m in m_c]
         hooks = []
         if embed:
             def fn(x, hook):
@@ -221,6 +226,17 @@ def test_neuron_level_evaluation_equals_patching_some_output_dimensions_by_hand(
     assert_close(seen[0], ref, atol=1e-4, rtol=1e-4)
     unpatched = run_hooked(model, clean)
     assert not torch.allclose(seen[0], unpatched, atol=1e-3)  # the patch did something
+
+
+def test_node_level_zero_ablation_equals_zeroing_the_nodes_outputs_by_hand(gpt2_model):
+    model = gpt2_model
+    clean, corrupted, _ = ioi(model)
+    g = Graph.from_model(model)
+    g.nodes_in_graph[[g.forward_index(0, 0), g.forward_index(1)]] = False  # a0.h0, m1
+    seen = []
+    evaluate(model, g, clean, corrupted, logits_metric(seen), level="node", ablation="zero")
+    ref = patched_by_hand(model, clean, corrupted, heads=[(0, 0)], mlps=[1], zero=True)
+    assert_close(seen[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_node_level_circuit_evaluates_the_same_by_its_edges_and_by_its_nodes(llama_model):
