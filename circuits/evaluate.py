@@ -201,8 +201,9 @@ class FaithfulnessCurve:
     """Faithfulness of the best circuits of several sizes, with the curve's areas.
 
     `sizes` are percentages of the valid edges (or, at node / neuron level, of the scored nodes
-    or neurons) requested, `n_edges` the edges left after selection and pruning. `cpr` is the area under the curve and `cmd` the area between the
-    curve and 1 (`|1 - f|`), both by the trapezoid rule over the fraction axis `sizes / 100`.
+    or neurons) requested, `n_edges` the edges left after selection and pruning. `cpr` is the
+    area under the curve and `cmd` the area between the curve and 1 (`|1 - f|`), both by the
+    trapezoid rule over the fraction axis `sizes / 100`.
     """
 
     sizes: tuple[float, ...]

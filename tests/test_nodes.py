@@ -146,7 +146,8 @@ def patched_by_hand(model, clean, corrupted, *, heads=(), mlps=(), embed=False, 
     with prepared(model), torch.no_grad():
         e_c, z_c, m_c, _ = _sources(model, corrupted)
         if zero:
-            e_c, z_c, m_c = torch.zeros_like(e_c), [torch.zeros_like(z) for z in z_c], [torch.zeros_like(m) for m in m_c]
+            e_c = torch.zeros_like(e_c)
+            z_c, m_c = [torch.zeros_like(z) for z in z_c], [torch.zeros_like(m) for m in m_c]
         hooks = []
         if embed:
             def fn(x, hook):
