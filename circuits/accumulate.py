@@ -10,6 +10,12 @@ gradient of the next chunk arrives, or at the end of the pass ([`Accumulator.end
 gradient points of a batch and multiplied once, in [`Accumulator.flush`]
 [circuits.accumulate.Accumulator.flush].
 
+**Neuron scores** (`neurons` given): every gradient that reaches the score GEMM is also summed
+per upstream count `u` (the destinations fed by exactly the sources `[0, u)`). By residual
+additivity the gradient at source `r`'s output is the sum of the gradients of every destination
+it feeds, i.e. of the sums of all counts `u > r`; `flush` adds `sum over b, s of diff[r] * G[r]`
+to `neurons[r]` with these suffix sums, `n_forward x B x S x d_model` work in all.
+
 Example:
     >>> import torch
     >>> from gimlens.testing import tiny_model
@@ -74,10 +80,13 @@ class Accumulator:
     current: tuple[int, Tensor] | None = None  # (chunk, its buffer) being filled
     summed: dict = field(default_factory=dict)  # chunk -> buffer summed over points (defer)
     free: list = field(default_factory=list)  # buffers to reuse (fresh memory is slow to touch)
+    neurons: Float[Tensor, "n_fwd d"] | None = None  # neuron scores to add to (None: edges only)
+    n_up: list = field(default_factory=list)  # per column, its upstream count (with neurons)
+    grad_sums: dict = field(default_factory=dict)  # upstream count -> summed gradients
 
     @classmethod
-    def build(cls, spec: ModelSpec, graph, scores, diff, *, split_kv: bool, defer: bool
-              ) -> "Accumulator":
+    def build(cls, spec: ModelSpec, graph, scores, diff, *, split_kv: bool, defer: bool,
+              neurons: Tensor | None = None) -> "Accumulator":
         L = spec.n_layers
         per = max(1, math.ceil(MIN_COLUMNS * L / graph.n_backward))
         chunks, chunk_of = [], []
@@ -88,7 +97,8 @@ class Accumulator:
             rows = spec.n_forward if final else spec.upstream(last, mlp=True)
             chunk_of += [len(chunks)] * (last - first + 1)
             chunks.append(Chunk(graph.backward_index(first, 0, "q"), c1, rows))
-        return cls(scores, diff, chunks, chunk_of, defer, split_kv)
+        n_up = graph.upstream_counts.tolist() if neurons is not None else []
+        return cls(scores, diff, chunks, chunk_of, defer, split_kv, neurons=neurons, n_up=n_up)
 
     def slot(self, layer: int, cols: slice) -> Float[Tensor, "n B S d"]:
         """The part of `layer`'s chunk buffer that receives the gradients of columns `cols`; the
@@ -130,9 +140,34 @@ class Accumulator:
             c = self.chunks[chunk]
             self.gemm(c.rows, slice(c.c0, c.c1), grads[: c.c1 - c.c0])
         self.summed.clear()
+        if self.neurons is not None and self.grad_sums:
+            total, stop = None, self.diff.shape[0]
+            for u in sorted(self.grad_sums, reverse=True):  # suffix sums, the logits' first
+                if u < stop and total is not None:
+                    self.neurons[u:stop] += torch.einsum("nbsd,bsd->nd", self.diff[u:stop], total)
+                total = self.grad_sums[u] if total is None else total + self.grad_sums[u]
+                stop = u
+            if stop > 0:
+                self.neurons[:stop] += torch.einsum("nbsd,bsd->nd", self.diff[:stop], total)
+            self.grad_sums.clear()
 
     def gemm(self, rows: int, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
         """`scores[:rows, cols] += diff[:rows] . grads`, summed over examples, positions and
         `d_model`."""
         out, n = self.scores[:rows, cols], grads.shape[0]
         out.addmm_(self.diff[:rows].reshape(rows, -1), grads.reshape(n, -1).T)
+        if self.neurons is not None:
+            self._sum_by_upstream(cols, grads)
+
+    def _sum_by_upstream(self, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
+        """Add the gradients of columns `cols` to the sums of their upstream counts."""
+        counts = self.n_up[cols]
+        i = 0
+        while i < len(counts):
+            j = i
+            while j < len(counts) and counts[j] == counts[i]:
+                j += 1
+            part = grads[i:j].sum(0)
+            u = counts[i]
+            self.grad_sums[u] = part if u not in self.grad_sums else self.grad_sums[u].add_(part)
+            i = j

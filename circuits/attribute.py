@@ -76,6 +76,7 @@ from .examples import Examples
 from .graph import Graph, KVEdges
 from .memory import estimate_memory, fit_batch_size
 from .model import Ablation, ModelSpec, Site, ablated_sources, run_model
+from .prune import Level
 from .scoring import Point, Scorer
 
 __all__ = ["Activations", "Completeness", "Examples", "Method", "attribute", "gradient_points"]
@@ -176,8 +177,10 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
               activations: Activations | str = Activations.PER_NODE,
               gim: GIMConfig | bool | dict | None = None, batch_size: int | None = None,
               ablation: Ablation | str = "corrupted", attention_mask: Tensor | None = None,
-              progress: bool = False, max_memory: int | str | None = None) -> Graph:
-    """Fill `graph.scores` with edge attribution scores (float32, mean over examples).
+              progress: bool = False, max_memory: int | str | None = None,
+              level: Level | str = "edge") -> Graph:
+    """Fill `graph.scores` with edge attribution scores (float32, mean over examples), and with
+    `level="node"` / `"neuron"` also `graph.node_scores` / `graph.neuron_scores`.
 
     The model runs in eval mode with frozen parameters (dropout off) and is left as found.
 
@@ -202,6 +205,12 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         progress: show a progress bar (and print the memory estimate first).
         max_memory: a budget in bytes (or `"4GB"`): `batch_size` is lowered so the estimate of
             [`estimate_memory`][circuits.memory.estimate_memory] stays within it.
+        level: `"edge"` (default), `"node"`: also `graph.node_scores` (per source node:
+            `(a_abl - a_clean) . g` at its output, summed over positions and `d_model`), or
+            `"neuron"`: also `graph.neuron_scores` (the same per output dimension, `[n_forward,
+            d_model]`) and `graph.node_scores` (their sums). With `quadrature=None`,
+            `EAP-IG-inputs` then takes EAP-IG's node-level points, `alpha = k / m`, `k = 1..m`.
+            See the module `circuits.accumulate`; the cost over edges is small.
 
     Under `torchrun` (an initialised `torch.distributed` process group) each rank scores a
     contiguous shard of the examples and the score sums are all-reduced: every rank returns the
@@ -224,6 +233,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> g = attribute(model, Graph.from_model(model), clean, corrupted, metric)
         >>> g.scores.shape == (g.n_forward, g.n_backward)
         True
+        >>> n = attribute(model, Graph.from_model(model), clean, corrupted, metric, level="node")
+        >>> bool(torch.allclose(n.node_scores, n.scores.sum(1), atol=1e-6))  # row sums
+        True
     """
     require_lens_model(model)
     if not isinstance(graph, Graph):
@@ -232,6 +244,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     graph.check_matches(model)
     method = coerce_enum(Method, method, "method")
     ablation = coerce_enum(Ablation, ablation, "ablation")
+    level = coerce_enum(Level, level, "level")
+    if quadrature is None and level is not Level.EDGE and method is Method.EAP_IG_INPUTS:
+        quadrature = Quadrature.RIEMANN_RIGHT  # EAP-IG's attribute_node: k = 1..m
     points = gradient_points(method, _steps(steps, ig_steps), quadrature, activations=activations,
                              n_layers=spec.n_layers)
     config = GIMConfig.coerce(gim)
@@ -249,6 +264,8 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     split_kv = graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads
 
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
+    neurons = None if level is Level.EDGE else torch.zeros(graph.n_forward, spec.d_model,
+                                                           device=spec.device)
     metric_sums = torch.zeros(2, dtype=torch.float64, device=spec.device)  # clean, input ablated
     with prepared(model), torch.enable_grad(), \
             progress_bar(len(batches) * len(points), show=show, desc="attribute") as bar:
@@ -258,7 +275,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             ablated, corrupted_logits = ablated_sources(
                 model, spec, ablation, *ex.tokens("corrupted", idx, spec.device), mean)
             acc = Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
-                                    defer=len(points) > 1)
+                                    defer=len(points) > 1, neurons=neurons)
             scorer = Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
                             keep_clean=any(not p.inputs and p.node is None for p in points),
                             acc=acc, keep_nodes=any(p.node is not None for p in points))
@@ -289,6 +306,12 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     all_reduce_sum(scores)
     all_reduce_sum(metric_sums)
     graph.scores = (scores / len(ex)).to(graph.scores.device)
+    if neurons is not None:
+        all_reduce_sum(neurons)
+        neurons = (neurons / len(ex)).to(graph.scores.device)
+        graph.node_scores = neurons.sum(-1)
+        if level is Level.NEURON:
+            graph.neuron_scores = neurons
     m_clean, m_ablated = (metric_sums / len(ex)).tolist()
     graph.completeness = Completeness(float(graph.scores[0].sum()), m_ablated - m_clean)
     return graph

@@ -15,6 +15,14 @@ input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
 The empty circuit reproduces the ablated run (the corrupted run for `ablation="corrupted"`),
 the full circuit the clean run.
 
+**Node and neuron level** (`level`, EAP-IG's `evaluate_graph`). `level="node"`: the circuit is
+`graph.nodes_in_graph`; every outgoing edge of a node outside it carries the ablated value, every
+other edge is clean (what `apply_topn(level="node")` selects: the edges between kept nodes, after
+pruning, give the same run). `level="neuron"`: the circuit is `graph.neurons_in_graph`; at every
+destination, each source's output has its out-of-circuit dimensions ablated and the others
+clean, `x_d = x - sum over src of (1 - keep[src]) * (a[src] - a_abl[src])` (edges play no part:
+EAP-IG's rule). `"edge"` (default) reads `graph.in_graph` only.
+
 **Grouped-query attention.** Query heads of one KV group share their keys and values, so a
 `per_query_head` graph can be patched exactly only where the group's query heads have the same
 k (and v) edges; otherwise `evaluate` raises and suggests `graph.as_kv_edges("grouped")`.
@@ -33,13 +41,13 @@ from torch import Tensor
 from gimlens.distributed import all_reduce_sum, shard_range
 from gimlens.errors import GimlensError
 
-from gimlens.runtime import prepared, progress as progress_bar, run_hooked
+from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, run_hooked
 
 from .attribute import Examples
 from .graph import Graph
 from .model import Ablation, ModelSpec, ablated_sources
 from .patching import Patcher, blocks
-from .prune import Selection
+from .prune import Level, Selection
 
 __all__ = ["evaluate", "faithfulness", "faithfulness_curve", "FaithfulnessCurve"]
 
@@ -66,17 +74,33 @@ def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attenti
     return _Setup(spec, ex, ablation, batch_size, [i + own.start for i in ex.batches(batch_size, n=len(own))])
 
 
-def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, reference: bool,
-                  show: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Per-example metrics `[len(masks), n]` of the patched runs, and (`reference`) of the
-    clean run and of the ablated baseline (the corrupted run, or the empty circuit)."""
+def _ablated_parts(graph: Graph, level: Level) -> tuple[Tensor, Tensor | None]:
+    """`(missing edges [n_fwd, n_bwd], neuron mask [n_fwd, d] or None)` of a circuit at `level`
+    (module docstring); the mask is 1 where a source's output dimension is ablated."""
+    valid = graph.valid.cpu()
+    if level is Level.EDGE:
+        return valid & ~graph.in_graph.cpu().bool(), None
+    if level is Level.NODE:
+        return valid & ~graph.nodes_in_graph.cpu().bool()[:, None], None
+    if graph.neurons_in_graph is None:
+        raise GimlensError("level='neuron' evaluates graph.neurons_in_graph, which this graph lacks: "
+                           "score with circuits.attribute(..., level='neuron') or set it")
+    keep = graph.neurons_in_graph.cpu().bool()
+    return valid & ~keep.all(1)[:, None], (~keep).float()
+
+
+def _run_circuits(model, graph: Graph, s: _Setup, masks: list[tuple[Tensor, Tensor | None]], *,
+                  reference: bool, show: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-example metrics `[len(masks), n]` of the patched runs (each given by its
+    `_ablated_parts`), and (`reference`) of the clean run and of the ablated baseline (the
+    corrupted run, or the empty circuit)."""
     spec, ex = s.spec, s.ex
     valid = graph.valid.cpu()
     plans = []
-    for m in masks:
-        missing = valid & ~m.cpu().bool()
-        plans.append((missing.to(spec.device), blocks(spec, graph, missing)))
-    empty = (valid.to(spec.device), blocks(spec, graph, valid))
+    for missing, neurons in masks:
+        plans.append((missing.to(spec.device), blocks(spec, graph, missing),
+                      None if neurons is None else neurons.to(spec.device)))
+    empty = (valid.to(spec.device), blocks(spec, graph, valid), None)
     out = torch.zeros(len(masks), len(ex))
     clean_m = torch.zeros(len(ex)) if reference else None
     base_m = torch.zeros(len(ex)) if reference else None
@@ -89,7 +113,7 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
             toks, mask = ex.tokens("clean", idx, spec.device)
 
             def patched(plan):
-                patcher = Patcher(spec, plan[0], plan[1], ablated)
+                patcher = Patcher(spec, plan[0], plan[1], ablated, neuron_mask=plan[2])
                 logits = run_hooked(model, toks, fwd_hooks=patcher.hooks(), attention_mask=mask)
                 return ex.score(logits, idx).float().cpu()
 
@@ -109,7 +133,8 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[Tensor], *, refere
 
 def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
              ablation: Ablation | str = "corrupted", batch_size: int | None = None,
-             attention_mask: Tensor | None = None, progress: bool = False) -> Float[Tensor, " n"]:
+             attention_mask: Tensor | None = None, progress: bool = False,
+             level: Level | str = "edge") -> Float[Tensor, " n"]:
     """The metric of every example with only the circuit's edges clean (exact edge patching).
 
     Args:
@@ -119,6 +144,9 @@ def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
         ablation: what missing edges carry: `"corrupted"`, `"mean"` or `"zero"`.
         batch_size: examples per forward pass (`None`: all at once).
         progress: show a progress bar (one step per batch).
+        level: what the circuit is: `"edge"` (`graph.in_graph`), `"node"`
+            (`graph.nodes_in_graph`) or `"neuron"` (`graph.neurons_in_graph`); see the module
+            docstring.
 
     The model runs in eval mode with frozen parameters (restored on exit). Cost: per batch one
     corrupted forward (none for `zero`/`mean`) and one patched forward, no backward.
@@ -139,19 +167,23 @@ def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
         True
     """
     s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
-    return _run_circuits(model, graph, s, [graph.in_graph], reference=False, show=progress)[0][0]
+    parts = _ablated_parts(graph, coerce_enum(Level, level, "level"))
+    return _run_circuits(model, graph, s, [parts], reference=False, show=progress)[0][0]
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric=None, *,
                  ablation: Ablation | str = "corrupted", batch_size: int | None = None,
-                 attention_mask: Tensor | None = None, progress: bool = False) -> float:
+                 attention_mask: Tensor | None = None, progress: bool = False,
+                 level: Level | str = "edge") -> float:
     """`(m_circuit - m_ablated) / (m_clean - m_ablated)` with means over examples.
 
     `m_ablated` is the fully ablated model: the corrupted run for `ablation="corrupted"`,
     else the empty circuit under that ablation. 1 means the circuit does what the model does.
+    `level` says what the circuit is, as in [`evaluate`][circuits.evaluate.evaluate].
     """
     s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
-    circuit, clean_m, base_m = _run_circuits(model, graph, s, [graph.in_graph], reference=True,
+    parts = _ablated_parts(graph, coerce_enum(Level, level, "level"))
+    circuit, clean_m, base_m = _run_circuits(model, graph, s, [parts], reference=True,
                                              show=progress)
     return _normalise(circuit[0].mean(), clean_m.mean(), base_m.mean())
 
@@ -168,9 +200,10 @@ def _normalise(m: Tensor, clean: Tensor, base: Tensor) -> float:
 class FaithfulnessCurve:
     """Faithfulness of the best circuits of several sizes, with the curve's areas.
 
-    `sizes` are percentages of the valid edges requested, `n_edges` the edges left after
-    selection and pruning. `cpr` is the area under the curve and `cmd` the area between the
-    curve and 1 (`|1 - f|`), both by the trapezoid rule over the fraction axis `sizes / 100`.
+    `sizes` are percentages of the valid edges (or, at node / neuron level, of the scored nodes
+    or neurons) requested, `n_edges` the edges left after selection and pruning. `cpr` is the
+    area under the curve and `cmd` the area between the curve and 1 (`|1 - f|`), both by the
+    trapezoid rule over the fraction axis `sizes / 100`.
     """
 
     sizes: tuple[float, ...]
@@ -190,11 +223,13 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
                        absolute: bool = True, ablation: Ablation | str = "corrupted",
                        batch_size: int | None = None,
                        attention_mask: Tensor | None = None,
-                       progress: bool = False) -> FaithfulnessCurve:
+                       progress: bool = False, level: Level | str = "edge") -> FaithfulnessCurve:
     """Faithfulness of the circuits made of the top `sizes` percent of edges by score.
 
     Each circuit is selected on a copy of `graph` (`apply_topn` or `apply_greedy` with
-    `absolute`, then pruned); `graph` itself is not changed. All circuits of a batch share
+    `absolute`, then pruned); `graph` itself is not changed. With `level="node"` or
+    `"neuron"`, `sizes` are percentages of the scored (non-NaN) nodes or neurons, selected with
+    `apply_topn(level=...)` and evaluated at that level (`selection` must be `"topn"`). All circuits of a batch share
     one corrupted and one clean forward pass; `progress` shows a bar over the patched runs.
 
     Example:
@@ -216,12 +251,20 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
     if selection not in _SELECT:
         raise GimlensError(f"selection must be one of {[m.value for m in _SELECT]}, got {selection!r}")
     sizes = _check_sizes(sizes)
+    level = coerce_enum(Level, level, "level")
+    if level is not Level.EDGE and selection is not Selection.TOPN:
+        raise GimlensError(f"level={level.value!r} curves select by top-n, got selection={selection.value!r}")
     s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    n_items = graph.n_valid_edges if level is Level.EDGE else _n_scored(graph, level)
     masks, n_edges = [], []
     for size in sizes:
         circuit = graph.copy()
-        _SELECT[selection](circuit, round(size / 100 * graph.n_valid_edges), absolute)
-        masks.append(circuit.in_graph)
+        n = round(size / 100 * n_items)
+        if level is Level.EDGE:
+            _SELECT[selection](circuit, n, absolute)
+        else:
+            circuit.apply_topn(n, absolute, level=level.value)
+        masks.append(_ablated_parts(circuit, level))
         n_edges.append(circuit.n_edges_in_graph)
     circuits, clean_m, base_m = _run_circuits(model, graph, s, masks, reference=True, show=progress)
     f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in circuits]
@@ -229,6 +272,14 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
     return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), _trapezoid(f, x),
                              _trapezoid([abs(1 - v) for v in f], x), float(clean_m.mean()),
                              float(base_m.mean()))
+
+
+def _n_scored(graph: Graph, level: Level) -> int:
+    scores = graph.node_scores if level is Level.NODE else graph.neuron_scores
+    if scores is None:
+        raise GimlensError(f"a level={level.value!r} curve needs graph.{level.value}_scores: score with "
+                           f"circuits.attribute(..., level={level.value!r})")
+    return int((~torch.isnan(scores)).sum())
 
 
 def _check_sizes(sizes) -> list[float]:

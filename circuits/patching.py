@@ -82,6 +82,8 @@ class Patcher:
     heads_chunk: tuple | None = None  # this layer's head rows until its MLP output arrives
     pending: dict = field(default_factory=dict)
     fast: bool = True  # set by hooks(): bool coefficients, no probe, grad off
+    neuron_mask: Tensor | None = None  # fast path: [n_fwd, d] 1 where a source's dim is ablated
+    masked: int = 0  # rows of delta already multiplied by neuron_mask
 
     def recorded(self) -> Float[Tensor, "n_fwd B S d"]:
         """This (differentiable) run's `a - a_abl` of every source, detached: the probe's
@@ -91,7 +93,9 @@ class Patcher:
     def hooks(self) -> list[Hook]:
         self.fast = (self.missing.dtype == torch.bool and self.probe is None
                      and not torch.is_grad_enabled())
-        self.chunks, self.heads_chunk, self.pending = [], None, {}
+        self.chunks, self.heads_chunk, self.pending, self.masked = [], None, {}, 0
+        if self.neuron_mask is not None and not self.fast:
+            raise GimlensError("a neuron mask needs boolean edge coefficients, no probe, grad off")
         if self.fast:
             self.delta = torch.empty_like(self.ablated.resid)
         spec = self.spec
@@ -140,6 +144,9 @@ class Patcher:
     def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
         n_up, cols, _ = self.blocks[layer, part]
         if self.fast:
+            if self.neuron_mask is not None and self.masked < n_up:  # neuron level: rows done
+                self.delta[self.masked:n_up] *= self.neuron_mask[self.masked:n_up, None, None]
+                self.masked = n_up
             m = self.missing[:n_up, cols].to(self.delta.dtype)
             c = m.T @ self.delta[:n_up].reshape(n_up, -1)
             return c.view(m.shape[1], *self.delta.shape[1:])
