@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gimlens.errors import GimlensError
-from gimlens.runtime import atomic_write
+from gimlens.runtime import atomic_write, read_text
 
 from .files import Format, Include, register_format
 from .graph import Graph, KVEdges
@@ -36,10 +36,10 @@ __all__ = ["to_eap_json", "from_eap_json", "to_graphml", "from_graphml", "save",
 
 
 def _read_json(path: str | os.PathLike) -> Any:
+    text = read_text(path, "circuit JSON")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise GimlensError(f"cannot read circuit JSON {str(path)!r}: {e}") from e
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gimlens.errors import GimlensError
-from gimlens.runtime import atomic_write, coerce_enum
+from gimlens.runtime import atomic_write, coerce_enum, read_text
 
 __all__ = ["Format", "Include", "GraphFiles", "register_format", "format_of"]
 
@@ -259,10 +259,7 @@ class GraphFiles:
         cfg must match it."""
         fmt = format_of(path, format)
         if fmt is Format.JSON:
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except OSError as e:
-                raise GimlensError(f"cannot read circuit file {str(path)!r}: {e}") from e
+            text = read_text(path, "circuit file")
             if re.search(r'"format"\s*:\s*"' + re.escape(_FORMAT_TAG), text[:64]) or Format.EAP_JSON not in _READERS:
                 return cls.from_json(text, model=model)
             fmt = Format.EAP_JSON

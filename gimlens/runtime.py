@@ -13,7 +13,8 @@ exists once:
   [`GimlensError`][gimlens.errors.GimlensError];
 - [`coerce_enum`][gimlens.runtime.coerce_enum]: a member or its value, or a clear error;
 - [`atomic_write`][gimlens.runtime.atomic_write]: the old file or the complete new one, never a
-  part; permissions follow the umask; the folder must exist;
+  part; permissions follow the umask; the folder must exist; [`read_text`][gimlens.runtime.read_text]
+  reads one back;
 - [`progress`][gimlens.runtime.progress]: one tqdm bar, shown on the main process only;
 - [`parse_bytes`][gimlens.runtime.parse_bytes], [`format_bytes`][gimlens.runtime.format_bytes]
   and [`available_memory`][gimlens.runtime.available_memory] for memory budgets.
@@ -57,6 +58,7 @@ __all__ = [
     "parse_bytes",
     "prepared",
     "progress",
+    "read_text",
     "quiet_norm_rebuild",
     "require_lens_model",
     "run_hooked",
@@ -260,6 +262,21 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
             os.unlink(tmp)
         raise
     return p
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of `path`, or a [`GimlensError`][gimlens.errors.GimlensError] naming `what`
+    could not be read and why.
+
+    Examples:
+        >>> import os, tempfile
+        >>> read_text(atomic_write(os.path.join(tempfile.mkdtemp(), "a.txt"), "hi"))
+        'hi'
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GimlensError(f"cannot read the {what} {str(path)!r}: {e}") from None
 
 
 def _umask() -> int:

@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
-from ..runtime import atomic_write
+from ..runtime import atomic_write, read_text
 
 __all__ = ["Attribution"]
 
@@ -178,11 +178,7 @@ class Attribution:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Attribution":
         """Read a file written by [`save`][gimlens.attribution.result.Attribution.save]."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise GimlensError(f"cannot read the attribution file {str(path)!r}: {e}") from None
-        return cls.from_json(text)
+        return cls.from_json(read_text(path, "attribution file"))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Attribution):

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from ..errors import GimlensError
 from ..gim import GIMConfig
-from ..runtime import atomic_write
+from ..runtime import atomic_write, read_text
 from .baselines import Baseline
 from .boundaries import Granularity, HeadScores
 
@@ -272,11 +272,7 @@ class LayerwiseResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerwiseResult":
         """Read a file written by [`save`][gimlens.layerwise.result.LayerwiseResult.save]."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise GimlensError(f"cannot read the layer-wise result {str(path)!r}: {err}") from None
-        return cls.from_json(text)
+        return cls.from_json(read_text(path, "layer-wise result"))
 
     # -- plots -----------------------------------------------------------------------------
 
