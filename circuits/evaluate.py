@@ -45,7 +45,7 @@ from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, run
 
 from .attribute import Examples
 from .graph import Graph
-from .model import Ablation, ModelSpec, ablated_sources
+from .model import Ablation, ModelSpec, ablated_sources, run_model
 from .patching import Patcher, blocks
 from .prune import Level, Selection
 
@@ -114,7 +114,7 @@ def _run_circuits(model, graph: Graph, s: _Setup, masks: list[tuple[Tensor, Tens
 
             def patched(plan):
                 patcher = Patcher(spec, plan[0], plan[1], ablated, neuron_mask=plan[2])
-                logits = run_hooked(model, toks, fwd_hooks=patcher.hooks(), attention_mask=mask)
+                logits = run_model(model, toks, mask, patcher.hooks())  # HookedTransformer: hook_mlp_in on
                 return ex.score(logits, idx).float().cpu()
 
             for i, plan in enumerate(plans):

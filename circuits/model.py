@@ -2,13 +2,14 @@
 
 Everything here reads a TransformerLens model through its hook-point names and its per-head
 weight views (`blocks[l].attn.W_Q` `[H, d_model, d_head]`, `W_K`/`W_V` `[H_kv, ...]`,
-`W_O` `[H, d_head, d_model]`) and never switches a `set_use_*` mode. Per-head quantities
-are derived instead:
+`W_O` `[H, d_head, d_model]`). Per-head quantities are derived, not read from split modes:
 
 - head `h`'s output `out[h] = z[:, :, h] @ W_O[h]` (the attention output is their sum plus
   `b_O`, which belongs to no head);
 - the gradient at head `h`'s *own copy* of the residual stream before `ln1`:
   `g_in[h] = LN1_backward(g_q[h] @ W_Q[h]^T)`, with the norm Jacobian exact or frozen (GIM).
+
+Hook names per model kind (bridge or `HookedTransformer`) live in `circuits.sites`.
 
 Example:
     >>> import torch
@@ -20,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
@@ -31,55 +32,18 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs as shared_head_outputs
-from gimlens.runtime import coerce_enum, require_lens_model, run_hooked
+from gimlens.runtime import coerce_enum, run_hooked
+
+from .sites import (CORE_SITES, HOOKED_SITES, ModelKind, Site, hook_modes,  # noqa: F401
+                    model_kind, require_hooks, site_name)
 
 __all__ = [
-    "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Site",
-    "Sources", "ablated_sources", "check_norm", "head_input_grads", "head_outputs",
-    "head_projection_deltas", "mean_sources", "recorded_sources", "require_hooks", "run_model",
-    "source_hooks",
+    "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Sources",
+    "ablated_sources", "check_norm", "head_input_grads", "head_outputs", "head_projection_deltas",
+    "mean_sources", "recorded_sources", "run_model", "source_hooks",
 ]
 
 Hook = tuple[str, Callable]
-
-
-class Site(str, Enum):
-    """The hook points edge attribution reads and writes (HookedTransformer names)."""
-
-    EMBED = "hook_embed"  #: token embedding: the `input` node
-    LN1_IN = "blocks.{l}.ln1.hook_in"  #: residual stream entering ln1 (feeds only attention)
-    LN1_OUT = "blocks.{l}.ln1.hook_out"  #: used once to check the norm read here is the model's
-    Q = "blocks.{l}.attn.hook_q"  #: [B, S, H, dh], before RoPE
-    K = "blocks.{l}.attn.hook_k"  #: [B, S, H_kv, dh]
-    V = "blocks.{l}.attn.hook_v"
-    SCORES = "blocks.{l}.attn.hook_attn_scores"  #: [B, H, Q, K]
-    Z = "blocks.{l}.attn.hook_z"  #: [B, S, H, dh]
-    LN2_IN = "blocks.{l}.ln2.hook_in"  #: residual stream entering ln2 (feeds only the MLP)
-    MLP_OUT = "blocks.{l}.hook_mlp_out"
-    LN_FINAL_IN = "ln_final.hook_in"  #: the `logits` destination
-
-    def at(self, layer: int | None = None) -> str:
-        return self.value.format(l=layer)
-
-
-#: Sites every attribution / evaluation run needs.
-CORE_SITES = (Site.EMBED, Site.LN1_IN, Site.LN1_OUT, Site.Q, Site.K, Site.V, Site.Z, Site.LN2_IN,
-              Site.MLP_OUT, Site.LN_FINAL_IN)
-
-
-def require_hooks(model, sites=CORE_SITES) -> None:
-    """Raise [`GimlensError`][gimlens.errors.GimlensError] naming the hook points `model` lacks."""
-    require_lens_model(model)
-    hook_dict = model.hook_dict
-    names = {s.at(l) for s in sites for l in range(int(model.cfg.n_layers))}
-    missing = sorted(n for n in names if n not in hook_dict)
-    if missing:
-        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
-        raise GimlensError(
-            f"this model lacks hook points that edge attribution needs: {shown}. Expected a "
-            "TransformerLens model with separate ln1/ln2 norms and per-head attention hooks "
-            "(hook_q/k/v/z)."
-        )
 
 
 class Ablation(str, Enum):
@@ -143,12 +107,14 @@ class Norm:
         return g.mul_(stats.inv_scale)
 
 
-def _read_norm(bridge_norm, kind: NormKind, cfg) -> Norm:
+def _read_norm(bridge_norm, kind: NormKind, cfg, folded: bool = False) -> Norm:
     inner = getattr(bridge_norm, "original_component", None)
     inner = bridge_norm if inner is None else inner
     weight = getattr(inner, "weight", None)
     if weight is None:
         weight = getattr(bridge_norm, "w", None)
+    if weight is None and folded:  # HookedTransformer's LNPre / RMSPre: the weight is in W_Q/K/V
+        weight = torch.ones(int(cfg.d_model))
     if weight is None:
         raise GimlensError(f"cannot read the weight of norm {type(inner).__name__}")
     bias = getattr(inner, "bias", None)
@@ -184,6 +150,7 @@ class ModelSpec:
     attn: tuple[AttnWeights, ...]
     device: torch.device
     dtype: torch.dtype
+    kind: ModelKind = ModelKind.BRIDGE
 
     @classmethod
     def read(cls, model) -> "ModelSpec":
@@ -192,15 +159,16 @@ class ModelSpec:
         L, H = int(cfg.n_layers), int(cfg.n_heads)
         Hk = int(getattr(cfg, "n_key_value_heads", None) or H)
         norm_type = str(getattr(cfg, "normalization_type", None) or "")
-        kinds = {"LN": NormKind.LAYER_NORM, "RMS": NormKind.RMS_NORM}
+        kinds = {"LN": NormKind.LAYER_NORM, "RMS": NormKind.RMS_NORM,
+                 "LNPre": NormKind.LAYER_NORM, "RMSPre": NormKind.RMS_NORM}  # Pre: folded
         if norm_type not in kinds:
             raise GimlensError(
                 f"edge attribution supports models with LayerNorm or RMSNorm (normalization_type "
-                f"'LN' or 'RMS'); this model has {norm_type!r}"
+                f"'LN', 'RMS', 'LNPre' or 'RMSPre'); this model has {norm_type!r}"
             )
         ln1, attn = [], []
         for block in model.blocks[:L]:
-            ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg))
+            ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg, norm_type.endswith("Pre")))
             a = block.attn
             W_K, W_V = a.W_K.detach(), a.W_V.detach()
             if W_K.shape[0] == H != Hk:  # HookedTransformer expands GQA weights per query head
@@ -210,8 +178,23 @@ class ModelSpec:
         if W_O.shape[0] != H or attn[0].W_K.shape[0] != Hk:
             raise GimlensError(f"unexpected attention weight shapes W_O {tuple(W_O.shape)}, "
                                f"W_K {tuple(attn[0].W_K.shape)} for {H} heads / {Hk} KV heads")
+        ln1 = tuple(replace(n, weight=n.weight.to(W_O.device)) for n in ln1)
         return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
-                   tuple(ln1), tuple(attn), W_O.device, W_O.dtype)
+                   ln1, tuple(attn), W_O.device, W_O.dtype, model_kind(model))
+
+    def hook(self, site: Site, layer: int | None = None) -> str:
+        """The hook name of `site` at `layer` on this model (see
+        [`HOOKED_SITES`][circuits.sites.HOOKED_SITES] for a `HookedTransformer`)."""
+        return site_name(self.kind, site, layer, self.n_layers)
+
+    def ln1_out_norm(self, layer: int) -> "Norm":
+        """The norm whose output `Site.LN1_OUT` shows: ln1 itself on the bridge
+        (`ln1.hook_out`), ln1 without weight and bias on a `HookedTransformer`
+        (`ln1.hook_normalized`)."""
+        norm = self.ln1[layer]
+        if self.kind is ModelKind.HOOKED_TRANSFORMER:
+            return replace(norm, weight=torch.ones_like(norm.weight), bias=None)
+        return norm
 
     # ---- the graph's forward (source) index: input, then per layer its heads and its MLP.
     # The same arithmetic as circuits.graph's layout; it is kept here, in this one block, until
@@ -285,6 +268,8 @@ def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
     # the model's output is rounded to its dtype: allow a few units of that rounding (bf16: ~3%)
     tol = max(1e-3, 4 * torch.finfo(out.dtype).eps) if out.dtype.is_floating_point else 1e-3
     mine, out = norm.forward(x.detach()), out.detach().float()
+    if out.ndim == mine.ndim + 1:  # a HookedTransformer in a split-input mode: one copy per head
+        mine = mine.unsqueeze(-2)
     err = float((mine - out).abs().max())
     ref = float(out.abs().max()) + 1e-6
     if not err <= tol * ref:
@@ -309,10 +294,10 @@ def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
                  z: Callable[[int, Tensor], None]) -> list[Hook]:
     """Forward hooks handing over each source activation: `resid(row, [B, S, d] float32)` for
     the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`."""
-    hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: resid(0, x.detach().float()))]
+    hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: resid(0, x.detach().float()))]
     for l in range(spec.n_layers):
-        hooks.append((Site.Z.at(l), lambda x, hook, l=l: z(l, x.detach())))
-        hooks.append((Site.MLP_OUT.at(l),
+        hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: z(l, x.detach())))
+        hooks.append((spec.hook(Site.MLP_OUT, l),
                       lambda x, hook, l=l: resid(spec.mlp_row(l), x.detach().float())))
     return hooks
 
@@ -373,5 +358,6 @@ def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, 
 
 def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:
     """`model(tokens)` with forward `hooks` in place (removed afterwards, also on error) -> logits
-    ([`run_hooked`][gimlens.runtime.run_hooked])."""
-    return run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)
+    ([`run_hooked`][gimlens.runtime.run_hooked]), in [`hook_modes`][circuits.sites.hook_modes]."""
+    with hook_modes(model):
+        return run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)

@@ -99,19 +99,19 @@ class Patcher:
         if self.fast:
             self.delta = torch.empty_like(self.ablated.resid)
         spec = self.spec
-        hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: self._record(0, x))]
+        hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: self._record(0, x))]
         for l in range(spec.n_layers):
-            hooks.append((Site.Z.at(l), lambda x, hook, l=l: self._record_heads(l, x)))
-            hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: self._record(spec.mlp_row(l), x)))
+            hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: self._record_heads(l, x)))
+            hooks.append((spec.hook(Site.MLP_OUT, l), lambda x, hook, l=l: self._record(spec.mlp_row(l), x)))
             if any((l, p) in self.blocks for p in "qkv"):
-                hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._heads(x, l)))
+                hooks.append((spec.hook(Site.LN1_IN, l), lambda x, hook, l=l: self._heads(x, l)))
                 for p in "qkv":
-                    hooks.append((Site(f"blocks.{{l}}.attn.hook_{p}").at(l),
+                    hooks.append((spec.hook(Site(f"blocks.{{l}}.attn.hook_{p}"), l),
                                   lambda x, hook, l=l, p=p: self._add(x, l, p)))
             if (l, "mlp") in self.blocks:
-                hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
+                hooks.append((spec.hook(Site.LN2_IN, l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
         if (None, "logits") in self.blocks:
-            hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._patch(x, None, "logits")))
+            hooks.append((spec.hook(Site.LN_FINAL_IN), lambda x, hook: self._patch(x, None, "logits")))
         return hooks
 
     # -- sources

@@ -76,8 +76,10 @@ class Scorer:
         node outputs)."""
         hooks = source_hooks(self.spec, self._subtract, self._heads)
         if self.keep_clean:
-            sites = [Site.LN1_IN.at(l) for l in range(self.spec.n_layers)]
-            sites += [Site.LN2_IN.at(l) for l in range(self.spec.n_layers)] + [Site.LN_FINAL_IN.at()]
+            spec = self.spec
+            sites = [spec.hook(Site.LN1_IN, l) for l in range(spec.n_layers)]
+            sites += [spec.hook(Site.LN2_IN, l) for l in range(spec.n_layers)]
+            sites.append(spec.hook(Site.LN_FINAL_IN))
             hooks += [(s, lambda x, hook, s=s: self.clean_in.__setitem__(s, x.detach())) for s in sites]
         return hooks
 
@@ -87,29 +89,31 @@ class Scorer:
         hooks: list[Hook] = []
         if point.clean:
             hooks += source_hooks(spec, self._subtract, self._heads)
-        hooks.append((Site.EMBED.at(), lambda x, hook: self._embed(x, point)))
+        hooks.append((spec.hook(Site.EMBED), lambda x, hook: self._embed(x, point)))
         for l in range(spec.n_layers):
             if point.node == 1 + 2 * l:
-                hooks.append((Site.Z.at(l), lambda x, hook, l=l: self._fixed(
+                hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: self._fixed(
                     x, self.clean_z[l].float() + (1 - point.alpha) * (
                         self.ablated.z[l].float() - self.clean_z[l].float()))))
             if point.node == 2 + 2 * l:
-                hooks.append((Site.MLP_OUT.at(l), lambda x, hook, l=l: self._fixed(
+                hooks.append((spec.hook(Site.MLP_OUT, l), lambda x, hook, l=l: self._fixed(
                     x, self.clean_mlp[l] + (1 - point.alpha) * self.diff[spec.mlp_row(l)])))
-            hooks.append((Site.LN1_IN.at(l), lambda x, hook, l=l: self._ln1_in(x, l, point)))
+            hooks.append((spec.hook(Site.LN1_IN, l), lambda x, hook, l=l: self._ln1_in(x, l, point)))
             for qkv in "qkv":
-                site = Site(f"blocks.{{l}}.attn.hook_{qkv}")
-                hooks.append((site.at(l), lambda x, hook, l=l, qkv=qkv: self._qkv(x, l, qkv)))
+                site = spec.hook(Site(f"blocks.{{l}}.attn.hook_{qkv}"), l)
+                hooks.append((site, lambda x, hook, l=l, qkv=qkv: self._qkv(x, l, qkv)))
             if self.split_kv:
                 for site in (Site.SCORES, Site.Z):
-                    hooks.append((site.at(l), lambda x, hook, l=l, s=site: self._keep(x, l, s)))
-            hooks.append((Site.LN2_IN.at(l), lambda x, hook, l=l: self._dest(
-                x, Site.LN2_IN.at(l), l, self.graph.backward_index(l), point)))
-        hooks.append((Site.LN_FINAL_IN.at(), lambda x, hook: self._dest(
-            x, Site.LN_FINAL_IN.at(), spec.n_layers - 1, self.graph.n_backward - 1, point)))
+                    hooks.append((spec.hook(site, l), lambda x, hook, l=l, s=site: self._keep(x, l, s)))
+            mlp_in = spec.hook(Site.LN2_IN, l)
+            hooks.append((mlp_in, lambda x, hook, l=l, s=mlp_in: self._dest(
+                x, s, l, self.graph.backward_index(l), point)))
+        final = spec.hook(Site.LN_FINAL_IN)
+        hooks.append((final, lambda x, hook: self._dest(
+            x, final, spec.n_layers - 1, self.graph.n_backward - 1, point)))
         if check_norm_once:
-            hooks.append((Site.LN1_OUT.at(0), lambda x, hook: check_norm(
-                spec.ln1[0], self.ln1_x0, x, "blocks.0.ln1")))
+            hooks.append((spec.hook(Site.LN1_OUT, 0), lambda x, hook: check_norm(
+                spec.ln1_out_norm(0), self.ln1_x0, x, "blocks.0.ln1")))
         return hooks
 
     # -- forward side
@@ -155,14 +159,15 @@ class Scorer:
             spec, acc, start = self.spec, torch.zeros_like(self.diff[0]), 0
             for l in range(spec.n_layers + 1):
                 last = l == spec.n_layers
-                for s, n in ((Site.LN_FINAL_IN.at(), spec.n_forward),) if last else (
-                        (Site.LN1_IN.at(l), spec.upstream(l)), (Site.LN2_IN.at(l), spec.upstream(l, True))):
+                for s, n in ((spec.hook(Site.LN_FINAL_IN), spec.n_forward),) if last else (
+                        (spec.hook(Site.LN1_IN, l), spec.upstream(l)),
+                        (spec.hook(Site.LN2_IN, l), spec.upstream(l, True))):
                     acc = acc + self.diff[start:n].sum(0)
                     self.shift[s], start = acc, n
         return self.shift[site]
 
     def _ln1_in(self, x: Tensor, layer: int, point: Point) -> Tensor:
-        x = self._interpolated(x, Site.LN1_IN.at(layer), point)
+        x = self._interpolated(x, self.spec.hook(Site.LN1_IN, layer), point)
         self.stats[layer] = self.spec.ln1[layer].stats(x.detach())
         if layer == 0:
             self.ln1_x0 = x.detach()
