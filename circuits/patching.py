@@ -55,6 +55,57 @@ __all__ = ["Patcher", "blocks"]
 
 
 @dataclass
+class _Buffers:
+    """What the custom autograd nodes of one run share (no reference back to the `Patcher`, so
+    no reference cycle through the autograd graph)."""
+
+    delta: Tensor
+    grads: Tensor
+    missing: Tensor
+
+
+class _Source(torch.autograd.Function):
+    """Writes one source chunk `d` (rows `rows` of the run's `a - a_abl`) into the run's shared
+    buffer and returns a 1-element token that every downstream `_Correction` takes as input.
+
+    Backward (it runs after every downstream destination's, since they consume the token): the
+    gradient of `d` is one GEMM, `w[rows, first:] @ G[first:]`, with `G` the gradients of the
+    corrections that the destinations stored (the transpose of the forward's structure)."""
+
+    @staticmethod
+    def forward(ctx, d, run, rows, first):
+        run.delta[rows] = d.detach()
+        ctx.run, ctx.rows, ctx.first = run, rows, first
+        return d.new_zeros(1)
+
+    @staticmethod
+    def backward(ctx, _):
+        run, rows, first = ctx.run, ctx.rows, ctx.first
+        w = run.missing[rows, first:].to(run.grads.dtype)
+        g = w @ run.grads[first:]
+        return g.view(rows.stop - rows.start, *run.delta.shape[1:]), None, None, None
+
+
+class _Correction(torch.autograd.Function):
+    """`c = coef.T @ delta[:n_up]` at one destination block (one GEMM over the run's buffer);
+    backward stores `dL/dc` in the run's `G[cols]` for the sources and returns `dL/dcoef`."""
+
+    @staticmethod
+    def forward(ctx, coef, run, n_up, cols, *tokens):
+        ctx.run, ctx.n_up, ctx.cols = run, n_up, cols
+        flat = run.delta[:n_up].reshape(n_up, -1)
+        return (coef.T.to(flat.dtype) @ flat).view(coef.shape[1], *run.delta.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        run, n_up = ctx.run, ctx.n_up
+        g = grad.reshape(grad.shape[0], -1).float()
+        run.grads[ctx.cols] = g
+        coef_grad = run.delta[:n_up].reshape(n_up, -1) @ g.T if ctx.needs_input_grad[0] else None
+        return (coef_grad, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+@dataclass
 class Patcher:
     """Hooks for one patched run of one batch.
 
@@ -68,6 +119,12 @@ class Patcher:
         probe: optional `[n_fwd, n_bwd]` float coefficients `v` (normally zeros requiring grad).
         direction: the probe's fixed `a - a_abl` per source row, `[n_fwd, B, S, d]`; `None`:
             recorded (detached) from this run, for the reference run itself.
+
+    Both paths keep this run's `a - a_abl` of every source in one buffer `delta` (written once
+    per source, as it arrives), so each destination's correction is one GEMM over its upstream
+    rows. The differentiable path routes gradients through `_Source` / `_Correction`: a
+    destination stores `dL/dc` in `grads`, and each source reads its gradient from there in one
+    GEMM, so a patched backward has as many GEMMs as the forward instead of one per edge block.
     """
 
     spec: ModelSpec
@@ -77,23 +134,30 @@ class Patcher:
     frozen: bool = False
     probe: Tensor | None = None
     direction: Tensor | None = None
-    delta: Float[Tensor, "n_fwd B S d"] | None = None  # fast path: a - a_abl of this run
-    chunks: list = field(default_factory=list)  # differentiable path: (rows, [n, B, S, d])
-    heads_chunk: tuple | None = None  # this layer's head rows until its MLP output arrives
+    delta: Float[Tensor, "n_fwd B S d"] | None = None  # a - a_abl of this run
+    grads: Tensor | None = None  # differentiable path: [n_bwd, B*S*d] dL/dc of each destination
+    tokens: list = field(default_factory=list)  # differentiable path: one per source chunk
+    first: Tensor | None = None  # first non-zero column of each source row of `missing`
+    shared: _Buffers | None = None
     pending: dict = field(default_factory=dict)
     fast: bool = True  # set by hooks(): bool coefficients, no probe, grad off
 
     def recorded(self) -> Float[Tensor, "n_fwd B S d"]:
         """This (differentiable) run's `a - a_abl` of every source, detached: the probe's
         direction for later runs."""
-        return torch.cat([d.detach() for _, d in self.chunks])
+        return self.delta
 
     def hooks(self) -> list[Hook]:
         self.fast = (self.missing.dtype == torch.bool and self.probe is None
                      and not torch.is_grad_enabled())
-        self.chunks, self.heads_chunk, self.pending = [], None, {}
-        if self.fast:
-            self.delta = torch.empty_like(self.ablated.resid)
+        self.tokens, self.pending = [], {}
+        self.delta = torch.empty_like(self.ablated.resid)
+        if not self.fast:
+            n_bwd = self.missing.shape[1]
+            self.grads = self.delta.new_zeros(n_bwd, self.delta[0].numel())
+            nz = self.missing.detach() != 0
+            self.first = torch.where(nz.any(1), nz.float().argmax(1), n_bwd).cpu()
+            self.shared = _Buffers(self.delta, self.grads, self.missing.detach())
         spec = self.spec
         hooks: list[Hook] = [(Site.EMBED.at(), lambda x, hook: self._record(0, x))]
         for l in range(spec.n_layers):
@@ -115,8 +179,7 @@ class Patcher:
         if self.fast:
             torch.sub(x.detach().float(), self.ablated.resid[row], out=self.delta[row])
             return
-        d = (x.float() - self.ablated.resid[row])[None]
-        self._keep(slice(row, row + 1), d)
+        self._keep(slice(row, row + 1), (x.float() - self.ablated.resid[row])[None])
 
     def _record_heads(self, layer: int, z: Tensor) -> None:
         W_O, rows = self.spec.attn[layer].W_O.float(), self.spec.head_rows(layer)
@@ -127,14 +190,11 @@ class Patcher:
         self._keep(rows, head_outputs(z.float() - self.ablated.z[layer].float(), W_O))
 
     def _keep(self, rows: slice, d: Tensor) -> None:
-        if rows.stop - rows.start > 1:  # a layer's heads: joined with its MLP row when it arrives
-            self.heads_chunk = (rows, d)
-        elif self.heads_chunk is not None:
-            h_rows, h = self.heads_chunk
-            self.chunks.append((slice(h_rows.start, rows.stop), torch.cat([h, d])))
-            self.heads_chunk = None
+        first = int(self.first[rows].min())
+        if d.requires_grad and first < self.missing.shape[1]:
+            self.tokens.append(_Source.apply(d, self.shared, rows, first))
         else:
-            self.chunks.append((rows, d))
+            self.delta[rows] = d.detach()
 
     # -- destinations
     def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
@@ -143,18 +203,14 @@ class Patcher:
             m = self.missing[:n_up, cols].to(self.delta.dtype)
             c = m.T @ self.delta[:n_up].reshape(n_up, -1)
             return c.view(m.shape[1], *self.delta.shape[1:])
-        parts = list(self.chunks) + ([self.heads_chunk] if self.heads_chunk is not None else [])
-        c = 0.0
-        for rows, d in parts:
-            if rows.stop <= n_up:
-                c = c + self.missing[rows, cols].float().T @ d.reshape(d.shape[0], -1)
-                if self.probe is not None and self.direction is None:  # this run is the reference
-                    c = c + self.probe[rows, cols].T @ d.detach().reshape(d.shape[0], -1)
+        coef = self.missing[:n_up, cols].float()
+        if self.probe is not None and self.direction is None:  # this run is the reference
+            coef = coef + self.probe[:n_up, cols]
+        c = _Correction.apply(coef, self.shared, n_up, cols, *self.tokens)
         if self.probe is not None and self.direction is not None:
             D = self.direction[:n_up]
-            c = c + self.probe[:n_up, cols].T @ D.reshape(n_up, -1)
-        shape = self.ablated.resid.shape[1:]
-        return c.view(-1, *shape)
+            c = c + (self.probe[:n_up, cols].T @ D.reshape(n_up, -1)).view_as(c)
+        return c
 
     def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
         return x - self._correction(layer, part).squeeze(0).to(x.dtype)
