@@ -197,8 +197,7 @@ class Patcher:
             self.delta[rows] = d.detach()
 
     # -- destinations
-    def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
-        n_up, cols, _ = self.blocks[layer, part]
+    def _correction(self, n_up: int, cols: slice) -> Float[Tensor, "n B S d"]:
         if self.fast:
             m = self.missing[:n_up, cols].to(self.delta.dtype)
             c = m.T @ self.delta[:n_up].reshape(n_up, -1)
@@ -213,16 +212,36 @@ class Patcher:
         return c
 
     def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
-        return x - self._correction(layer, part).squeeze(0).to(x.dtype)
+        n_up, cols, _ = self.blocks[layer, part]
+        return x - self._correction(n_up, cols).squeeze(0).to(x.dtype)
 
     def _heads(self, x: Tensor, layer: int) -> None:
-        for p in "qkv":
-            if (layer, p) in self.blocks:
-                W = self.blocks[layer, p][2]
-                c = self._correction(layer, p)
-                norm = self.spec.ln1[layer]
-                self.pending[layer, p] = (head_projection_deltas(x, c, W, norm) if self.fast
-                                          else projection_deltas(x, c, W, norm, self.frozen))
+        """The q/k/v corrections of `layer`: one GEMM for each run of adjacent column blocks."""
+        parts = [p for p in "qkv" if (layer, p) in self.blocks]
+        runs: list[list[str]] = []
+        for p in parts:
+            prev = self.blocks[layer, runs[-1][-1]][1] if runs else None
+            cols = self.blocks[layer, p][1]
+            if prev is not None and prev.step in (None, 1) and cols.step in (None, 1) \
+                    and prev.stop == cols.start:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        norm = self.spec.ln1[layer]
+        for run in runs:
+            n_up = self.blocks[layer, run[0]][0]
+            if len(run) == 1:
+                c = self._correction(n_up, self.blocks[layer, run[0]][1])
+            else:
+                c = self._correction(n_up, slice(self.blocks[layer, run[0]][1].start,
+                                                 self.blocks[layer, run[-1]][1].stop))
+            at = 0
+            for p in run:
+                _, cols, W = self.blocks[layer, p]
+                n = len(range(*cols.indices(self.missing.shape[1])))
+                cp, at = c[at:at + n], at + n
+                self.pending[layer, p] = (head_projection_deltas(x, cp, W, norm) if self.fast
+                                          else projection_deltas(x, cp, W, norm, self.frozen))
 
     def _add(self, x: Tensor, layer: int, part: str):
         d = self.pending.pop((layer, part), None)
