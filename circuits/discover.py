@@ -15,7 +15,7 @@ pruned), whatever the method:
 itself is unchanged). The method-specific options (`rounds`, `quadrature` for the iterative method; `steps`,
 `lr`, `loss`, `warm_start`, `ramp`, `init`, `seed` for edge pruning) are passed as keywords.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
     >>> model = tiny_model("gpt2")

@@ -52,7 +52,7 @@ __all__ = ["iterative", "patched_scores", "keep_counts"]
 def keep_counts(n_valid: int, n_edges: int, rounds: int) -> list[int]:
     """Edges kept after each round: geometric from `n_valid` down to `n_edges`.
 
-    Example:
+    Examples:
         >>> keep_counts(1000, 10, 2)
         [100, 10]
     """

@@ -7,7 +7,7 @@ sources and its clean and ablated metrics, and runs the exact patching forward o
 grad, optionally with GIM's hooks and with the token embedding interpolated between its
 ablated and clean values (the IG path).
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph

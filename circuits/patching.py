@@ -8,7 +8,9 @@ where `a` are the source activations of this same run (token embedding, per-head
 `z[h] @ W_O[h]`, MLP outputs), `a_abl` the ablated ones and `w = 1 - m` the *missing*
 coefficient of each edge (`m` its mask: 1 in the circuit). With a boolean `w` this is
 `circuits.evaluate`'s patching (fast path: a preallocated buffer, no autograd); with a float `w`
-that requires grad, the correction keeps its autograd graph, so the patched metric is
+that requires grad, the correction is differentiable in `w` and in the sources (two custom
+autograd nodes over one shared buffer: one GEMM per destination block in the forward, one per
+destination and one per source chunk in the backward), so the patched metric is
 differentiable in `w` (edge pruning optimises it; its gradient at `w = 0` is minus the EAP
 score). A *probe* adds a second term `- v[src, d] D[src]` with `v = 0` requiring grad and a fixed
 direction `D` (the `a - a_abl` of a reference run): its gradient is the EAP score of the patched
@@ -19,7 +21,7 @@ corrected residual stream with the layer's ln1: `hook_q[h] += (ln1(x - c_h) - ln
 (before RoPE); with `frozen` (GIM's `freeze_norm`) the norm's scale is a constant for the
 gradient. The MLP input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
