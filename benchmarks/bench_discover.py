@@ -13,7 +13,7 @@ and wall seconds, of
 It prints the ratios to the plain forward+backward. `--profile` adds a `torch.profiler` table
 of the patched step's top operators.
 
-Run: `python benchmarks/bench_discover.py --threads 1`
+Run from the repository root: `PYTHONPATH=. python benchmarks/bench_discover.py --threads 1`
 """
 
 from __future__ import annotations
