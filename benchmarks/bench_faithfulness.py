@@ -22,6 +22,9 @@ Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for 
 
 Writes a markdown table (`--out`) and a PNG of the curves (`--png`).
 
+Run from the repository root with `PYTHONPATH=.` (else the script's folder comes first on the path and
+an installed copy of `circuits` may be imported instead of the working tree's).
+
 Run (tiny model, seconds): `python benchmarks/bench_faithfulness.py --model tiny-gpt2 --out /tmp/f.md`
 Run (SmolLM2 IOI): `python benchmarks/bench_faithfulness.py --model smollm2 --tasks ioi --n 32
 --n-eval 64 --out faithfulness.md --png faithfulness.png`

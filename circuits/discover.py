@@ -12,10 +12,10 @@ pruned), whatever the method:
 | `edge-pruning` | `edge_pruning`: learned hard-concrete masks | 2 F (+ the warm start's attribution) + `steps` F+B of one batch in all |
 
 `gim` switches GIM's backward rules on for every method's gradients (the patched forward
-itself is unchanged). The method-specific options (`rounds` for the iterative method; `steps`,
+itself is unchanged). The method-specific options (`rounds`, `quadrature` for the iterative method; `steps`,
 `lr`, `loss`, `warm_start`, `ramp`, `init`, `seed` for edge pruning) are passed as keywords.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
     >>> model = tiny_model("gpt2")
@@ -54,7 +54,7 @@ class Search(str, Enum):
 #: options each search method accepts beyond the common ones
 _OPTIONS = {
     Search.EDGE_PRUNING: {"steps", "lr", "loss", "warm_start", "ramp", "init", "seed"},
-    Search.ITERATIVE: {"rounds"},
+    Search.ITERATIVE: {"rounds", "quadrature"},
 }
 _SEARCH = {Search.EDGE_PRUNING: edge_pruning, Search.ITERATIVE: iterative}
 

@@ -10,8 +10,13 @@ coefficients `w = 1 - m` (differentiable in `log_alpha`) and minimises
     loss = faithfulness loss + lambda_1 r + lambda_2 r^2,   r = (sum_e p_e - target_t) / target_t
 
 with the Lagrange multipliers `lambda` *maximised* (gradient ascent, as in the paper), so the
-expected edge count is driven to the target. The target falls geometrically from all valid
-edges to `n_edges` over the first `ramp` share of the steps, then stays. The faithfulness loss
+expected edge count is driven to the target. The target falls geometrically from the start's expected edge count
+(all valid edges without a warm start) to `n_edges` over the first `ramp` share of the steps,
+then stays. Adam moves each `log_alpha` by about `lr` per step, so the count can follow the
+target only if `lr * ramp * steps` covers the few units between an open and a closed mask: the
+defaults (300 steps, `lr = 0.1`, `ramp = 0.7`) reach 1% of SmolLM2's 70,651 edges by step ~210
+under the sparsity terms alone; 40 steps do not (the final selection is still the `n_edges`
+largest `log_alpha`, so the circuit has the requested size either way). The faithfulness loss
 is `"metric"`: the mean of `((m_patched - m_clean) / gap)^2` over the batch (`gap` the mean
 clean-minus-ablated metric of the discovery set), or `"kl"`: the KL divergence from the clean to
 the patched next-token distribution at each example's last real token. The circuit is the
@@ -23,11 +28,12 @@ rank quantile (1 = best), so the ranks' top `n_edges` start above `init`.
 
 Cost: `prepare` (one corrupted and one clean forward per batch), the warm start's
 `attribute` (one corrupted forward and `ig_steps` forward-and-backward passes per batch), then
-`steps` forward-and-backward passes of one batch each (batches cycled). Memory: one batch's
+`steps` forward-and-backward passes of one batch each (batches cycled), each about 2.5x a plain
+forward and backward of the batch (`benchmarks/bench_discover.py`). Memory: one batch's
 autograd graph of the patched forward, about what `circuits.attribute` holds for one gradient
 point (`max_memory` lowers the batch size accordingly).
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
     >>> model = tiny_model("gpt2")
@@ -79,7 +85,7 @@ def hard_concrete(log_alpha: Tensor, generator: torch.Generator | None = None,
 def expected_open(log_alpha: Tensor) -> Tensor:
     """`P(m_e > 0)` of each hard-concrete mask (the expected L0 norm per edge).
 
-    Example:
+    Examples:
         >>> round(float(expected_open(torch.tensor(0.0))), 3)
         0.832
     """
@@ -188,10 +194,12 @@ def _fit(ctx: Context, start: Tensor, kind: Loss, steps: int, lr: float, ramp: f
     opt = torch.optim.Adam([log_alpha], lr=lr)
     opt_lambda = torch.optim.Adam([lambdas], lr=lr, maximize=True)
     generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the schedule starts where the (warm) start is
+        first = min(float(N), max(float(n_edges), float((expected_open(log_alpha) * valid).sum())))
     with torch.enable_grad(), progress_bar(steps, show=show, desc="edge pruning", unit="step") as bar:
         for t in range(steps):
             batch = ctx.batches[t % len(ctx.batches)]
-            target = N * (n_edges / N) ** min(1.0, (t + 1) / max(1.0, ramp * steps))
+            target = first * (n_edges / first) ** min(1.0, (t + 1) / max(1.0, ramp * steps))
             m = hard_concrete(log_alpha, generator)
             missing = (1.0 - m) * valid
             faith = _loss(ctx, batch, missing, kind, gap)

@@ -11,15 +11,18 @@ The score of a remaining edge `e = src -> d` in the patched model is the EAP sco
 run. It is read as the gradient of the patched metric with respect to a probe coefficient `v_e`
 (`x_d -= v_e D[src]`, `v = 0`, `D = a - a_abl` of the patched run at the clean input): one
 backward pass fills every score, patching and scoring in one pass. `ig_steps > 1` averages the
-gradient over runs whose token embedding is `e_abl + alpha (e_clean - e_abl)`, `alpha = k /
-ig_steps` for `k = 1..ig_steps` (with the removed edges still patched), the EAP-IG-inputs rule
-of `circuits.attribute`: with `rounds=1` the scores equal `attribute(..., method="EAP-IG-inputs")`
-and the circuit is its top-n.
+gradient over runs whose token embedding is `e_abl + alpha (e_clean - e_abl)` (with the removed
+edges still patched), the points and weights of a `gimlens.quadrature` rule (`quadrature`,
+default `"riemann_left"`: `alpha = k / ig_steps`, `k = 0..ig_steps-1`, EAP-IG's rule). `D` is
+always read at `alpha = 1`; a rule without that node costs one extra forward per round and batch.
+With `rounds=1` and the same rule the scores equal `attribute(..., method="EAP-IG-inputs")` and
+the circuit is its top-n.
 
 Cost: `prepare` (one corrupted and one clean forward per batch), then per round and batch
-`ig_steps` forward-and-backward passes of the patched model; `rounds * ig_steps` in all.
+`ig_steps` forward-and-backward passes of the patched model (`rounds * ig_steps` in all), plus one
+forward when the rule has no node at `alpha = 1`.
 
-Example:
+Examples:
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
     >>> model = tiny_model("gpt2")
@@ -37,7 +40,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
-from gimlens.runtime import prepared, progress as progress_bar
+from gimlens.quadrature import Quadrature, nodes_and_weights
+from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from .graph import Graph
 from .masked import Context, check_n_edges, prepare
@@ -48,7 +52,7 @@ __all__ = ["iterative", "patched_scores", "keep_counts"]
 def keep_counts(n_valid: int, n_edges: int, rounds: int) -> list[int]:
     """Edges kept after each round: geometric from `n_valid` down to `n_edges`.
 
-    Example:
+    Examples:
         >>> keep_counts(1000, 10, 2)
         [100, 10]
     """
@@ -58,26 +62,40 @@ def keep_counts(n_valid: int, n_edges: int, rounds: int) -> list[int]:
     return counts
 
 
-def patched_scores(ctx: Context, kept: Tensor, ig_steps: int = 1, bar=None
+def patched_scores(ctx: Context, kept: Tensor, ig_steps: int = 1, bar=None,
+                   quadrature: Quadrature | str = Quadrature.RIEMANN_LEFT
                    ) -> Float[Tensor, "n_fwd n_bwd"]:
     """EAP scores (mean over examples, float32) of every valid edge in the model whose edges
-    outside `kept` are patched; `ig_steps` points of the embedding path (see the module)."""
+    outside `kept` are patched; `ig_steps` points of the embedding path drawn from
+    `gimlens.quadrature` (`quadrature` rule; `ig_steps=1` is EAP at the clean point)."""
     spec, graph = ctx.spec, ctx.graph
     valid = graph.valid.to(spec.device)
-    missing = (valid & ~kept.to(spec.device)).float()
+    removed = valid & ~kept.to(spec.device)
+    missing = removed.float()
+    if ig_steps == 1:
+        alphas, weights = [1.0], [1.0]
+    else:
+        a, w = nodes_and_weights(ig_steps, quadrature)
+        alphas, weights = a.tolist(), w.tolist()
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
-    with torch.enable_grad():
-        for batch in ctx.batches:
-            direction = None
-            for k in range(ig_steps, 0, -1):
+    for batch in ctx.batches:
+        direction = None
+        if 1.0 not in alphas:  # D = a - a_abl of the patched run at the clean input
+            out: list = []
+            with torch.no_grad():
+                ctx.logits(batch, removed, patcher_out=out)
+            direction = out[0].recorded()
+        order = sorted(range(len(alphas)), key=lambda i: -alphas[i])  # alpha = 1 first
+        with torch.enable_grad():
+            for i in order:
                 probe = torch.zeros_like(scores, requires_grad=True)
-                out: list = []
+                out = []
                 values = ctx.metric(batch, missing, probe=probe, direction=direction,
-                                    alpha=k / ig_steps, patcher_out=out)
+                                    alpha=alphas[i], patcher_out=out)
                 if direction is None:
                     direction = out[0].recorded()
                 (grad,) = torch.autograd.grad(values.sum(), probe)
-                scores += grad / ig_steps
+                scores += grad * weights[i]
                 if bar is not None:
                     bar.update(1)
     # x_d -= v D: d metric / d v = -(a - a_abl) . g = (a_abl - a) . g, the EAP score
@@ -85,7 +103,8 @@ def patched_scores(ctx: Context, kept: Tensor, ig_steps: int = 1, bar=None
 
 
 def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
-              rounds: int = 5, ig_steps: int = 5, gim=None, ablation="corrupted",
+              rounds: int = 5, ig_steps: int = 5, quadrature: Quadrature | str = "riemann_left",
+              gim=None, ablation="corrupted",
               batch_size: int | None = None, attention_mask: Tensor | None = None,
               progress: bool = False, max_memory: int | str | None = None) -> Graph:
     """Select a circuit of at most `n_edges` edges by re-linearised attribution.
@@ -98,6 +117,8 @@ def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edge
         n_edges: edges kept before pruning (dangling edges are then removed).
         rounds: scoring rounds (1: EAP-IG top-n); each removes a geometric share of edges.
         ig_steps: embedding-path points per round (1: EAP in the patched model).
+        quadrature: the `gimlens.quadrature` rule of those points (default `"riemann_left"`,
+            `alpha = k / ig_steps`, `k = 0..ig_steps-1`, the default of EAP-IG-inputs).
         gim: GIM's backward rules for the gradients (`True`, a `GIMConfig` or a dict).
         progress: progress bar over the forward-and-backward passes.
 
@@ -110,6 +131,7 @@ def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edge
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise GimlensError(f"ig_steps must be an int >= 1, got {ig_steps!r}")
     check_n_edges(graph, n_edges)
+    quadrature = coerce_enum(Quadrature, quadrature, "quadrature")
     with prepared(model):
         ctx = prepare(model, graph, clean, corrupted, metric, ablation=ablation,
                       batch_size=batch_size, attention_mask=attention_mask, gim=gim,
@@ -120,7 +142,7 @@ def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edge
         with progress_bar(rounds * ig_steps * len(ctx.batches), show=progress,
                           desc="EAP-IG-iterative", unit="pass") as bar:
             for target in counts:
-                scores = patched_scores(ctx, kept, ig_steps, bar).cpu()
+                scores = patched_scores(ctx, kept, ig_steps, bar, quadrature).cpu()
                 last = torch.where(kept, scores, last)
                 ranked = graph.copy()
                 ranked.scores = torch.where(kept, scores.abs(), torch.full_like(scores, -1.0))

@@ -7,7 +7,7 @@ sources and its clean and ablated metrics, and runs the exact patching forward o
 grad, optionally with GIM's hooks and with the token embedding interpolated between its
 ablated and clean values (the IG path).
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
@@ -38,7 +38,7 @@ from gimlens.runtime import run_hooked
 from .attribute import Examples
 from .graph import Graph, KVEdges
 from .memory import fit_batch_size
-from .model import Ablation, ModelSpec, Sources, ablated_sources
+from .model import Ablation, ModelSpec, Sources, ablated_sources, run_model
 from .patching import Patcher, blocks
 
 __all__ = ["Batch", "Context", "prepare", "check_n_edges"]
@@ -93,7 +93,7 @@ class Context:
         hooks += patcher.hooks() + self.extra
         if patcher_out is not None:
             patcher_out.append(patcher)
-        return run_hooked(self.model, batch.tokens, fwd_hooks=hooks, attention_mask=batch.mask)
+        return run_model(self.model, batch.tokens, batch.mask, hooks)  # HookedTransformer: hook_mlp_in on
 
     def metric(self, batch: Batch, missing: Tensor, **kwargs) -> Float[Tensor, " b"]:
         """The task metric of every example of `batch` in the patched run."""

@@ -8,7 +8,9 @@ where `a` are the source activations of this same run (token embedding, per-head
 `z[h] @ W_O[h]`, MLP outputs), `a_abl` the ablated ones and `w = 1 - m` the *missing*
 coefficient of each edge (`m` its mask: 1 in the circuit). With a boolean `w` this is
 `circuits.evaluate`'s patching (fast path: a preallocated buffer, no autograd); with a float `w`
-that requires grad, the correction keeps its autograd graph, so the patched metric is
+that requires grad, the correction is differentiable in `w` and in the sources (two custom
+autograd nodes over one shared buffer: one GEMM per destination block in the forward, one per
+destination and one per source chunk in the backward), so the patched metric is
 differentiable in `w` (edge pruning optimises it; its gradient at `w = 0` is minus the EAP
 score). A *probe* adds a second term `- v[src, d] D[src]` with `v = 0` requiring grad and a fixed
 direction `D` (the `a - a_abl` of a reference run): its gradient is the EAP score of the patched
@@ -19,7 +21,7 @@ corrected residual stream with the layer's ln1: `hook_q[h] += (ln1(x - c_h) - ln
 (before RoPE); with `frozen` (GIM's `freeze_norm`) the norm's scale is a constant for the
 gradient. The MLP input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
@@ -55,6 +57,57 @@ __all__ = ["Patcher", "blocks"]
 
 
 @dataclass
+class _Buffers:
+    """What the custom autograd nodes of one run share (no reference back to the `Patcher`, so
+    no reference cycle through the autograd graph)."""
+
+    delta: Tensor
+    grads: Tensor
+    missing: Tensor
+
+
+class _Source(torch.autograd.Function):
+    """Writes one source chunk `d` (rows `rows` of the run's `a - a_abl`) into the run's shared
+    buffer and returns a 1-element token that every downstream `_Correction` takes as input.
+
+    Backward (it runs after every downstream destination's, since they consume the token): the
+    gradient of `d` is one GEMM, `w[rows, first:] @ G[first:]`, with `G` the gradients of the
+    corrections that the destinations stored (the transpose of the forward's structure)."""
+
+    @staticmethod
+    def forward(ctx, d, run, rows, first):
+        run.delta[rows] = d.detach()
+        ctx.run, ctx.rows, ctx.first = run, rows, first
+        return d.new_zeros(1)
+
+    @staticmethod
+    def backward(ctx, _):
+        run, rows, first = ctx.run, ctx.rows, ctx.first
+        w = run.missing[rows, first:].to(run.grads.dtype)
+        g = w @ run.grads[first:]
+        return g.view(rows.stop - rows.start, *run.delta.shape[1:]), None, None, None
+
+
+class _Correction(torch.autograd.Function):
+    """`c = coef.T @ delta[:n_up]` at one destination block (one GEMM over the run's buffer);
+    backward stores `dL/dc` in the run's `G[cols]` for the sources and returns `dL/dcoef`."""
+
+    @staticmethod
+    def forward(ctx, coef, run, n_up, cols, *tokens):
+        ctx.run, ctx.n_up, ctx.cols = run, n_up, cols
+        flat = run.delta[:n_up].reshape(n_up, -1)
+        return (coef.T.to(flat.dtype) @ flat).view(coef.shape[1], *run.delta.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        run, n_up = ctx.run, ctx.n_up
+        g = grad.reshape(grad.shape[0], -1).float()
+        run.grads[ctx.cols] = g
+        coef_grad = run.delta[:n_up].reshape(n_up, -1) @ g.T if ctx.needs_input_grad[0] else None
+        return (coef_grad, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+@dataclass
 class Patcher:
     """Hooks for one patched run of one batch.
 
@@ -68,6 +121,12 @@ class Patcher:
         probe: optional `[n_fwd, n_bwd]` float coefficients `v` (normally zeros requiring grad).
         direction: the probe's fixed `a - a_abl` per source row, `[n_fwd, B, S, d]`; `None`:
             recorded (detached) from this run, for the reference run itself.
+
+    Both paths keep this run's `a - a_abl` of every source in one buffer `delta` (written once
+    per source, as it arrives), so each destination's correction is one GEMM over its upstream
+    rows. The differentiable path routes gradients through `_Source` / `_Correction`: a
+    destination stores `dL/dc` in `grads`, and each source reads its gradient from there in one
+    GEMM, so a patched backward has as many GEMMs as the forward instead of one per edge block.
     """
 
     spec: ModelSpec
@@ -77,9 +136,11 @@ class Patcher:
     frozen: bool = False
     probe: Tensor | None = None
     direction: Tensor | None = None
-    delta: Float[Tensor, "n_fwd B S d"] | None = None  # fast path: a - a_abl of this run
-    chunks: list = field(default_factory=list)  # differentiable path: (rows, [n, B, S, d])
-    heads_chunk: tuple | None = None  # this layer's head rows until its MLP output arrives
+    delta: Float[Tensor, "n_fwd B S d"] | None = None  # a - a_abl of this run
+    grads: Tensor | None = None  # differentiable path: [n_bwd, B*S*d] dL/dc of each destination
+    tokens: list = field(default_factory=list)  # differentiable path: one per source chunk
+    first: Tensor | None = None  # first non-zero column of each source row of `missing`
+    shared: _Buffers | None = None
     pending: dict = field(default_factory=dict)
     fast: bool = True  # set by hooks(): bool coefficients, no probe, grad off
     neuron_mask: Tensor | None = None  # fast path: [n_fwd, d] 1 where a source's dim is ablated
@@ -88,16 +149,21 @@ class Patcher:
     def recorded(self) -> Float[Tensor, "n_fwd B S d"]:
         """This (differentiable) run's `a - a_abl` of every source, detached: the probe's
         direction for later runs."""
-        return torch.cat([d.detach() for _, d in self.chunks])
+        return self.delta
 
     def hooks(self) -> list[Hook]:
         self.fast = (self.missing.dtype == torch.bool and self.probe is None
                      and not torch.is_grad_enabled())
-        self.chunks, self.heads_chunk, self.pending, self.masked = [], None, {}, 0
+        self.tokens, self.pending, self.masked = [], {}, 0
         if self.neuron_mask is not None and not self.fast:
             raise GimlensError("a neuron mask needs boolean edge coefficients, no probe, grad off")
-        if self.fast:
-            self.delta = torch.empty_like(self.ablated.resid)
+        self.delta = torch.empty_like(self.ablated.resid)
+        if not self.fast:
+            n_bwd = self.missing.shape[1]
+            self.grads = self.delta.new_zeros(n_bwd, self.delta[0].numel())
+            nz = self.missing.detach() != 0
+            self.first = torch.where(nz.any(1), nz.float().argmax(1), n_bwd).cpu()
+            self.shared = _Buffers(self.delta, self.grads, self.missing.detach())
         spec = self.spec
         hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: self._record(0, x))]
         for l in range(spec.n_layers):
@@ -119,8 +185,7 @@ class Patcher:
         if self.fast:
             torch.sub(x.detach().float(), self.ablated.resid[row], out=self.delta[row])
             return
-        d = (x.float() - self.ablated.resid[row])[None]
-        self._keep(slice(row, row + 1), d)
+        self._keep(slice(row, row + 1), (x.float() - self.ablated.resid[row])[None])
 
     def _record_heads(self, layer: int, z: Tensor) -> None:
         W_O, rows = self.spec.attn[layer].W_O.float(), self.spec.head_rows(layer)
@@ -131,18 +196,14 @@ class Patcher:
         self._keep(rows, head_outputs(z.float() - self.ablated.z[layer].float(), W_O))
 
     def _keep(self, rows: slice, d: Tensor) -> None:
-        if rows.stop - rows.start > 1:  # a layer's heads: joined with its MLP row when it arrives
-            self.heads_chunk = (rows, d)
-        elif self.heads_chunk is not None:
-            h_rows, h = self.heads_chunk
-            self.chunks.append((slice(h_rows.start, rows.stop), torch.cat([h, d])))
-            self.heads_chunk = None
+        first = int(self.first[rows].min())
+        if d.requires_grad and first < self.missing.shape[1]:
+            self.tokens.append(_Source.apply(d, self.shared, rows, first))
         else:
-            self.chunks.append((rows, d))
+            self.delta[rows] = d.detach()
 
     # -- destinations
-    def _correction(self, layer, part) -> Float[Tensor, "n B S d"]:
-        n_up, cols, _ = self.blocks[layer, part]
+    def _correction(self, n_up: int, cols: slice) -> Float[Tensor, "n B S d"]:
         if self.fast:
             if self.neuron_mask is not None and self.masked < n_up:  # neuron level: rows done
                 self.delta[self.masked:n_up] *= self.neuron_mask[self.masked:n_up, None, None]
@@ -150,30 +211,46 @@ class Patcher:
             m = self.missing[:n_up, cols].to(self.delta.dtype)
             c = m.T @ self.delta[:n_up].reshape(n_up, -1)
             return c.view(m.shape[1], *self.delta.shape[1:])
-        parts = list(self.chunks) + ([self.heads_chunk] if self.heads_chunk is not None else [])
-        c = 0.0
-        for rows, d in parts:
-            if rows.stop <= n_up:
-                c = c + self.missing[rows, cols].float().T @ d.reshape(d.shape[0], -1)
-                if self.probe is not None and self.direction is None:  # this run is the reference
-                    c = c + self.probe[rows, cols].T @ d.detach().reshape(d.shape[0], -1)
+        coef = self.missing[:n_up, cols].float()
+        if self.probe is not None and self.direction is None:  # this run is the reference
+            coef = coef + self.probe[:n_up, cols]
+        c = _Correction.apply(coef, self.shared, n_up, cols, *self.tokens)
         if self.probe is not None and self.direction is not None:
             D = self.direction[:n_up]
-            c = c + self.probe[:n_up, cols].T @ D.reshape(n_up, -1)
-        shape = self.ablated.resid.shape[1:]
-        return c.view(-1, *shape)
+            c = c + (self.probe[:n_up, cols].T @ D.reshape(n_up, -1)).view_as(c)
+        return c
 
     def _patch(self, x: Tensor, layer: int | None, part: str) -> Tensor:
-        return x - self._correction(layer, part).squeeze(0).to(x.dtype)
+        n_up, cols, _ = self.blocks[layer, part]
+        return x - self._correction(n_up, cols).squeeze(0).to(x.dtype)
 
     def _heads(self, x: Tensor, layer: int) -> None:
-        for p in "qkv":
-            if (layer, p) in self.blocks:
-                W = self.blocks[layer, p][2]
-                c = self._correction(layer, p)
-                norm = self.spec.ln1[layer]
-                self.pending[layer, p] = (head_projection_deltas(x, c, W, norm) if self.fast
-                                          else projection_deltas(x, c, W, norm, self.frozen))
+        """The q/k/v corrections of `layer`: one GEMM for each run of adjacent column blocks."""
+        parts = [p for p in "qkv" if (layer, p) in self.blocks]
+        runs: list[list[str]] = []
+        for p in parts:
+            prev = self.blocks[layer, runs[-1][-1]][1] if runs else None
+            cols = self.blocks[layer, p][1]
+            if prev is not None and prev.step in (None, 1) and cols.step in (None, 1) \
+                    and prev.stop == cols.start:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        norm = self.spec.ln1[layer]
+        for run in runs:
+            n_up = self.blocks[layer, run[0]][0]
+            if len(run) == 1:
+                c = self._correction(n_up, self.blocks[layer, run[0]][1])
+            else:
+                c = self._correction(n_up, slice(self.blocks[layer, run[0]][1].start,
+                                                 self.blocks[layer, run[-1]][1].stop))
+            at = 0
+            for p in run:
+                _, cols, W = self.blocks[layer, p]
+                n = len(range(*cols.indices(self.missing.shape[1])))
+                cp, at = c[at:at + n], at + n
+                self.pending[layer, p] = (head_projection_deltas(x, cp, W, norm) if self.fast
+                                          else projection_deltas(x, cp, W, norm, self.frozen))
 
     def _add(self, x: Tensor, layer: int, part: str):
         d = self.pending.pop((layer, part), None)

@@ -6,6 +6,7 @@ autograd), `circuits.evaluate` and `circuits.attribute`.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -89,14 +90,32 @@ def test_gradient_of_masked_metric_at_the_full_circuit_equals_eap_scores(name, g
     assert float(eap.abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("name,gim", [("gpt2", None), ("llama", True)])
-def test_iterative_with_one_round_equals_topn_of_eap_ig(name, gim, request):
+def _eap_ig_inputs(model, clean, corrupted, metric, rule, gim):
+    """EAP-IG-inputs scores with 3 points of `rule` from `circuits.attribute`: passed on where
+    attribute takes `quadrature=`; else from its fixed right Riemann rule, the left rule by
+    `left = right + (g(0) - g(1)) / 3` with `g(1)` the EAP scores and `g(0) = 2 clean-corrupted -
+    EAP` (clean-corrupted averages the clean and the corrupted-input gradient)."""
+    def run(method, **kw):
+        return attribute(model, Graph.from_model(model), clean, corrupted, metric, method=method,
+                         ig_steps=3, gim=gim, **kw)
+    if "quadrature" in inspect.signature(attribute).parameters:
+        return run("EAP-IG-inputs", quadrature=rule)
+    right = run("EAP-IG-inputs")
+    if rule == "riemann_right":
+        return right
+    eap, cc = run("EAP").scores, run("clean-corrupted").scores
+    right.scores = right.scores + ((2 * cc - eap) - eap) / 3
+    return right
+
+
+@pytest.mark.parametrize("name,gim,rule", [("gpt2", None, "riemann_left"), ("llama", True, "riemann_left"),
+                                           ("qwen2", None, "riemann_right")])
+def test_iterative_with_one_round_equals_topn_of_eap_ig(name, gim, rule, request):
     model = request.getfixturevalue(f"{name}_model")
     clean, corrupted, metric = ioi(model)
-    expected = attribute(model, Graph.from_model(model), clean, corrupted, metric,
-                         method="EAP-IG-inputs", ig_steps=3, gim=gim).apply_topn(40, absolute=True)
+    expected = _eap_ig_inputs(model, clean, corrupted, metric, rule, gim).apply_topn(40, absolute=True)
     got = iterative(model, Graph.from_model(model), clean, corrupted, metric, n_edges=40, rounds=1,
-                    ig_steps=3, gim=gim)
+                    ig_steps=3, gim=gim, quadrature=rule)
     assert_close(got.scores, expected.scores, atol=1e-6, rtol=1e-4)
     assert torch.equal(got.in_graph, expected.in_graph)
 
