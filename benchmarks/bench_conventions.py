@@ -21,16 +21,19 @@ task of `n_discover + n_eval` prompts is split: the first `n_discover` score edg
    metric of every circuit comes from `circuits.evaluate`, so the script also gives bootstrap 95%
    intervals over held-out examples (`--boot` resamples; the circuits are held fixed, so the
    interval covers the choice of evaluation prompts only). The point values are checked against
-   `mib_metrics` itself for the EAP graph (`--no-check` skips that).
+   `mib_metrics` itself for the first graph (`--no-check` skips that).
 3. **Time** (wall and process CPU, one run each) of every attribution.
 
-Sizes of the recorded SmolLM2 run (docs/performance.md): 16 discovery prompts, 32 held-out,
-`steps = 5` for EAP-IG-inputs, `act_steps = 2` on 8 prompts for EAP-IG-activations (122 passes per
-batch), 1000 bootstrap resamples, on 2 shared CPU cores (other jobs running; CPU time is the
-steadier figure).
+Sizes of the recorded SmolLM2 run (docs/performance.md), chosen to finish in half an hour on 2 CPU
+cores shared with other jobs: 8 discovery prompts, 16 held-out, `steps = 5` for EAP-IG-inputs;
+`act_steps = 2` on 2 prompts for EAP-IG-activations (122 passes per batch, about 11 minutes wall
+there); 1000 bootstrap resamples; the two halves as two processes, one torch thread each:
+
+    python benchmarks/bench_conventions.py --only inputs --n-discover 8 --n-eval 16 --threads 1
+    python benchmarks/bench_conventions.py --only activations --n-discover 8 --n-act 2 --n-eval 16 --threads 1
 
 Run: `python benchmarks/bench_conventions.py [--tiny] [--n-discover 16] [--n-eval 32] [--steps 5]
-[--act-steps 2] [--n-act 8] [--boot 1000] [--threads N] [--no-check]`
+[--act-steps 2] [--n-act 8] [--boot 1000] [--threads N] [--no-check] [--only inputs|activations]`
 """
 
 from __future__ import annotations
@@ -152,9 +155,12 @@ def main(argv=None) -> int:
     print(f"# {name}, IOI seed {args.seed}: {len(discover)} discovery prompts, {len(held_out)} held-out "
           f"({len(shared)} clean prompts in both), {layout.n_valid_edges} edges (per query head), "
           f"torch threads {torch.get_num_threads()}")
-    print(f"EAP-IG-inputs: {args.steps} points; EAP-IG-activations: {args.act_steps} points per node "
-          f"group on {len(act_task)} prompts ({groups} x {args.act_steps} = {groups * args.act_steps} "
-          f"passes per batch)\n")
+    if args.only != "activations":
+        print(f"EAP and EAP-IG-inputs on {len(discover)} prompts, EAP-IG-inputs with {args.steps} points")
+    if args.only != "inputs":
+        print(f"EAP-IG-activations: {args.act_steps} points per node group on {len(act_task)} prompts "
+              f"({groups} x {args.act_steps} = {groups * args.act_steps} passes per batch)")
+    print()
 
     runs = {  # label -> (task, attribute keywords), in the order they run
         "EAP": (discover, {}),
@@ -170,9 +176,9 @@ def main(argv=None) -> int:
         "EAP-IG-activations + GIM": (act_task, {"method": "EAP-IG-activations", "steps": args.act_steps,
                                                 "gim": True}),
     }
-    family = "EAP-IG-activations" if args.only == "activations" else "EAP"
-    if args.only:
-        runs = {k: v for k, v in runs.items() if k.startswith("EAP-IG-activations") == (family != "EAP")}
+    if args.only:  # the EAP-IG-activations runs, or all the others
+        runs = {k: v for k, v in runs.items()
+                if k.startswith("EAP-IG-activations") == (args.only == "activations")}
     graphs, times = {}, {}
 
     def score(label):
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
               f"{c['changed']} |", flush=True)
 
     print("## 1. Default vs previous convention (discovery prompts)\n")
-    if family == "EAP":
+    if args.only != "activations":
         versus("EAP-IG-inputs", "EAP-IG-inputs, riemann_right", "riemann_left (k = 0..m-1)",
                "riemann_right (k = 1..m)")
         score("EAP")
