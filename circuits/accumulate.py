@@ -16,7 +16,7 @@ additivity the gradient at source `r`'s output is the sum of the gradients of ev
 it feeds, i.e. of the sums of all counts `u > r`; `flush` adds `sum over b, s of diff[r] * G[r]`
 to `neurons[r]` with these suffix sums, `n_forward x B x S x d_model` work in all.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph

@@ -138,7 +138,7 @@ def gradient_points(method: Method | str, steps: int = DEFAULT_STEPS,
     """The gradient passes of `method`, the clean one (if any) first; `quadrature=None` takes
     EAP-IG's rule for the method (`DEFAULT_RULES`).
 
-    Example:
+    Examples:
         >>> [(p.alpha, p.weight) for p in gradient_points("EAP-IG-inputs", 2)]
         [(0.5, 0.5), (0.0, 0.5)]
         >>> len(gradient_points("EAP-IG-activations", 2, n_layers=3))  # 7 node groups x 2
@@ -222,7 +222,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         [`Completeness`][circuits.attribute.Completeness] (how far the `input` node's scores
         are from the metric change they estimate).
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> from circuits.graph import Graph
         >>> model = tiny_model("llama")

@@ -154,7 +154,7 @@ def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
     Returns:
         float32 `[n]` (CPU): `metric` per example.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from gimlens.testing import tiny_model
         >>> from circuits.graph import Graph
@@ -232,7 +232,7 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
     `apply_topn(level=...)` and evaluated at that level (`selection` must be `"topn"`). All circuits of a batch share
     one corrupted and one clean forward pass; `progress` shows a bar over the patched runs.
 
-    Example:
+    Examples:
         >>> from gimlens.testing import tiny_model
         >>> from circuits import attribute
         >>> from circuits.graph import Graph

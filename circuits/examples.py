@@ -7,7 +7,7 @@ per-example labels; `Task.metric` of `circuits.tasks` has this form) or the one-
 TransformerLens users write, `metric(logits) -> Tensor[b]` (a metric with exactly one positional
 parameter). Either returns one differentiable float value per example.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> model = tiny_model("gpt2")

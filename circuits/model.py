@@ -11,7 +11,7 @@ weight views (`blocks[l].attn.W_Q` `[H, d_model, d_head]`, `W_K`/`W_V` `[H_kv, .
 
 Hook names per model kind (bridge or `HookedTransformer`) live in `circuits.sites`.
 
-Example:
+Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> spec = ModelSpec.read(tiny_model("llama"))

@@ -9,7 +9,7 @@ pass is interpolated: the token embedding, every destination input at once (join
 group's output (per node: `node` 0 is the input, `1 + 2 l` layer `l`'s attention, `2 + 2 l` its
 MLP), whose output is then a constant for the backward pass (no gradient flows through it).
 
-Example:
+Examples:
     >>> Point(weight=0.5, alpha=0.25, inputs=True).clean
     False
     >>> Point(weight=0.1, alpha=1.0, inputs=False, node=3).clean  # layer 1's attention, held fixed
