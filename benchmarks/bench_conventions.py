@@ -23,6 +23,11 @@ task of `n_discover + n_eval` prompts is split: the first `n_discover` score edg
    interval covers the choice of evaluation prompts only). The point values are checked against
    `mib_metrics` itself for the first graph (`--no-check` skips that).
 3. **Time** (wall and process CPU, one run each) of every attribution.
+4. `--only nodes`: **MLP node scores under both rules** (`attribute(level="node")` with
+   `mlp_gradient="output"`, the default, and `"input"`, EAP-IG's `attribute_node`) against the
+   exact effect of ablating each MLP node alone (`circuits.evaluate(level="node")` with that node
+   out, minus the full circuit), on the discovery prompts the scores are computed on: Pearson and
+   Spearman correlation over the `L` MLP nodes and `sum |score - exact| / sum |exact|`.
 
 Sizes of the recorded SmolLM2 run (docs/performance.md), chosen to finish in half an hour on 2 CPU
 cores shared with other jobs: 8 discovery prompts, 16 held-out, `steps = 5` for EAP-IG-inputs;
@@ -31,9 +36,10 @@ there); 1000 bootstrap resamples; the two halves as two processes, one torch thr
 
     python benchmarks/bench_conventions.py --only inputs --n-discover 8 --n-eval 16 --threads 1
     python benchmarks/bench_conventions.py --only activations --n-discover 8 --n-act 2 --n-eval 16 --threads 1
+    python benchmarks/bench_conventions.py --only nodes --n-discover 16 --threads 1
 
 Run: `python benchmarks/bench_conventions.py [--tiny] [--n-discover 16] [--n-eval 32] [--steps 5]
-[--act-steps 2] [--n-act 8] [--boot 1000] [--threads N] [--no-check] [--only inputs|activations]`
+[--act-steps 2] [--n-act 8] [--boot 1000] [--threads N] [--no-check] [--only inputs|activations|nodes]`
 """
 
 from __future__ import annotations
@@ -68,6 +74,40 @@ def compare(default: Graph, previous: Graph, top: int = 100) -> dict:
     top_a = set(a.abs().topk(top).indices.tolist())
     top_b = set(b.abs().topk(top).indices.tolist())
     return {"rel": rel, "corr": corr, "changed": top - len(top_a & top_b)}
+
+
+def rank(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+def node_rules(model, task, steps: int) -> None:
+    """Part 4: MLP node scores of both `mlp_gradient` rules against exact single-node ablation."""
+    layout = Graph.from_model(model)
+    L = model.cfg.n_layers
+    rows = [layout.forward_index(l) for l in range(L)]
+    (full, wall, cpu) = timed(lambda: evaluate(model, layout.copy(), task, level="node"))
+    exact = []
+    for row in rows:
+        g = layout.copy()
+        keep = torch.ones(g.n_forward, dtype=torch.bool)
+        keep[row] = False
+        g.nodes_in_graph = keep
+        exact.append(float((evaluate(model, g, task, level="node") - full).mean()))
+    exact = torch.tensor(exact, dtype=torch.float64)
+    print(f"## 4. MLP node scores vs exact single-node ablation ({len(task)} prompts, {L} MLP nodes; "
+          f"one evaluation {wall:.1f} s wall, {cpu:.1f} s CPU)\n")
+    print(f"exact effects: mean |effect| {float(exact.abs().mean()):.4f}, largest "
+          f"{float(exact.abs().max()):.4f} (MLP {int(exact.abs().argmax())})\n")
+    print("| method | mlp_gradient | Pearson | Spearman | sum abs error / sum abs effect |")
+    print("|---|---|---|---|---|")
+    for method, kw in (("EAP", {}), ("EAP-IG-inputs", {"steps": steps})):
+        for rule in ("output", "input"):
+            g = attribute(model, layout.copy(), task, method=method, level="node", mlp_gradient=rule, **kw)
+            s = g.node_scores[rows].double()
+            pearson = float(torch.corrcoef(torch.stack([s, exact]))[0, 1])
+            spearman = float(torch.corrcoef(torch.stack([rank(s), rank(exact)]))[0, 1])
+            err = float((s - exact).abs().sum() / exact.abs().sum())
+            print(f"| {method} | {rule} | {pearson:.3f} | {spearman:.3f} | {err:.3f} |", flush=True)
 
 
 class MIBRuns:
@@ -131,8 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-check", action="store_true", help="skip the check against mib_metrics")
-    p.add_argument("--only", choices=("inputs", "activations"), default=None,
-                   help="only EAP / EAP-IG-inputs (with GIM) or only the EAP-IG-activations runs")
+    p.add_argument("--only", choices=("inputs", "activations", "nodes"), default=None,
+                   help="only EAP / EAP-IG-inputs (with GIM), only the EAP-IG-activations runs, or "
+                        "only part 4 (MLP node rules)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,12 +196,15 @@ def main(argv=None) -> int:
     print(f"# {name}, IOI seed {args.seed}: {len(discover)} discovery prompts, {len(held_out)} held-out "
           f"({len(shared)} clean prompts in both), {layout.n_valid_edges} edges (per query head), "
           f"torch threads {torch.get_num_threads()}")
-    if args.only != "activations":
+    if args.only in (None, "inputs"):
         print(f"EAP and EAP-IG-inputs on {len(discover)} prompts, EAP-IG-inputs with {args.steps} points")
-    if args.only != "inputs":
+    if args.only in (None, "activations"):
         print(f"EAP-IG-activations: {args.act_steps} points per node group on {len(act_task)} prompts "
               f"({groups} x {args.act_steps} = {groups * args.act_steps} passes per batch)")
     print()
+    if args.only == "nodes":
+        node_rules(model, discover, args.steps)
+        return 0
 
     runs = {  # label -> (task, attribute keywords), in the order they run
         "EAP": (discover, {}),

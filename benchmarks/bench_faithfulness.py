@@ -14,8 +14,8 @@ Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for 
 - normalised faithfulness `(mean m_circuit - mean m_corrupted) / (mean m_clean - mean m_corrupted)`
   per size; CPR (area under the curve) and CMD (area between the curve and 1) by the trapezoid
   rule over the fraction axis, divided by the axis' width (so both are mean values over the
-  measured range); `areas` below is the one place where MIB's exact protocol
-  (`circuits.mib`, written separately) plugs in;
+  measured range), with `circuits.mib.curve_areas` (MIB's area rule), and MIB's mean over the
+  points; MIB's own grid (0.1% .. 100%, signed selection for CPR) is `benchmarks/bench_conventions.py`;
 - 95% intervals: percentile bootstrap over evaluation examples (`--bootstrap` resamples, one set
   of resamples shared by every method, so differences are paired);
 - time: wall and CPU seconds of each discovery call, and its forward / backward pass count.
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from circuits import Graph, attribute, discover, evaluate
-from circuits.evaluate import _trapezoid
+from circuits.mib import curve_areas
 from circuits.tasks import make
 
 SCORING = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
@@ -58,19 +58,21 @@ def load(name: str):
     return tiny_model(arch, n_layers=4, d_model=64, n_heads=4, scale=2.0, seed=0)
 
 
-def areas(percents: list[float], faith: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPR and CMD of curves `faith [..., len(percents)]` (mean over the measured range).
-
-    MIB PLUG-IN POINT: this is `circuits.faithfulness_curve`'s rule (trapezoid over the fraction
-    axis, `_trapezoid`), divided by the axis' width; replace it by `circuits.mib`'s function
-    (its point rule and its signed / absolute selections) when that lands.
+def areas(percents: list[float], faith: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPR, CMD and the mean over points of curves `faith [..., len(percents)]`, by MIB's rules
+    (`circuits.mib.curve_areas`: trapezoid areas on the linear fraction axis) over the measured
+    grid. MIB's own grid spans 0.001..1 (width about 1); here the areas are divided by the grid's
+    width so that CPR / CMD are mean values over the measured range and comparable between grids.
     """
     x = [p / 100 for p in percents]
     width = x[-1] - x[0] if len(x) > 1 else 1.0
     flat = faith.reshape(-1, faith.shape[-1])
-    cpr = torch.tensor([_trapezoid(row.tolist(), x) for row in flat]) / width
-    cmd = torch.tensor([_trapezoid((1 - row).abs().tolist(), x) for row in flat]) / width
-    return cpr.view(faith.shape[:-1]), cmd.view(faith.shape[:-1])
+    if len(x) < 2:
+        cpr = flat[:, 0]
+        return cpr.view(faith.shape[:-1]), (1 - cpr).abs().view(faith.shape[:-1]), cpr.view(faith.shape[:-1])
+    out = torch.tensor([curve_areas(x, row.tolist()) for row in flat])
+    cpr, cmd, mean = out[:, 0] / width, out[:, 1] / width, out[:, 2]
+    return tuple(t.view(faith.shape[:-1]) for t in (cpr, cmd, mean))
 
 
 def normalised(m: torch.Tensor, clean: torch.Tensor, base: torch.Tensor, resamples: torch.Tensor
@@ -140,8 +142,8 @@ def run_task(model, task_name: str, args):
                 metrics.append(evaluate(model, circuit, held, batch_size=bs))
                 kept.append(circuit.n_edges_in_graph)
             f = normalised(torch.stack(metrics), clean, base, resamples)  # [R, sizes]
-            cpr, cmd = areas(args.percents, f)
-            yield dict(task=task_name, label=label, faith=f, cpr=cpr, cmd=cmd, kept=kept,
+            cpr, cmd, mean = areas(args.percents, f)
+            yield dict(task=task_name, label=label, faith=f, cpr=cpr, cmd=cmd, mean=mean, kept=kept,
                        wall=wall, cpu=cpu, passes=passes(method, n_batches, args))
             print(f"  {label}: " + ", ".join(f"{p}%: {float(v):.3f}" for p, v in zip(args.percents, f[0]))
                   + f"; CPR {float(cpr[0]):.3f}, CMD {float(cmd[0]):.3f}; {wall:.0f} s", flush=True)
@@ -155,12 +157,13 @@ def interval(t: torch.Tensor) -> str:
 def table(rows: list[dict], args, header: str) -> str:
     lines = [header, "",
              "| task | method | " + " | ".join(f"{p}% of edges" for p in args.percents)
-             + " | CPR ↑ | CMD ↓ | discovery wall s (CPU s) | passes per size |",
-             "|---" * (len(args.percents) + 6) + "|"]
+             + " | CPR ↑ | CMD ↓ | mean f | discovery wall s (CPU s) | passes per size |",
+             "|---" * (len(args.percents) + 7) + "|"]
     for r in rows:
         cells = [interval(r["faith"][:, i]) + f" ({k})" for i, k in enumerate(r["kept"])]
         lines.append(f"| {r['task']} | {r['label']} | " + " | ".join(cells)
-                     + f" | {interval(r['cpr'])} | {interval(r['cmd'])} | {r['wall']:.0f} ({r['cpu']:.0f})"
+                     + f" | {interval(r['cpr'])} | {interval(r['cmd'])} | {interval(r['mean'])}"
+                     f" | {r['wall']:.0f} ({r['cpu']:.0f})"
                      f" | {r['passes']} |")
     return "\n".join(lines) + "\n"
 
@@ -225,8 +228,9 @@ def main() -> None:
                       f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
                       f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
                       f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
-                      f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: mean over "
-                      f"{args.percents[0]}-{args.percents[-1]}% (trapezoid). Total "
+                      f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: MIB's trapezoid areas "
+                      f"over {args.percents[0]}-{args.percents[-1]}% divided by the range's width; "
+                      f"mean f: MIB's mean over the points. Total "
                       f"{(time.perf_counter() - start) / 60:.1f} min.")
             args.out.write_text(table(rows, args, header))  # after every row: a partial run reports
             if args.png is not None:

@@ -16,6 +16,11 @@ additivity the gradient at source `r`'s output is the sum of the gradients of ev
 it feeds, i.e. of the sums of all counts `u > r`; `flush` adds `sum over b, s of diff[r] * G[r]`
 to `neurons[r]` with these suffix sums, `n_forward x B x S x d_model` work in all.
 
+**EAP-IG's MLP node rule** (`mlp_input` given): each MLP's own input column is also multiplied
+with that MLP's output row, per dimension: `mlp_input[mlp_row(l)] += sum over b, s of
+diff[mlp_row(l)] * G[mlp_col(l)]` (EAP-IG's `attribute_node` pairs an MLP's output difference
+with the gradient at its input, `hook_mlp_in`), `L x B x S x d_model` work.
+
 Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
@@ -83,10 +88,12 @@ class Accumulator:
     neurons: Float[Tensor, "n_fwd d"] | None = None  # neuron scores to add to (None: edges only)
     n_up: list = field(default_factory=list)  # per column, its upstream count (with neurons)
     grad_sums: dict = field(default_factory=dict)  # upstream count -> summed gradients
+    mlp_input: Float[Tensor, "n_fwd d"] | None = None  # EAP-IG's MLP rule (None: not asked)
+    mlp_cols: dict = field(default_factory=dict)  # MLP input column -> that MLP's output row
 
     @classmethod
     def build(cls, spec: ModelSpec, graph, scores, diff, *, split_kv: bool, defer: bool,
-              neurons: Tensor | None = None) -> "Accumulator":
+              neurons: Tensor | None = None, mlp_input: Tensor | None = None) -> "Accumulator":
         L = spec.n_layers
         per = max(1, math.ceil(MIN_COLUMNS * L / graph.n_backward))
         chunks, chunk_of = [], []
@@ -98,7 +105,10 @@ class Accumulator:
             chunk_of += [len(chunks)] * (last - first + 1)
             chunks.append(Chunk(graph.backward_index(first, 0, "q"), c1, rows))
         n_up = graph.upstream_counts.tolist() if neurons is not None else []
-        return cls(scores, diff, chunks, chunk_of, defer, split_kv, neurons=neurons, n_up=n_up)
+        mlp_cols = {graph.backward_index(l): spec.mlp_row(l) for l in range(L)} \
+            if mlp_input is not None else {}
+        return cls(scores, diff, chunks, chunk_of, defer, split_kv, neurons=neurons, n_up=n_up,
+                   mlp_input=mlp_input, mlp_cols=mlp_cols)
 
     def slot(self, layer: int, cols: slice) -> Float[Tensor, "n B S d"]:
         """The part of `layer`'s chunk buffer that receives the gradients of columns `cols`; the
@@ -158,6 +168,9 @@ class Accumulator:
         out.addmm_(self.diff[:rows].reshape(rows, -1), grads.reshape(n, -1).T)
         if self.neurons is not None:
             self._sum_by_upstream(cols, grads)
+        for col, row in self.mlp_cols.items():
+            if cols.start <= col < cols.stop:
+                self.mlp_input[row] += torch.einsum("bsd,bsd->d", self.diff[row], grads[col - cols.start])
 
     def _sum_by_upstream(self, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
         """Add the gradients of columns `cols` to the sums of their upstream counts."""

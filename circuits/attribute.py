@@ -79,7 +79,7 @@ from .model import Ablation, ModelSpec, Site, ablated_sources, run_model
 from .prune import Level
 from .scoring import Point, Scorer
 
-__all__ = ["Activations", "Completeness", "Examples", "Method", "attribute", "gradient_points"]
+__all__ = ["Activations", "Completeness", "Examples", "Method", "MLPGradient", "attribute", "gradient_points"]
 
 #: Gradient points of the IG methods when neither `steps` nor `ig_steps` is given.
 DEFAULT_STEPS = 5
@@ -96,6 +96,13 @@ class Method(str, Enum):
     @classmethod
     def coerce(cls, value: "Method | str") -> "Method":
         return coerce_enum(cls, value, "method")
+
+
+class MLPGradient(str, Enum):
+    """Where an MLP node's gradient is taken at node and neuron level."""
+
+    OUTPUT = "output"  #: at its output: the first-order effect of ablating it (its edges' row sum)
+    INPUT = "input"  #: EAP-IG's `attribute_node`: at its input (`hook_mlp_in`)
 
 
 class Activations(str, Enum):
@@ -178,7 +185,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
               gim: GIMConfig | bool | dict | None = None, batch_size: int | None = None,
               ablation: Ablation | str = "corrupted", attention_mask: Tensor | None = None,
               progress: bool = False, max_memory: int | str | None = None,
-              level: Level | str = "edge") -> Graph:
+              level: Level | str = "edge", mlp_gradient: MLPGradient | str = "output") -> Graph:
     """Fill `graph.scores` with edge attribution scores (float32, mean over examples), and with
     `level="node"` / `"neuron"` also `graph.node_scores` / `graph.neuron_scores`.
 
@@ -211,6 +218,11 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             d_model]`) and `graph.node_scores` (their sums). With `quadrature=None`,
             `EAP-IG-inputs` then takes EAP-IG's node-level points, `alpha = k / m`, `k = 1..m`.
             See the module `circuits.accumulate`; the cost over edges is small.
+        mlp_gradient: at node and neuron level, `"output"` (default): an MLP node's score is its
+            `(a_abl - a_clean)` times the gradient at its output, like every other node (the
+            first-order effect of ablating it; the row sum of its edge scores), or `"input"`:
+            times the gradient at the MLP's *input* (`hook_mlp_in`), as EAP-IG's
+            `attribute_node` computes it (to reproduce its node and neuron scores).
 
     Under `torchrun` (an initialised `torch.distributed` process group) each rank scores a
     contiguous shard of the examples and the score sums are all-reduced: every rank returns the
@@ -245,6 +257,10 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     method = coerce_enum(Method, method, "method")
     ablation = coerce_enum(Ablation, ablation, "ablation")
     level = coerce_enum(Level, level, "level")
+    mlp_gradient = coerce_enum(MLPGradient, mlp_gradient, "mlp_gradient")
+    if mlp_gradient is MLPGradient.INPUT and level is Level.EDGE:
+        raise GimlensError("mlp_gradient='input' applies to level='node' or 'neuron' scores, "
+                           "got level='edge'")
     if quadrature is None and level is not Level.EDGE and method is Method.EAP_IG_INPUTS:
         quadrature = Quadrature.RIEMANN_RIGHT  # EAP-IG's attribute_node: k = 1..m
     points = gradient_points(method, _steps(steps, ig_steps), quadrature, activations=activations,
@@ -266,6 +282,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
     neurons = None if level is Level.EDGE else torch.zeros(graph.n_forward, spec.d_model,
                                                            device=spec.device)
+    mlp_input = torch.zeros_like(neurons) if mlp_gradient is MLPGradient.INPUT else None
     metric_sums = torch.zeros(2, dtype=torch.float64, device=spec.device)  # clean, input ablated
     with prepared(model), torch.enable_grad(), \
             progress_bar(len(batches) * len(points), show=show, desc="attribute") as bar:
@@ -275,7 +292,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             ablated, corrupted_logits = ablated_sources(
                 model, spec, ablation, *ex.tokens("corrupted", idx, spec.device), mean)
             acc = Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
-                                    defer=len(points) > 1, neurons=neurons)
+                                    defer=len(points) > 1, neurons=neurons, mlp_input=mlp_input)
             scorer = Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
                             keep_clean=any(not p.inputs and p.node is None for p in points),
                             acc=acc, keep_nodes=any(p.node is not None for p in points))
@@ -307,6 +324,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
     all_reduce_sum(metric_sums)
     graph.scores = (scores / len(ex)).to(graph.scores.device)
     if neurons is not None:
+        if mlp_input is not None:  # EAP-IG's rule replaces the MLP rows
+            rows = [spec.mlp_row(l) for l in range(spec.n_layers)]
+            neurons[rows] = mlp_input[rows]
         all_reduce_sum(neurons)
         neurons = (neurons / len(ex)).to(graph.scores.device)
         graph.node_scores = neurons.sum(-1)

@@ -118,6 +118,78 @@ def test_neuron_scores_of_input_and_mlp_rows_equal_autograd_per_dimension(gpt2_m
         assert_close(g.neuron_scores[g.forward_index(l)], ref, atol=1e-6, rtol=1e-4)
 
 
+def mlp_input_reference(model, clean, corrupted, metric, run):
+    """EAP-IG's MLP node rule by plain autograd, per dimension: `(mlp_out_corrupt - mlp_out_clean)
+    * dM/d mlp_in` with the gradient of the run on tokens `run`, taken at `hook_mlp_in` (a tensor
+    of its own, read only by the MLP), summed over examples and positions."""
+    L, grads = model.cfg.n_layers, {}
+
+    def keep(l):
+        def fn(x, hook):
+            x = x.clone()
+            x.retain_grad()
+            grads[l] = x
+            return x
+        return fn
+
+    before = model.cfg.use_hook_mlp_in
+    model.set_use_hook_mlp_in(True)
+    try:
+        with prepared(model):
+            with torch.no_grad():
+                _, _, m_c, _ = _sources(model, corrupted)
+                _, _, m, _ = _sources(model, clean)
+            with torch.enable_grad():
+                leaf = ("hook_embed", lambda x, hook: x.detach().requires_grad_(True))
+                logits = run_hooked(model, run, fwd_hooks=[leaf] + [(f"blocks.{l}.hook_mlp_in", keep(l))
+                                                                    for l in range(L)])
+                metric(logits, torch.arange(run.shape[0])).sum().backward()
+    finally:
+        model.set_use_hook_mlp_in(before)
+    return [((m_c[l] - m[l]) * grads[l].grad).sum((0, 1)).detach() for l in range(L)]
+
+
+@pytest.mark.parametrize("arch,kv", [("gpt2", "grouped"), ("llama", "per_query_head")])
+def test_mlp_gradient_input_reproduces_eap_ig_mlp_node_rule_and_leaves_other_nodes(request, arch, kv):
+    model = request.getfixturevalue(f"{arch}_model")
+    clean, corrupted, metric = ioi(model)
+    n = clean.shape[0]
+    out = attribute(model, Graph.from_model(model, kv_edges=kv), clean, corrupted, metric, level="neuron")
+    inp = attribute(model, Graph.from_model(model, kv_edges=kv), clean, corrupted, metric, level="neuron",
+                    mlp_gradient="input")
+    ref = mlp_input_reference(model, clean, corrupted, metric, clean)
+    rows = [inp.forward_index(l) for l in range(model.cfg.n_layers)]
+    for l, row in enumerate(rows):
+        assert_close(inp.neuron_scores[row], ref[l] / n, atol=1e-6, rtol=1e-4)
+    others = [r for r in range(inp.n_forward) if r not in rows]
+    assert_close(inp.neuron_scores[others], out.neuron_scores[others])
+    assert_close(inp.node_scores, inp.neuron_scores.sum(1))
+    assert_close(inp.scores, out.scores)  # edge scores do not depend on the node rule
+    assert not torch.allclose(inp.node_scores[rows], out.node_scores[rows], atol=1e-4)
+
+
+def test_mlp_gradient_input_sums_over_gradient_points(gpt2_model):
+    # clean-corrupted: the mean of the clean and the corrupted run's gradients (two points, summed
+    # before the one product)
+    model = gpt2_model
+    clean, corrupted, metric = ioi(model)
+    g = attribute(model, Graph.from_model(model), clean, corrupted, metric, method="clean-corrupted",
+                  level="node", mlp_gradient="input")
+    both = [mlp_input_reference(model, clean, corrupted, metric, run) for run in (clean, corrupted)]
+    for l in range(model.cfg.n_layers):
+        want = (both[0][l] + both[1][l]).sum() / (2 * clean.shape[0])
+        assert_close(g.node_scores[g.forward_index(l)], want, atol=1e-6, rtol=1e-4)
+
+
+def test_mlp_gradient_input_is_refused_for_edge_scores_and_unknown_rules(gpt2_model):
+    model = gpt2_model
+    clean, corrupted, metric = ioi(model)
+    with pytest.raises(GimlensError, match="mlp_gradient='input' applies to level='node'"):
+        attribute(model, Graph.from_model(model), clean, corrupted, metric, mlp_gradient="input")
+    with pytest.raises(GimlensError, match="mlp_gradient"):
+        attribute(model, Graph.from_model(model), clean, corrupted, metric, level="node", mlp_gradient="in")
+
+
 def test_eap_ig_inputs_at_node_level_uses_eap_ig_node_points_unless_a_rule_is_given(gpt2_model):
     model = gpt2_model
     clean, corrupted, metric = ioi(model)
