@@ -183,6 +183,8 @@ def plot(rows: list[dict], args, path: Path) -> None:
             ax.plot(args.percents, f[0], marker="o", label=r["label"])
             ax.fill_between(args.percents, lo, hi, alpha=0.15)
         ax.set_xscale("log")
+        ax.set_xticks(args.percents, [f"{p:g}" for p in args.percents])
+        ax.minorticks_off()
         ax.set_xlabel("% of edges")
         ax.set_ylabel("normalised faithfulness (held out)")
         ax.set_title(name)
