@@ -36,6 +36,11 @@ there); 1000 bootstrap resamples; the two halves as two processes, one torch thr
 
     python benchmarks/bench_conventions.py --only inputs --n-discover 8 --n-eval 16 --threads 1
     python benchmarks/bench_conventions.py --only activations --n-discover 8 --n-act 2 --n-eval 16 --threads 1
+
+rerun later on a quieter machine with 32 held-out prompts and EAP-IG-activations on 8 (±GIM, about 6.5 CPU-minutes
+each): `--only inputs --n-discover 8 --n-eval 32` and `--only activations --n-discover 8 --n-act 8 --n-eval 32`.
+Part 4:
+
     python benchmarks/bench_conventions.py --only nodes --n-discover 16 --threads 1
 
 Run: `python benchmarks/bench_conventions.py [--tiny] [--n-discover 16] [--n-eval 32] [--steps 5]
