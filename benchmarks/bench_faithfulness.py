@@ -20,7 +20,14 @@ Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for 
   of resamples shared by every method, so differences are paired);
 - time: wall and CPU seconds of each discovery call, and its forward / backward pass count.
 
-Writes a markdown table (`--out`) and a PNG of the curves (`--png`).
+Writes a markdown table (`--out`) and a PNG of the curves (`--png`); `--save F.pt` also keeps the rows
+(the bootstrap faithfulness of every size), and `--merge A.pt B.pt ...` builds one table and PNG
+from runs made separately (for instance one process per method on a 2-core machine). Runs merge
+only when their evaluation sets and resamples are the same (same `--seed`, `--n`, `--n-eval`,
+`--bootstrap`); a (task, method) measured in several runs gets the union of their sizes, and its
+CPR / CMD are computed over the sizes it has (the table says so where that range is narrower).
+The "discovery f" column is the faithfulness of the same circuits on the discovery examples they
+were found on (point estimates): its gap to the held-out value is the circuit's over-fit.
 
 Run from the repository root with `PYTHONPATH=.` (else the script's folder comes first on the path and
 an installed copy of `circuits` may be imported instead of the working tree's).
@@ -33,6 +40,7 @@ Run (SmolLM2 IOI): `python benchmarks/bench_faithfulness.py --model smollm2 --ta
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 from pathlib import Path
@@ -107,6 +115,8 @@ def run_task(model, task_name: str, args):
     bs = args.batch_size
     clean = evaluate(model, graph.copy().reset(empty=False), held, batch_size=bs)
     base = evaluate(model, graph.copy().reset(empty=True), held, batch_size=bs)
+    train_clean = float(evaluate(model, graph.copy().reset(empty=False), train, batch_size=bs).mean())
+    train_base = float(evaluate(model, graph.copy().reset(empty=True), train, batch_size=bs).mean())
     gen = torch.Generator().manual_seed(args.seed + 1)
     n_eval = len(clean)
     resamples = torch.cat([torch.arange(n_eval)[None],
@@ -117,7 +127,7 @@ def run_task(model, task_name: str, args):
     for method in args.methods:
         for gim in args.gim:
             label = method + (" + GIM" if gim == "on" else "")
-            wall, cpu, metrics, kept = 0.0, 0.0, [], []
+            wall, cpu, metrics, kept, on_train = 0.0, 0.0, [], [], []
             scored = None
             for n_edges in sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -141,10 +151,12 @@ def run_task(model, task_name: str, args):
                 cpu += time.process_time() - c0
                 metrics.append(evaluate(model, circuit, held, batch_size=bs))
                 kept.append(circuit.n_edges_in_graph)
+                m_train = float(evaluate(model, circuit, train, batch_size=bs).mean())
+                on_train.append((m_train - train_base) / (train_clean - train_base))
             f = normalised(torch.stack(metrics), clean, base, resamples)  # [R, sizes]
-            cpr, cmd, mean = areas(args.percents, f)
-            yield dict(task=task_name, label=label, faith=f, cpr=cpr, cmd=cmd, mean=mean, kept=kept,
-                       wall=wall, cpu=cpu, passes=passes(method, n_batches, args))
+            yield dict(task=task_name, label=label, percents=list(args.percents), faith=f, kept=kept,
+                       on_train=on_train, wall=wall, cpu=cpu, passes=passes(method, n_batches, args))
+            cpr, cmd, _ = areas(args.percents, f)
             print(f"  {label}: " + ", ".join(f"{p}%: {float(v):.3f}" for p, v in zip(args.percents, f[0]))
                   + f"; CPR {float(cpr[0]):.3f}, CMD {float(cmd[0]):.3f}; {wall:.0f} s", flush=True)
 
@@ -154,36 +166,47 @@ def interval(t: torch.Tensor) -> str:
     return f"{float(t[0]):.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def table(rows: list[dict], args, header: str) -> str:
+def grid(rows: list[dict]) -> list[float]:
+    return sorted({p for r in rows for p in r["percents"]})
+
+
+def table(rows: list[dict], header: str) -> str:
+    percents = grid(rows)
     lines = [header, "",
-             "| task | method | " + " | ".join(f"{p}% of edges" for p in args.percents)
-             + " | CPR ↑ | CMD ↓ | mean f | discovery wall s (CPU s) | passes per size |",
-             "|---" * (len(args.percents) + 7) + "|"]
+             "| task | method | " + " | ".join(f"{p:g}% of edges" for p in percents)
+             + " | CPR ↑ | CMD ↓ | mean f | discovery f | discovery wall s (CPU s) | passes per size |",
+             "|---" * (len(percents) + 8) + "|"]
     for r in rows:
-        cells = [interval(r["faith"][:, i]) + f" ({k})" for i, k in enumerate(r["kept"])]
+        col = {p: i for i, p in enumerate(r["percents"])}
+        cells = [interval(r["faith"][:, col[p]]) + f" ({r['kept'][col[p]]})" if p in col else "—"
+                 for p in percents]
+        cpr, cmd, mean = areas(r["percents"], r["faith"])
+        span = "" if (r["percents"][0], r["percents"][-1]) == (percents[0], percents[-1]) else (
+            f" ({r['percents'][0]:g}–{r['percents'][-1]:g}%)")
         lines.append(f"| {r['task']} | {r['label']} | " + " | ".join(cells)
-                     + f" | {interval(r['cpr'])} | {interval(r['cmd'])} | {interval(r['mean'])}"
-                     f" | {r['wall']:.0f} ({r['cpu']:.0f})"
-                     f" | {r['passes']} |")
+                     + f" | {interval(cpr)}{span} | {interval(cmd)}{span} | {interval(mean)}{span}"
+                     + " | " + " / ".join(f"{v:.2f}" for v in r["on_train"])
+                     + f" | {r['wall']:.0f} ({r['cpu']:.0f}) | {r['passes']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], args, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, name in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == name):
             f = r["faith"]
             lo, hi = torch.quantile(f[1:], torch.tensor([0.025, 0.975]), dim=0)
-            ax.plot(args.percents, f[0], marker="o", label=r["label"])
-            ax.fill_between(args.percents, lo, hi, alpha=0.15)
+            ax.plot(r["percents"], f[0], marker="o", label=r["label"])
+            ax.fill_between(r["percents"], lo, hi, alpha=0.15)
+        percents = grid([r for r in rows if r["task"] == name])
         ax.set_xscale("log")
-        ax.set_xticks(args.percents, [f"{p:g}" for p in args.percents])
+        ax.set_xticks(percents, [f"{p:g}" for p in percents])
         ax.minorticks_off()
         ax.set_xlabel("% of edges")
         ax.set_ylabel("normalised faithfulness (held out)")
@@ -192,6 +215,47 @@ def plot(rows: list[dict], args, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def merge(runs: list[dict]) -> tuple[list[dict], str]:
+    """One list of rows from several saved runs (see the module docstring)."""
+    keys = ("model", "seed", "n", "n_eval", "bootstrap")
+    first = runs[0]["meta"]
+    for run in runs[1:]:
+        bad = [k for k in keys if run["meta"][k] != first[k]]
+        if bad:
+            raise SystemExit(f"cannot merge runs that differ in {bad}: {first} vs {run['meta']}")
+    merged: dict[tuple[str, str], dict] = {}
+    for run in runs:
+        for r in run["rows"]:
+            key = (r["task"], r["label"])
+            if key not in merged:
+                merged[key] = dict(r, percents=[], faith=None, kept=[], on_train=[], wall=0.0, cpu=0.0)
+            m = merged[key]
+            cols = {p: (m["faith"][:, i], m["kept"][i], m["on_train"][i]) for i, p in enumerate(m["percents"])}
+            cols.update({p: (r["faith"][:, i], r["kept"][i], r["on_train"][i]) for i, p in enumerate(r["percents"])})
+            m["percents"] = sorted(cols)
+            m["faith"] = torch.stack([cols[p][0] for p in m["percents"]], 1)
+            m["kept"] = [cols[p][1] for p in m["percents"]]
+            m["on_train"] = [cols[p][2] for p in m["percents"]]
+            m["wall"] += r["wall"]
+            m["cpu"] += r["cpu"]
+    header = "\n\n".join(dict.fromkeys(run["meta"]["header"] for run in runs))
+    return list(merged.values()), header
+
+
+def save(path: Path, rows: list[dict], meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(meta=meta, rows=rows), tmp)
+    os.replace(tmp, path)
+
+
+def write(rows: list[dict], header: str, args) -> None:
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(table(rows, header))
+    os.replace(tmp, args.out)
+    if args.png is not None:
+        plot(rows, args.png)
 
 
 def main() -> None:
@@ -215,7 +279,15 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="markdown table")
     parser.add_argument("--png", type=Path, default=None, help="PNG of the curves")
+    parser.add_argument("--save", type=Path, default=None, help="keep the rows (torch.save) for --merge")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="build --out / --png from saved runs instead of running")
     args = parser.parse_args()
+    if args.merge:
+        rows, header = merge([torch.load(p, weights_only=False) for p in args.merge])
+        write(rows, header, args)
+        print(args.out.read_text())
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="A forward hook edited")
 
@@ -231,14 +303,14 @@ def main() -> None:
                       f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
                       f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
                       f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: MIB's trapezoid areas "
-                      f"over {args.percents[0]}-{args.percents[-1]}% divided by the range's width; "
-                      f"mean f: MIB's mean over the points. Total "
+                      f"over the sizes measured divided by the range's width; mean f: MIB's mean over the "
+                      f"points; discovery f: the same circuits on the discovery examples. Total "
                       f"{(time.perf_counter() - start) / 60:.1f} min.")
-            args.out.write_text(table(rows, args, header))  # after every row: a partial run reports
-            if args.png is not None:
-                plot(rows, args, args.png)
+            write(rows, header, args)  # after every row: a partial run reports
+            if args.save is not None:
+                save(args.save, rows, dict(model=args.model, seed=args.seed, n=args.n, n_eval=args.n_eval,
+                                           bootstrap=args.bootstrap, header=header))
     print("\n" + args.out.read_text())
-
 
 if __name__ == "__main__":
     main()
