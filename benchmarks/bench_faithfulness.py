@@ -182,7 +182,8 @@ def table(rows: list[dict], header: str) -> str:
                  for p in percents]
         cpr, cmd, mean = areas(r["percents"], r["faith"])
         span = "" if (r["percents"][0], r["percents"][-1]) == (percents[0], percents[-1]) else (
-            f" ({r['percents'][0]:g}–{r['percents'][-1]:g}%)")
+            f" ({r['percents'][0]:g}% only)" if len(r["percents"]) == 1
+            else f" ({r['percents'][0]:g}–{r['percents'][-1]:g}%)")
         lines.append(f"| {r['task']} | {r['label']} | " + " | ".join(cells)
                      + f" | {interval(cpr)}{span} | {interval(cmd)}{span} | {interval(mean)}{span}"
                      + " | " + " / ".join(f"{v:.2f}" for v in r["on_train"])
@@ -241,7 +242,8 @@ def merge(runs: list[dict]) -> tuple[list[dict], str]:
             m["wall"] += r["wall"]
             m["cpu"] += r["cpu"]
     header = "\n\n".join(dict.fromkeys(run["meta"]["header"] for run in runs))
-    return list(merged.values()), header
+    tasks = list(dict.fromkeys(task for task, _ in merged))
+    return sorted(merged.values(), key=lambda r: tasks.index(r["task"])), header
 
 
 def save(path: Path, rows: list[dict], meta: dict) -> None:
