@@ -203,8 +203,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in (r for r in rows if r["task"] == name):
             f = r["faith"]
             lo, hi = torch.quantile(f[1:], torch.tensor([0.025, 0.975]), dim=0)
-            ax.plot(r["percents"], f[0], marker="o", label=r["label"])
-            ax.fill_between(r["percents"], lo, hi, alpha=0.15)
+            (line,) = ax.plot(r["percents"], f[0], marker="o", label=r["label"])
+            ax.fill_between(r["percents"], lo, hi, alpha=0.12, color=line.get_color())
         percents = grid([r for r in rows if r["task"] == name])
         ax.set_xscale("log")
         ax.set_xticks(percents, [f"{p:g}" for p in percents])
