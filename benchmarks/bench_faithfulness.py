@@ -40,7 +40,6 @@ Run (SmolLM2 IOI): `python benchmarks/bench_faithfulness.py --model smollm2 --ta
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 from circuits import Graph, attribute, discover, evaluate
 from circuits.mib import curve_areas
 from circuits.tasks import make
+from gimlens.runtime import atomic_write
 
 SCORING = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
 SEARCH = ("EAP-IG-iterative", "edge-pruning")
@@ -246,16 +246,8 @@ def merge(runs: list[dict]) -> tuple[list[dict], str]:
     return sorted(merged.values(), key=lambda r: tasks.index(r["task"])), header
 
 
-def save(path: Path, rows: list[dict], meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(meta=meta, rows=rows), tmp)
-    os.replace(tmp, path)
-
-
 def write(rows: list[dict], header: str, args) -> None:
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(table(rows, header))
-    os.replace(tmp, args.out)
+    atomic_write(args.out, table(rows, header))
     if args.png is not None:
         plot(rows, args.png)
 
@@ -299,20 +291,21 @@ def main() -> None:
     for name in args.tasks:
         for row in run_task(model, name, args):
             rows.append(row)
-            header = (f"{args.model}: discovery {args.n} / evaluation {args.n_eval} examples per task "
-                      f"(disjoint, seed {args.seed}), batch {args.batch_size}, {args.ig_steps} IG steps, "
-                      f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
-                      f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
-                      f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
-                      f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: MIB's trapezoid areas "
-                      f"over the sizes measured divided by the range's width; mean f: MIB's mean over the "
-                      f"points; discovery f: the same circuits on the discovery examples. Total "
-                      f"{(time.perf_counter() - start) / 60:.1f} min.")
-            write(rows, header, args)  # after every row: a partial run reports
-            if args.save is not None:
-                save(args.save, rows, dict(model=args.model, seed=args.seed, n=args.n, n_eval=args.n_eval,
-                                           bootstrap=args.bootstrap, header=header))
+            setup = (f"{args.model}: discovery {args.n} / evaluation {args.n_eval} examples per task "
+                     f"(disjoint, seed {args.seed}), batch {args.batch_size}, {args.ig_steps} IG steps, "
+                     f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
+                     f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
+                     f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
+                     f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: MIB's trapezoid areas "
+                     f"over the sizes measured divided by the range's width; mean f: MIB's mean over the "
+                     f"points; discovery f: the same circuits on the discovery examples.")
+            write(rows, f"{setup} Total {(time.perf_counter() - start) / 60:.1f} min.", args)
+            if args.save is not None:  # the setup without the total, so merged tables list each once
+                meta = dict(model=args.model, seed=args.seed, n=args.n, n_eval=args.n_eval,
+                            bootstrap=args.bootstrap, header=setup)
+                atomic_write(args.save, lambda fh: torch.save(dict(meta=meta, rows=rows), fh))
     print("\n" + args.out.read_text())
+
 
 if __name__ == "__main__":
     main()
