@@ -6,7 +6,7 @@ and wall seconds, of
 - a plain forward + backward of the batch (the metric's gradient w.r.t. the parameters' inputs,
   no hooks);
 - one patched forward + backward with float missing coefficients `w` requiring grad (one edge
-  pruning step, `circuits.masked.Context.metric`);
+  pruning step, `circuits._engine.masked.Context.metric`);
 - one probe pass of `EAP-IG-iterative` (patched, gradient w.r.t. the probe);
 - one whole `circuits.attribute(method="EAP")` call on the same examples.
 
@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from circuits import Graph, attribute
-from circuits.masked import prepare
+from circuits._engine.masked import prepare
 from circuits.tasks import make
 from gimlens.runtime import prepared
 

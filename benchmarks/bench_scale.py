@@ -1,5 +1,5 @@
 """Scaling benchmark: EAP on SmolLM2 IOI with 1 vs 2 processes (torchrun, gloo on CPU), and the
-memory estimate of circuits.memory against the measured peak.
+memory estimate of circuits._engine.memory against the measured peak.
 
     python benchmarks/bench_scale.py [--examples 32] [--batch-size 8] [--method EAP]
 
@@ -24,7 +24,7 @@ def worker(args) -> None:
     import torch
 
     import circuits
-    from circuits.memory import estimate_memory
+    from circuits._engine.memory import estimate_memory
     from gimlens.distributed import init_from_env, is_main_process, world
 
     init_from_env()

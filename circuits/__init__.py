@@ -10,7 +10,7 @@ Examples:
 """
 
 from . import mib, tasks
-from .model import Ablation
+from ._engine.model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
 from . import render as _render  # noqa: F401  (registers DOT and image formats with Graph.save)

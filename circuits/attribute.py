@@ -35,12 +35,12 @@ Methods ([`Method`][circuits.attribute.Method]); the IG methods integrate over `
 The returned graph carries `graph.completeness` ([`Completeness`][circuits.attribute.Completeness]):
 the `input` node's scores summed against the metric change they estimate.
 
-Ablations (`circuits.model.Ablation`): `corrupted` (the corrupted example's
+Ablations (`circuits._engine.model.Ablation`): `corrupted` (the corrupted example's
 activations), `mean` (per position, the mean over all given corrupted examples, weighted by
 `attention_mask`), `zero`.
 
 **Metric.** `metric(logits, indices) -> Tensor[b]` or `metric(logits) -> Tensor[b]`
-(see `circuits.examples`).
+(see `circuits._engine.examples`).
 
 **Grouped KV heads.** With `kv_edges="per_query_head"` the k/v score of query head `h` is its
 exact share: the gradient that reaches the KV head through `h`'s attention scores (k) or
@@ -71,13 +71,13 @@ from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.quadrature import Quadrature, nodes_and_weights
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, require_lens_model
 
-from .accumulate import Accumulator
-from .examples import Examples
+from ._engine.accumulate import Accumulator
+from ._engine.examples import Examples
 from .graph import Graph, KVEdges
-from .memory import estimate_memory, fit_batch_size
-from .model import Ablation, ModelSpec, Site, ablated_sources, run_model
+from ._engine.memory import estimate_memory, fit_batch_size
+from ._engine.model import Ablation, ModelSpec, Site, ablated_sources, run_model
 from .prune import Level
-from .scoring import Point, Scorer
+from ._engine.scoring import Point, Scorer
 
 __all__ = ["Activations", "Completeness", "Examples", "Method", "MLPGradient", "attribute", "gradient_points"]
 
@@ -211,13 +211,13 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         attention_mask: `[n, pos]` 1 for real tokens (both runs).
         progress: show a progress bar (and print the memory estimate first).
         max_memory: a budget in bytes (or `"4GB"`): `batch_size` is lowered so the estimate of
-            [`estimate_memory`][circuits.memory.estimate_memory] stays within it.
+            `estimate_memory` stays within it.
         level: `"edge"` (default), `"node"`: also `graph.node_scores` (per source node:
             `(a_abl - a_clean) . g` at its output, summed over positions and `d_model`), or
             `"neuron"`: also `graph.neuron_scores` (the same per output dimension, `[n_forward,
             d_model]`) and `graph.node_scores` (their sums). With `quadrature=None`,
             `EAP-IG-inputs` then takes EAP-IG's node-level points, `alpha = k / m`, `k = 1..m`.
-            See the module `circuits.accumulate`; the cost over edges is small.
+            See the module `circuits._engine.accumulate`; the cost over edges is small.
         mlp_gradient: at node and neuron level, `"output"` (default): an MLP node's score is its
             `(a_abl - a_clean)` times the gradient at its output, like every other node (the
             first-order effect of ablating it; the row sum of its edge scores), or `"input"`:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gimlens.errors import GimlensError
 
-from .model import Ablation
+from ._engine.model import Ablation
 from .discover import METHODS
 from .graph import KVEdges
 from .tasks import TASKS

@@ -39,7 +39,7 @@ from .attribute import Method, attribute
 from .edge_pruning import edge_pruning
 from .graph import Graph
 from .iterative import iterative
-from .masked import check_n_edges
+from ._engine.masked import check_n_edges
 
 __all__ = ["discover", "Search", "METHODS"]
 

@@ -57,7 +57,7 @@ from gimlens.errors import GimlensError
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from .graph import Graph
-from .masked import Batch, Context, check_n_edges, prepare
+from ._engine.masked import Batch, Context, check_n_edges, prepare
 
 __all__ = ["edge_pruning", "Loss", "hard_concrete", "expected_open"]
 

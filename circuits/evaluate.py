@@ -5,9 +5,9 @@
 
     x_d = (its input in this run) - sum over missing edges src -> d of (a[src] - a_abl[src])
 
-(the hooks live in `circuits.patching`) where `a` are the source activations of this patched run (captured as it proceeds: token
-embedding, per-head outputs `z[h] @ W_O[h]`, MLP outputs) and `a_abl` the ablated ones
-(`Ablation`). Per-head q/k/v inputs are realised by recomputing each
+(the hooks live in `circuits._engine.patching`) where `a` are the source activations of this
+patched run (captured as it proceeds: token embedding, per-head outputs `z[h] @ W_O[h]`, MLP
+outputs) and `a_abl` the ablated ones (`Ablation`). Per-head q/k/v inputs are realised by recomputing each
 head's projection from its own corrected residual stream with the layer's ln1 (exact norm):
 `hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]` (before RoPE, so RoPE still applies); the MLP
 input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
@@ -43,10 +43,10 @@ from gimlens.errors import GimlensError
 
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, run_hooked
 
-from .attribute import Examples
+from ._engine.examples import Examples
 from .graph import Graph
-from .model import Ablation, ModelSpec, ablated_sources, run_model
-from .patching import Patcher, blocks
+from ._engine.model import Ablation, ModelSpec, ablated_sources, run_model
+from ._engine.patching import Patcher, blocks
 from .prune import Level, Selection
 
 __all__ = ["evaluate", "faithfulness", "faithfulness_curve", "FaithfulnessCurve"]

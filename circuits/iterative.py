@@ -44,7 +44,7 @@ from gimlens.quadrature import Quadrature, nodes_and_weights
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from .graph import Graph
-from .masked import Context, check_n_edges, prepare
+from ._engine.masked import Context, check_n_edges, prepare
 
 __all__ = ["iterative", "patched_scores", "keep_counts"]
 

@@ -58,7 +58,7 @@ from gimlens.errors import GimlensError
 
 from .evaluate import evaluate
 from .graph import Graph, KVEdges
-from .model import Ablation
+from ._engine.model import Ablation
 from .prune import Selection
 
 __all__ = ["MIB_FRACTIONS", "MIBCurve", "MIBMetrics", "mib_metrics", "mib_edge_count", "mib_points",

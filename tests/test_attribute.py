@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from circuits.model import ModelSpec, head_outputs
+from circuits._engine.model import ModelSpec, head_outputs
 from circuits.attribute import Method, attribute
 from circuits.graph import Graph
 from conftest import TINY
@@ -27,7 +27,7 @@ from gimlens.testing import tiny_hf_model
 from helpers import assert_state_equal, model_state
 from reference import Rules, _causal_scores, _layer_norm, _rms_norm, _rope, _scale, _softmax
 
-scoring_module = importlib.import_module("circuits.scoring")
+scoring_module = importlib.import_module("circuits._engine.scoring")
 
 GIM_RULES = Rules(freeze_norm=True, temperature=2.0, q=0.25, k=0.25, v=0.5, gate=0.5, up=0.5)
 PAIRS = [  # (clean, corrupted): the corruption changes the second mention of a name
@@ -60,7 +60,7 @@ def ioi(model):
 
 
 def _hf_weights(hf):
-    """Per-head weights straight from the HF modules (independent of circuits.model)."""
+    """Per-head weights straight from the HF modules (independent of circuits._engine.model)."""
     c = hf.config
     if c.model_type == "gpt2":
         d, H = c.n_embd, c.n_head

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from circuits.accumulate import Accumulator
+from circuits._engine.accumulate import Accumulator
 from circuits.attribute import attribute, gradient_points
 from circuits.graph import Graph
-from circuits.model import ModelSpec
+from circuits._engine.model import ModelSpec
 from gimlens.quadrature import nodes_and_weights
 from gimlens.testing import tiny_model
 from helpers import assert_state_equal, model_state

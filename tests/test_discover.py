@@ -17,7 +17,7 @@ from circuits import attribute, discover, evaluate, faithfulness
 from circuits.edge_pruning import edge_pruning, expected_open, hard_concrete
 from circuits.graph import Graph
 from circuits.iterative import iterative, keep_counts, patched_scores
-from circuits.masked import prepare
+from circuits._engine.masked import prepare
 from conftest import TINY
 from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model, tiny_tokenizer

@@ -20,7 +20,7 @@ from helpers import assert_state_equal, model_state
 from test_attribute import edge_reference, ioi
 
 
-patching_module = importlib.import_module("circuits.patching")
+patching_module = importlib.import_module("circuits._engine.patching")
 
 
 def logits_of(model, graph, clean, corrupted, **kwargs):

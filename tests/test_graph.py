@@ -198,7 +198,7 @@ def test_check_matches_names_the_mismatch(gpt2_model, llama_model):
 
 def test_layout_from_a_config_alone_matches_the_graph_and_model_spec(any_model):
     from circuits.layout import Layout
-    from circuits.model import ModelSpec
+    from circuits._engine.model import ModelSpec
 
     lay = Layout.from_config(any_model.cfg)
     g = Graph.from_model(any_model)

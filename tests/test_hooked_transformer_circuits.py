@@ -20,8 +20,8 @@ from torch.testing import assert_close
 from circuits import attribute
 from circuits.evaluate import evaluate, faithfulness_curve
 from circuits.graph import Graph
-from circuits.model import ModelSpec
-from circuits.sites import ModelKind, Site, model_kind
+from circuits._engine.model import ModelSpec
+from circuits._engine.sites import ModelKind, Site, model_kind
 from gimlens.errors import GimlensError
 from gimlens.testing import tiny_hf_model, tiny_model, tiny_tokenizer
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 import circuits
-from circuits.memory import estimate_memory, fit_batch_size, parse_bytes
+from circuits._engine.memory import estimate_memory, fit_batch_size, parse_bytes
 from gimlens import GimlensError
 from gimlens.testing import tiny_model
 from helpers import free_port

@@ -1,9 +1,9 @@
 """The hook points edge attribution reads and writes, named per model kind.
 
-**Two model kinds** ([`ModelKind`][circuits.sites.ModelKind]). On the `TransformerBridge` each
+**Two model kinds** (`ModelKind`). On the `TransformerBridge` each
 norm's input has a hook of its own (`ln1.hook_in`, `ln2.hook_in`, `ln_final.hook_in`) that feeds
 only the norm. TransformerLens 3.x's `HookedTransformer` has none, so
-[`site_name`][circuits.sites.site_name] (and [`ModelSpec.hook`][circuits.model.ModelSpec.hook])
+`site_name` (and `ModelSpec.hook`)
 name other sites there:
 
 - ln1's input: `blocks.{l}.hook_resid_pre`. It also carries the residual stream on, so it is only
@@ -11,8 +11,8 @@ name other sites there:
   straight-through gradient: every norm input is replaced anyway, so no destination's value or
   gradient changes.
 - the MLP's input: `blocks.{l}.hook_mlp_in`, a copy of `hook_resid_mid` that feeds only ln2; it
-  fires only with `use_hook_mlp_in`, which [`hook_modes`][circuits.sites.hook_modes] (used by
-  [`run_model`][circuits.model.run_model]) switches on for each run and restores.
+  fires only with `use_hook_mlp_in`, which `hook_modes` (used by
+  `run_model`) switches on for each run and restores.
 - the logits' input: the last `blocks.{L-1}.hook_resid_post` (it feeds only `ln_final`).
 
 Folded norms (`LNPre`, `RMSPre`: `fold_ln=True`) read as a unit weight.
@@ -37,7 +37,7 @@ __all__ = ["CORE_SITES", "HOOKED_SITES", "ModelKind", "Site", "hook_modes", "mod
 
 class Site(str, Enum):
     """The hook points edge attribution reads and writes, by their `TransformerBridge` names
-    ([`site_name`][circuits.sites.site_name] gives a model's own)."""
+    (`site_name` gives a model's own)."""
 
     EMBED = "hook_embed"  #: token embedding: the `input` node
     LN1_IN = "blocks.{l}.ln1.hook_in"  #: residual stream entering ln1 (feeds only attention)

@@ -3,7 +3,7 @@
 The shared engine of `edge_pruning` and
 `iterative`: it validates the inputs once, keeps each batch's ablated
 sources and its clean and ablated metrics, and runs the exact patching forward of
-`circuits.patching` with missing coefficients `w = 1 - m` that may require
+`circuits._engine.patching` with missing coefficients `w = 1 - m` that may require
 grad, optionally with GIM's hooks and with the token embedding interpolated between its
 ablated and clean values (the IG path).
 
@@ -35,8 +35,8 @@ from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.runtime import run_hooked
 
-from .attribute import Examples
-from .graph import Graph, KVEdges
+from .examples import Examples
+from ..graph import Graph, KVEdges
 from .memory import fit_batch_size
 from .model import Ablation, ModelSpec, Sources, ablated_sources, run_model
 from .patching import Patcher, blocks

@@ -6,9 +6,9 @@ before any of the layer below. The destinations of consecutive layers (the last 
 logits) form chunks of at least `MIN_COLUMNS` columns; a chunk's gradients gather in one buffer,
 and the buffer is multiplied (one GEMM against the `diff` rows that feed it) when the first
 gradient of the next chunk arrives, or at the end of the pass ([`Accumulator.end_pass`]
-[circuits.accumulate.Accumulator.end_pass]). With `defer`, the buffers are summed over all
+[circuits._engine.accumulate.Accumulator.end_pass]). With `defer`, the buffers are summed over all
 gradient points of a batch and multiplied once, in [`Accumulator.flush`]
-[circuits.accumulate.Accumulator.flush].
+[circuits._engine.accumulate.Accumulator.flush].
 
 **Neuron scores** (`neurons` given): every gradient that reaches the score GEMM is also summed
 per upstream count `u` (the destinations fed by exactly the sources `[0, u)`). By residual
@@ -25,7 +25,7 @@ Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
-    >>> from circuits.model import ModelSpec
+    >>> from circuits._engine.model import ModelSpec
     >>> model = tiny_model("gpt2")
     >>> spec, graph = ModelSpec.read(model), Graph.from_model(model)
     >>> diff, grads = torch.randn(graph.n_forward, 1, 3, 32), torch.randn(graph.n_backward, 1, 3, 32)
@@ -72,7 +72,7 @@ class Accumulator:
 
     `slot(layer, cols)` hands out the buffer rows for the gradients of columns `cols` of
     `layer`; writing them there is all a hook does. Columns left unwritten (the k/v columns of
-    a split-KV model, scored separately through [`gemm`][circuits.accumulate.Accumulator.gemm])
+    a split-KV model, scored separately through `gemm`)
     are zero.
     """
 

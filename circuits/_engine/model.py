@@ -9,7 +9,7 @@ weight views (`blocks[l].attn.W_Q` `[H, d_model, d_head]`, `W_K`/`W_V` `[H_kv, .
 - the gradient at head `h`'s *own copy* of the residual stream before `ln1`:
   `g_in[h] = LN1_backward(g_q[h] @ W_Q[h]^T)`, with the norm Jacobian exact or frozen (GIM).
 
-Hook names per model kind (bridge or `HookedTransformer`) live in `circuits.sites`.
+Hook names per model kind (bridge or `HookedTransformer`) live in `circuits._engine.sites`.
 
 Examples:
     >>> import torch
@@ -184,7 +184,7 @@ class ModelSpec:
 
     def hook(self, site: Site, layer: int | None = None) -> str:
         """The hook name of `site` at `layer` on this model (see
-        [`HOOKED_SITES`][circuits.sites.HOOKED_SITES] for a `HookedTransformer`)."""
+        `HOOKED_SITES` for a `HookedTransformer`)."""
         return site_name(self.kind, site, layer, self.n_layers)
 
     def ln1_out_norm(self, layer: int) -> "Norm":
@@ -304,7 +304,7 @@ def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
 
 def recorded_sources(model, spec: ModelSpec, tokens: Tensor, mask: Tensor | None
                      ) -> tuple[Sources, Tensor]:
-    """A no-grad run's [`Sources`][circuits.model.Sources] and logits."""
+    """A no-grad run's `Sources` and logits."""
     B, S = tokens.shape
     src = Sources(torch.empty(spec.n_forward, B, S, spec.d_model, device=spec.device),
                   [None] * spec.n_layers)
@@ -358,6 +358,6 @@ def ablated_sources(model, spec: ModelSpec, ablation: Ablation, tokens: Tensor, 
 
 def run_model(model, tokens: Tensor, attention_mask: Tensor | None, hooks: list[Hook]) -> Tensor:
     """`model(tokens)` with forward `hooks` in place (removed afterwards, also on error) -> logits
-    ([`run_hooked`][gimlens.runtime.run_hooked]), in [`hook_modes`][circuits.sites.hook_modes]."""
+    ([`run_hooked`][gimlens.runtime.run_hooked]), in `hook_modes`."""
     with hook_modes(model):
         return run_hooked(model, tokens, fwd_hooks=hooks, attention_mask=attention_mask)

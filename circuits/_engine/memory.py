@@ -4,8 +4,8 @@ The dominant buffers of [`attribute`][circuits.attribute.attribute] grow with
 `batch × positions × n_forward × d_model`: the ablated source activations and their differences
 from the clean run (float32), the per-destination gradient blocks being multiplied, plus the
 model's own activations kept for the backward pass.
-[`estimate_memory`][circuits.memory.estimate_memory] counts them;
-[`fit_batch_size`][circuits.memory.fit_batch_size] picks the largest batch that stays within a
+`estimate_memory` counts them;
+`fit_batch_size` picks the largest batch that stays within a
 budget, so a long run is split into chunks instead of failing.
 
 Examples:

@@ -3,8 +3,8 @@ destination gradient goes.
 
 In the clean run the source hooks turn the ablated activations into `diff = a_abl - a_clean`;
 in every gradient pass the destination hooks hand each destination input's gradient (per head
-for q/k/v, through the ln1 backward of `circuits.model.head_input_grads`) to the
-[`Accumulator`][circuits.accumulate.Accumulator]. A [`Point`][circuits.scoring.Point] says how a
+for q/k/v, through the ln1 backward of `circuits._engine.model.head_input_grads`) to the
+`Accumulator`. A `Point` says how a
 pass is interpolated: the token embedding, every destination input at once (joint), or one node
 group's output (per node: `node` 0 is the input, `1 + 2 l` layer `l`'s attention, `2 + 2 l` its
 MLP), whose output is then a constant for the backward pass (no gradient flows through it).

@@ -25,7 +25,7 @@ Examples:
     >>> import torch
     >>> from gimlens.testing import tiny_model
     >>> from circuits.graph import Graph
-    >>> from circuits.model import ModelSpec, recorded_sources
+    >>> from circuits._engine.model import ModelSpec, recorded_sources
     >>> from gimlens.runtime import run_hooked
     >>> model = tiny_model("gpt2")
     >>> spec, graph = ModelSpec.read(model), Graph.from_model(model)
@@ -50,7 +50,7 @@ from torch import Tensor
 from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs
 
-from .graph import Graph, KVEdges
+from ..graph import Graph, KVEdges
 from .model import Hook, ModelSpec, Norm, NormKind, Site, Sources, head_projection_deltas
 
 __all__ = ["Patcher", "blocks"]
