@@ -302,7 +302,7 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
         10
     """
     require_lens_model(model)
-    config = GIMConfig() if config is None else config
+    config = GIMConfig() if config is None else GIMConfig.coerce(config)
     hook_dict = model.hook_dict
     hooks: list[Hook] = []
     missing: list[str] = []
