@@ -191,20 +191,26 @@ class Counter:
         return self.fn(*args, **kwargs) if self.fn else None
 
 
-def _run(row: Row, model, data: Data, case: str) -> None:
+def _run(row: Row, model, data: Data, case: str):
+    """Runs the case; returns the exception info of a failing run (held by the caller while it
+    compares, as a notebook holds the last traceback: hooks that only the garbage collection of
+    the failed frames would remove count as left on the model)."""
     if case == "success":
         row.call(model, data)
-    elif case == "bad_input":
-        with pytest.raises(GimlensError, match=row.match):
+        return None
+    if case == "bad_input":
+        with pytest.raises(GimlensError, match=row.match) as raised:
             row.call(model, data, **row.bad)
+        return raised
     elif case == "metric_raises":
         if not row.metric:
             pytest.skip(f"{row.name} takes no metric")
         counted = Counter(data.metric)
         row.call(model, dataclasses.replace(data, metric=counted))
         failing = Counter(data.metric, fail_at=counted.calls // 2 + 1)
-        with pytest.raises(RuntimeError, match="caller's code"):
+        with pytest.raises(RuntimeError, match="caller's code") as raised:
             row.call(model, dataclasses.replace(data, metric=failing))
+        return raised
     else:  # forward_raises: a hook of the caller's own raises inside a forward pass
         name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
         counted = Counter()
@@ -214,8 +220,9 @@ def _run(row: Row, model, data: Data, case: str) -> None:
             pytest.skip(f"{row.name} runs no forward pass")
         failing = Counter(fail_at=counted.calls // 2 + 1)
         with model.hooks(fwd_hooks=[(name, failing)]):
-            with pytest.raises(RuntimeError, match="caller's code"):
+            with pytest.raises(RuntimeError, match="caller's code") as raised:
                 row.call(model, data)
+        return raised
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -227,6 +234,6 @@ def test_model_left_as_found(row, found, case):
     marker = Counter()
     with found.hooks(fwd_hooks=[("hook_embed", marker)]):  # a hook of the caller's, kept
         before = model_state(found)
-        _run(row, found, data, case)
+        raised = _run(row, found, data, case)  # noqa: F841  (kept alive while comparing)
         assert_state_equal(before, model_state(found))
     assert not any(h.fwd_hooks for h in found.hook_dict.values())
