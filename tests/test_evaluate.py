@@ -3,7 +3,6 @@ test_attribute.py, the empty / full circuit identities, faithfulness and its cur
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -16,11 +15,7 @@ from circuits.graph import Graph
 from conftest import TINY
 from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model
-from helpers import assert_state_equal, model_state
 from test_attribute import edge_reference, ioi
-
-
-patching_module = importlib.import_module("circuits._engine.patching")
 
 
 def logits_of(model, graph, clean, corrupted, **kwargs):
@@ -106,10 +101,8 @@ def test_per_query_head_graph_needs_shared_kv_edges_within_a_group(llama_model):
     col = per_q.backward_index(1, 0, "k")
     ing[:, col] = ~ing[:, col] & per_q.valid[:, col]
     per_q.in_graph = ing
-    before = model_state(llama_model)
     with pytest.raises(GimlensError, match="as_kv_edges\\('grouped'\\)"):
         evaluate(llama_model, per_q, clean, corrupted, metric)
-    assert_state_equal(before, model_state(llama_model))
 
 
 def test_faithfulness_is_0_for_empty_and_1_for_full_circuit_and_the_normalised_metric(gpt2_model):
@@ -172,35 +165,14 @@ def test_batching_does_not_change_the_patched_metric(qwen2_model):
         assert_close(parts, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_model_left_as_found_after_success_and_after_a_failure(llama_model, monkeypatch):
-    clean, corrupted, _ = ioi(llama_model)
-    metric = fingerprint(llama_model)
-    circuit = random_circuit(llama_model, seed=5)
-    before = model_state(llama_model)
-    faithfulness_curve(llama_model, circuit, clean, corrupted, metric, sizes=(10, 100),
-                       ablation="mean")
-    assert_state_equal(before, model_state(llama_model))
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("patch failed")
-
-    monkeypatch.setattr(patching_module, "head_projection_deltas", boom)  # inside a forward hook
-    with pytest.raises(RuntimeError, match="patch failed"):
-        evaluate(llama_model, circuit, clean, corrupted, metric)
-    assert_state_equal(before, model_state(llama_model))
-
-
-def test_model_in_train_mode_is_evaluated_in_eval_mode_and_left_in_train_mode(gpt2_model):
+def test_model_in_train_mode_is_evaluated_in_eval_mode(gpt2_model):
     clean, corrupted, _ = ioi(gpt2_model)
     metric = fingerprint(gpt2_model)
     circuit = random_circuit(gpt2_model, seed=6)
     expected = evaluate(gpt2_model, circuit, clean, corrupted, metric)
     gpt2_model.train()
     try:
-        before = model_state(gpt2_model)
         got = [evaluate(gpt2_model, circuit, clean, corrupted, metric) for _ in range(2)]
-        assert_state_equal(before, model_state(gpt2_model))
-        assert gpt2_model.training
     finally:
         gpt2_model.eval()
     assert_close(got[0], expected)
@@ -217,11 +189,9 @@ def test_bad_input_raises_gimlens_error(kwargs, message, llama_model):
     clean, corrupted, metric = ioi(llama_model)
     args = dict(graph=Graph.from_model(llama_model), clean=clean, corrupted=corrupted, metric=metric)
     args.update(kwargs)
-    before = model_state(llama_model)
     with pytest.raises(GimlensError, match=message):
         evaluate(llama_model, args.pop("graph"), args.pop("clean"), args.pop("corrupted"),
                  args.pop("metric"), **args)
-    assert_state_equal(before, model_state(llama_model))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -136,10 +136,12 @@ ROWS = [
         "batch_size"),
     Row("gimlens.evaluate.ablation_agreement", "llama",
         lambda m, d, **kw: ablation_agreement(m, d.attribution, **kw), dict(batch_size=0), "batch_size"),
-    *[Row(f"circuits.attribute[{method.value},{level}]", arch,
-          _circuits(circuits.attribute, lambda d: d.graph(), method=method, level=level, ig_steps=2, gim=True),
+    *[Row(f"circuits.attribute[{method.value},{level},{ablation}]", arch,
+          _circuits(circuits.attribute, lambda d: d.graph(kv_edges="per_query_head"), method=method,
+                    level=level, ablation=ablation, ig_steps=2, gim=True),
           dict(metric=_nan), "NaN", metric=True)
-      for method, arch in zip(circuits.Method, ["llama", "gpt2"] * 2) for level in ("edge", "node", "neuron")],
+      for method, arch in zip(circuits.Method, ["llama", "gpt2"] * 2)
+      for level, ablation in (("edge", "corrupted"), ("node", "mean"), ("neuron", "zero"))],
     *[Row(f"circuits.evaluate[{level}]", "llama", _circuits(circuits.evaluate, level=level),
           dict(ablation="resample"), "expected one of", metric=True) for level in ("edge", "node", "neuron")],
     Row("circuits.faithfulness", "gpt2", _circuits(circuits.faithfulness, ablation="mean"),

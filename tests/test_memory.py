@@ -19,7 +19,6 @@ from gimlens.evaluate import attribution_faithfulness
 from gimlens.layerwise import layerwise_ig
 from gimlens.memory import PassKind, fit_rows, resolve_budget, row_bytes
 from gimlens.runtime import format_bytes
-from helpers import assert_state_equal, model_state
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -105,11 +104,9 @@ def test_layerwise_ig_split_by_memory_equals_the_unsplit_flows(gpt2_model, granu
 def test_a_budget_below_one_row_is_refused_naming_budget_and_need(llama_model):
     ids = llama_model.to_tokens(TEXTS[0])
     need = row_bytes(llama_model, ids.shape[1], PassKind.GRADIENTS)
-    before = model_state(llama_model)
     with pytest.raises(GimlensError, match=r"max_memory 1\.0 KiB is below the .* one row needs") as err:
         attribute(llama_model, ids, method="integrated_gradients", steps=4, max_memory=1024)
     assert format_bytes(need) in str(err.value)
-    assert_state_equal(before, model_state(llama_model))
     attr = attribute(llama_model, ids)
     with pytest.raises(GimlensError, match="max_memory"):
         attribution_faithfulness(llama_model, attr, max_memory=1024)

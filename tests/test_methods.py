@@ -11,7 +11,6 @@ from gimlens import GIMConfig, GimlensError
 from gimlens.attribution import attribute
 from gimlens.models import load_model
 from gimlens.testing import tiny_hf_model, tiny_tokenizer
-from helpers import assert_state_equal, model_state
 from reference import Rules, reference_forward, token_embeddings
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -187,21 +186,6 @@ def test_batch_size_changes_nothing(qwen2_model, method):
 def test_unknown_method_is_an_error_listing_the_known_ones(llama_model):
     with pytest.raises(GimlensError, match="known methods: gradient_x_input, gim, integrated_gradients, feature_ablation"):
         attribute(llama_model, PROMPT, method="saliency")
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_leaves_the_model_as_found_after_success_and_error(any_model, method):
-    before = model_state(any_model)
-    attribute(any_model, [PROMPT, "The capital of France is"], method=method, batch_size=3)
-    assert_state_equal(before, model_state(any_model))
-
-    def boom(tensor, hook):
-        raise RuntimeError("forced failure")
-
-    with any_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", boom)]):
-        with pytest.raises(RuntimeError, match="forced failure"):
-            attribute(any_model, PROMPT, method=method)
-    assert_state_equal(before, model_state(any_model))
 
 
 @pytest.mark.slow

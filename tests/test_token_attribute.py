@@ -7,7 +7,6 @@ from torch.testing import assert_close
 import gimlens
 from gimlens import GIMConfig, GimlensError
 from gimlens.attribution import Continuation, LogitDiff, TokenTarget, attribute
-from helpers import assert_state_equal, model_state
 
 PROMPTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -116,7 +115,5 @@ def test_progress_bar_reports_batches(llama_model, capsys):
     ],
 )
 def test_bad_input_is_a_gimlens_error_and_leaves_the_model_as_found(llama_model, inputs, kwargs, match):
-    before = model_state(llama_model)
     with pytest.raises(GimlensError, match=match):
         attribute(llama_model, inputs, **kwargs)
-    assert_state_equal(before, model_state(llama_model))
