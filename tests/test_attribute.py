@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from circuits._engine.model import ModelSpec, head_outputs
-from circuits.attribute import Method, attribute
+from circuits.attribute import attribute
 from circuits.graph import Graph
 from conftest import TINY
 from gimlens import GimlensError

@@ -17,7 +17,6 @@ from gimlens.evaluate import (
     rankable_positions,
     spearman,
 )
-from helpers import assert_state_equal, model_state
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -175,19 +174,3 @@ def test_an_attribution_from_another_vocabulary_is_rejected(llama_model):
         attribution_faithfulness(llama_model, attr)
     with pytest.raises(GimlensError, match="Attribution"):
         attribution_faithfulness(llama_model, {"scores": [1.0]})
-
-
-def test_evaluation_leaves_the_model_as_found_after_success_and_error(any_model):
-    attr = attribute(any_model, TEXTS)
-    before = model_state(any_model)
-    attribution_faithfulness(any_model, attr)
-    ablation_agreement(any_model, attr)
-    assert_state_equal(before, model_state(any_model))
-
-    def boom(tensor, hook):
-        raise RuntimeError("forced failure")
-
-    with any_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", boom)]):
-        with pytest.raises(RuntimeError, match="forced failure"):
-            attribution_faithfulness(any_model, attr)
-    assert_state_equal(before, model_state(any_model))

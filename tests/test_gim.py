@@ -13,7 +13,6 @@ import inspect
 from gimlens import GIM, GIMConfig, GimlensError, explain
 from gimlens.gim import RULES, Rule, config_class, gim_hooks, gim_keywords, scale_hooks
 from gimlens.testing import tiny_hf_model
-from helpers import assert_state_equal, model_state
 from reference import Rules, reference_forward, token_embeddings
 
 PROMPTS = ["When Mary and John went to the store, John gave", "The capital of France is Paris and the"]
@@ -126,27 +125,6 @@ def test_backward_after_the_block_still_follows_gim(llama_model):
         (outside,) = torch.autograd.grad((logits[:, -1] @ w).sum(), leaf2)
     _, plain = _bridge_grad(llama_model, tokens, emb, w, GIMConfig.off())
     assert torch.equal(outside, plain)
-
-
-def test_nothing_left_on_the_model_after_normal_exit_and_after_an_exception(any_model):
-    tokens = any_model.to_tokens("When Mary and John went")
-    before = model_state(any_model)
-    with GIM(any_model):
-        any_model(tokens).sum()
-    assert_state_equal(before, model_state(any_model))
-    with pytest.raises(RuntimeError, match="boom"):
-        with GIM(any_model):
-            any_model(tokens)
-            raise RuntimeError("boom")
-    assert_state_equal(before, model_state(any_model))
-
-
-def test_hooks_are_removed_when_the_forward_itself_fails(llama_model):
-    before = model_state(llama_model)
-    with pytest.raises(Exception):
-        with GIM(llama_model):
-            llama_model(torch.tensor([[10_000]]))  # token id outside the vocabulary
-    assert_state_equal(before, model_state(llama_model))
 
 
 def test_missing_hook_points_are_named_and_nothing_is_added(llama_model):

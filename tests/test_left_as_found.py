@@ -120,7 +120,8 @@ _DISCOVER = {"EAP": {}, "EAP-IG-inputs": {}, "EAP-IG-activations": {}, "clean-co
              "edge-pruning": dict(steps=3), "EAP-IG-iterative": dict(rounds=2)}
 
 ROWS = [
-    Row("gimlens.GIM", "llama", _gim_context, dict(q_scale="big"), "q_scale", metric=True),
+    *[Row(f"gimlens.GIM[{arch}]", arch, _gim_context, dict(q_scale="big"), "q_scale", metric=True)
+      for arch in ("gpt2", "llama")],
     Row("gimlens.gim_hooks", "llama", _gim_hooks, dict(config={"q_scale": "big"}), "q_scale", metric=True),
     Row("gimlens.explain", "llama", lambda m, d, **kw: gimlens.explain(m, d.clean[0], **kw),
         dict(target_position=50), "outside the sequence"),
@@ -153,8 +154,8 @@ ROWS = [
     *[Row(f"circuits.discover[{method}]", "gpt2",
           _circuits(circuits.discover, _kv, n_edges=20, method=method, ig_steps=2, **options),
           dict(n_edges=0), "n_edges", metric=True) for method, options in _DISCOVER.items()],
-    Row("circuits.discover[edge-pruning, gim]", "llama",
-        _circuits(circuits.discover, _kv, n_edges=20, method="edge-pruning", gim=True, steps=3),
+    Row("circuits.discover[edge-pruning,gim,no warm start]", "llama",
+        _circuits(circuits.discover, _kv, n_edges=20, method="edge-pruning", gim=True, steps=3, warm_start=None),
         dict(lr=-1.0), "lr", metric=True),
     Row("circuits.Graph.from_model", "llama", lambda m, d, **kw: Graph.from_model(m, **kw),
         dict(kv_edges="per_key"), "kv_edges"),
