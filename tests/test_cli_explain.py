@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import warnings
 
 import matplotlib.image
@@ -66,7 +67,9 @@ def test_integrated_gradients_with_a_progress_bar_and_a_log_prob_continuation(fo
     assert a.is_continuation and a.target["readout"] == "logprob" and a.config["steps"] == 6
     assert a.scores.shape[:2] == (1, 2) and a.delta is not None
     captured = capsys.readouterr()
-    assert "gradients" in captured.err and "completeness delta" in captured.out
+    # 6 steps x 2 continuation tokens = 12 gradient rows, 6 passes of 2: the bar, not the memory line
+    assert re.search(r"gradients: 100%\|[^|]*\| 6/6 ", captured.err), captured.err
+    assert "completeness delta" in captured.out
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """gimlens.attribute: input forms, BOS handling, the result object, bad input."""
 
+import re
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -81,7 +83,11 @@ def test_a_string_baseline_equals_its_token_id(llama_model):
 
 def test_progress_bar_reports_batches(llama_model, capsys):
     attribute(llama_model, PROMPTS, method="integrated_gradients", steps=4, batch_size=4, progress=True)
-    assert "gradients" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # 3 prompts and their baselines: 6 forward rows, 2 passes of 4; 3 prompts x 4 steps: 12
+    # gradient rows, 3 passes of 4 (the bars, not the memory lines that also name the passes)
+    assert re.search(r"forwards: 100%\|[^|]*\| 2/2 ", err), err
+    assert re.search(r"gradients: 100%\|[^|]*\| 3/3 ", err), err
 
 
 @pytest.mark.parametrize(
