@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import gimlens
-from gimlens import GIMConfig, GimlensError
+from gimlens import GIM, GIMConfig, GimlensError
 from gimlens.attribution import Continuation, LogitDiff, TokenTarget, attribute
 
 PROMPTS = [
@@ -45,6 +45,16 @@ def test_a_model_without_bos_scores_every_token(qwen2_model):
     a = attribute(qwen2_model, PROMPTS[1])
     assert not qwen2_model.cfg.default_prepend_bos
     assert a.scored.all() and (a.scores != 0).all()
+    # by hand: GIM's gradient of the top logit at the embeddings, times (e - e(" ")) at every token
+    ids = qwen2_model.to_tokens(PROMPTS[1])
+    space = qwen2_model.tokenizer.encode(" ", add_special_tokens=False)[0]
+    emb = qwen2_model.embed(ids).detach()
+    leaf = emb.clone().requires_grad_()
+    with GIM(qwen2_model):
+        logits = qwen2_model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda t, hook: leaf)])
+    grad, = torch.autograd.grad(logits[0, -1].max(), leaf)
+    want = (grad * (emb - qwen2_model.embed(torch.full_like(ids, space)).detach())).sum(-1)
+    assert_close(a.scores, want, rtol=1e-4, atol=1e-6)
 
 
 def test_explain_is_attribute_with_bos_scored_in_one_pass(gpt2_model):
