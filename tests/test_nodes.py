@@ -11,10 +11,12 @@ from circuits.attribute import attribute
 from circuits.evaluate import evaluate, faithfulness, faithfulness_curve
 from circuits.export import from_eap_json, to_eap_json
 from circuits.graph import Graph
+from conftest import TINY
 from gimlens import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.runtime import prepared, run_hooked
-from test_attribute import ioi
+from gimlens.testing import tiny_hf_model
+from test_attribute import ioi, reference_scores
 
 METHODS = ["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted"]
 
@@ -208,6 +210,9 @@ def test_edge_level_attribution_leaves_node_and_neuron_scores_alone(gpt2_model):
     clean, corrupted, metric = ioi(gpt2_model)
     g = attribute(gpt2_model, Graph.from_model(gpt2_model), clean, corrupted, metric)
     assert g.node_scores is None and g.neuron_scores is None
+    # ... and fills the edge scores: EAP's, by plain autograd through a hand-written forward
+    want = reference_scores(tiny_hf_model(**TINY["gpt2"]), clean, corrupted, metric)
+    assert_close(g.scores, want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
 
 
 # ------------------------------------------------------------------------ evaluation by hand
