@@ -30,7 +30,9 @@ import torch
 import circuits
 import gimlens
 from circuits import Graph
-from circuits.mib import mib_metrics
+from circuits.edge_pruning import edge_pruning
+from circuits.iterative import iterative
+from circuits.mib import mib_edge_count, mib_metrics
 from circuits.tasks import make
 from gimlens import GIM, GimlensError, gim_hooks
 from gimlens.evaluate import ablation_agreement, attribution_faithfulness
@@ -157,6 +159,12 @@ ROWS = [
     Row("circuits.discover[edge-pruning,gim,no warm start]", "llama",
         _circuits(circuits.discover, _kv, n_edges=20, method="edge-pruning", gim=True, steps=3, warm_start=None),
         dict(lr=-1.0), "lr", metric=True),
+    Row("circuits.edge_pruning.edge_pruning", "llama",
+        _circuits(edge_pruning, _kv, n_edges=20, steps=3, ig_steps=2), dict(steps=0), "steps", metric=True),
+    Row("circuits.iterative.iterative", "llama", _circuits(iterative, _kv, n_edges=20, rounds=2, ig_steps=2),
+        dict(rounds=0), "rounds", metric=True),
+    Row("circuits.mib.mib_edge_count", "llama", lambda m, d, model=None: mib_edge_count(model or m),
+        dict(model="a model"), "TransformerLens model"),
     Row("circuits.Graph.from_model", "llama", lambda m, d, **kw: Graph.from_model(m, **kw),
         dict(kv_edges="per_key"), "kv_edges"),
     Row("circuits.tasks.make", "llama", lambda m, d, n=4: make("ioi", m, n=n), dict(n=0), "n"),
