@@ -35,6 +35,7 @@ from circuits.iterative import iterative
 from circuits.mib import mib_edge_count, mib_metrics
 from circuits.tasks import make
 from gimlens import GIM, GimlensError, gim_hooks
+from gimlens.attribution.methods import Method as TokenMethod
 from gimlens.evaluate import ablation_agreement, attribution_faithfulness
 
 from helpers import assert_state_equal, model_state
@@ -116,7 +117,8 @@ def _circuits(fn, graph=None, **fixed):
 
 
 _nan = lambda logits, idx: logits[:, -1, 0] * float("nan")  # noqa: E731  (found only after a forward)
-_STEPS = {gimlens.attribution.methods.Method.INTEGRATED_GRADIENTS: dict(steps=2)}
+_STEPS = {TokenMethod.INTEGRATED_GRADIENTS: dict(steps=2)}
+_LAYERWISE = dict(granularity="all", gim=True, steps=2)
 _kv = lambda d: d.graph(kv_edges="grouped")  # noqa: E731  (the search methods need grouped KV edges)
 _DISCOVER = {"EAP": {}, "EAP-IG-inputs": {}, "EAP-IG-activations": {}, "clean-corrupted": {},
              "edge-pruning": dict(steps=3), "EAP-IG-iterative": dict(rounds=2)}
@@ -128,12 +130,12 @@ ROWS = [
     Row("gimlens.explain", "llama", lambda m, d, **kw: gimlens.explain(m, d.clean[0], **kw),
         dict(target_position=50), "outside the sequence"),
     *[Row(f"gimlens.attribute[{method.value}]", arch,
-          lambda m, d, method=method, **kw: gimlens.attribute(m, TEXTS, method=method, **_STEPS.get(method, {}), **kw),
+          lambda m, d, method=method, **kw: gimlens.attribute(m, TEXTS, method=method,
+                                                              **{**_STEPS.get(method, {}), **kw}),
           dict(max_memory=1024), "max_memory")  # refused by the memory planner, after set-up
-      for method, arch in zip(gimlens.attribution.methods.Method, ["gpt2", "llama"] * 2)],
+      for method, arch in zip(TokenMethod, ["gpt2", "llama"] * 2)],
     Row("gimlens.layerwise_ig", "llama",
-        lambda m, d, **kw: gimlens.layerwise_ig(m, TEXTS[1], **{**dict(granularity="all", gim=True, steps=2), **kw}),
-        dict(steps=0), "steps"),
+        lambda m, d, **kw: gimlens.layerwise_ig(m, TEXTS[1], **{**_LAYERWISE, **kw}), dict(steps=0), "steps"),
     Row("gimlens.evaluate.attribution_faithfulness", "gpt2",
         lambda m, d, **kw: attribution_faithfulness(m, d.attribution, max_k=3, **kw), dict(batch_size=0),
         "batch_size"),
@@ -157,8 +159,8 @@ ROWS = [
           _circuits(circuits.discover, _kv, n_edges=20, method=method, ig_steps=2, **options),
           dict(n_edges=0), "n_edges", metric=True) for method, options in _DISCOVER.items()],
     Row("circuits.discover[edge-pruning,gim,no warm start]", "llama",
-        _circuits(circuits.discover, _kv, n_edges=20, method="edge-pruning", gim=True, steps=3, warm_start=None),
-        dict(lr=-1.0), "lr", metric=True),
+        _circuits(circuits.discover, _kv, n_edges=20, method="edge-pruning", gim=True, steps=3,
+                  warm_start=None), dict(lr=-1.0), "lr", metric=True),
     Row("circuits.edge_pruning.edge_pruning", "llama",
         _circuits(edge_pruning, _kv, n_edges=20, steps=3, ig_steps=2), dict(steps=0), "steps", metric=True),
     Row("circuits.iterative.iterative", "llama", _circuits(iterative, _kv, n_edges=20, rounds=2, ig_steps=2),
