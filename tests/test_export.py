@@ -15,8 +15,9 @@ import torch
 
 import gimlens.runtime as runtime
 from circuits.export import from_eap_json, from_graphml, to_eap_json, to_graphml
+from circuits.files import view_edges
 from circuits.graph import Graph
-from circuits.render import render, to_dot
+from circuits.render import figure, render, to_dot
 from gimlens.errors import GimlensError
 
 SMOLLM2 = SimpleNamespace(n_layers=30, n_heads=9, n_key_value_heads=3, d_model=576, model_name="smollm2-shaped")
@@ -61,9 +62,36 @@ def circuit_of(g):
 
 
 def nx_edges(G):
-    """{edge name: (score, in_graph)} of a networkx export, the name rebuilt from endpoints and qkv."""
-    return {(f"{u}->{v}<{d['qkv']}>" if "qkv" in d else f"{u}->{v}"): (d["score"], d["in_graph"])
-            for u, v, d in G.edges(data=True)}
+    """{edge name: (score, in_graph)} of a networkx export, the name rebuilt from endpoints and qkv
+    (a grouped k/v copy `src->a1.h3` with `kv_group=1` names the graph's edge `src->a1.g1<k>`)."""
+    def name(u, v, d):
+        if "kv_group" in d:
+            v = f"{v.split('.')[0]}.g{d['kv_group']}"
+        return f"{u}->{v}<{d['qkv']}>" if "qkv" in d else f"{u}->{v}"
+    return {name(u, v, d): (d["score"], d["in_graph"]) for u, v, d in G.edges(data=True)}
+
+
+def per_head_circuit(g):
+    """The circuit with k/v edges per query head, written from the tensors: a grouped k/v edge of
+    group `gi` goes to each head `h` with `h // (H // Hk) == gi` that is in `nodes_in_graph`."""
+    c = g.cfg
+    rep = c["n_heads"] // c["n_kv_heads"]
+    out = {}
+    for name, value in circuit_of(g).items():
+        m = re.fullmatch(r"(.+)->a(\d+)\.g(\d+)<([kv])>", name)
+        if m is None:
+            out[name] = value
+            continue
+        layer, group = int(m[2]), int(m[3])
+        for h in range(group * rep, (group + 1) * rep):
+            if g.nodes_in_graph[1 + layer * (c["n_heads"] + 1) + h]:
+                out[f"{m[1]}->a{layer}.h{h}<{m[4]}>"] = value
+    return out
+
+
+def key_edges(G):
+    """{edge key: (score, in_graph)} of a networkx multigraph."""
+    return {k: (d["score"], d["in_graph"]) for _, _, k, d in G.edges(keys=True, data=True)}
 
 
 @pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
@@ -81,10 +109,53 @@ def test_networkx_of_a_model_sized_circuit_holds_only_the_circuit(kv):
     touched = {re.sub(r"<[qkv]>$", "", n) for n in touched}
     assert set(G.nodes) == touched
     assert all(G.nodes[n]["in_graph"] for n in G.nodes)  # pruned circuit: every node it touches is in
-    full = g.to_networkx(include="all")
-    assert full.number_of_edges() == g.n_valid_edges == len(g.layout.edge_names)
+    full = g.to_networkx(include="all")  # grouped k/v edges: one per query head that reads them
+    assert full.number_of_edges() == g.as_kv_edges("per_query_head").n_valid_edges
+    assert set(nx_edges(full)) == set(g.layout.edge_names)
     flags = {name: m for name, (_, m) in nx_edges(full).items()}
     assert {name for name, m in flags.items() if m} == set(circuit_of(g))
+
+
+def _gqa_circuit(model, n=60):
+    """A pruned circuit of the tiny Llama (9 query heads over 3 KV heads would do; any GQA shape)
+    from real EAP scores, with grouped k/v edges in it."""
+    from circuits.attribute import attribute
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(5, 200, (4, 8), generator=gen)
+    corrupted = torch.randint(5, 200, (4, 8), generator=gen)
+    metric = lambda logits, idx: logits[:, -1, 3] - logits[:, -1, 4]  # noqa: E731
+    g = attribute(model, Graph.from_model(model), clean, corrupted, metric)
+    g.apply_topn(n)
+    return g
+
+
+def _on_input_logits_paths(G):
+    return all(nx.has_path(G, "input", v) and nx.has_path(G, v, "logits") for v in G.nodes)
+
+
+def test_gqa_circuit_exports_without_dead_ends(llama_model, tmp_path):
+    g = _gqa_circuit(llama_model)
+    c = g.cfg
+    assert c["kv_edges"] == "grouped" and c["n_kv_heads"] < c["n_heads"]
+    grouped = [n for n in circuit_of(g) if ".g" in n.split("->")[1]]
+    assert grouped, "the circuit must hold grouped k/v edges for this test to mean anything"
+    G = g.to_networkx()
+    assert _on_input_logits_paths(G)
+    assert G.number_of_nodes() == int(g.nodes_in_graph.sum()) + 1  # + logits
+    assert not any(".g" in v for v in G.nodes)
+    assert key_edges(G) == per_head_circuit(g)
+    copies = [(v, d) for _, v, d in G.edges(data=True) if "kv_group" in d]
+    rep = c["n_heads"] // c["n_kv_heads"]
+    assert copies and all(int(v.split(".h")[1]) // rep == d["kv_group"] and d["qkv"] in "kv" for v, d in copies)
+    # GraphML: the file holds the circuit (read with networkx here), with the same paths
+    g.save(tmp_path / "c.graphml")
+    read = nx.read_graphml(tmp_path / "c.graphml", force_multigraph=True)
+    assert _on_input_logits_paths(read) and read.number_of_nodes() == G.number_of_nodes()
+    assert set(key_edges(read)) == set(per_head_circuit(g))
+    back = Graph.load(tmp_path / "c.graphml")
+    assert torch.equal(back.in_graph, g.in_graph) and torch.equal(back.nodes_in_graph, g.nodes_in_graph)
+    assert Graph.from_networkx(g.to_networkx(include="all")).equals(g)
 
 
 @pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
@@ -92,7 +163,7 @@ def test_networkx_round_trip_is_exact(kv):
     g = scored_graph(kv)
     G = g.to_networkx(include="all", weight="w")
     assert isinstance(G, nx.MultiDiGraph)
-    assert G.number_of_edges() == g.n_valid_edges
+    assert G.number_of_edges() == g.as_kv_edges("per_query_head").n_valid_edges
     assert G.graph["n_kv_heads"] == 2 and G.graph["kv_edges"] == kv
     row, col = g.edge_index("a0.h1->a1.h2<q>")
     data = G.get_edge_data("a0.h1", "a1.h2")["a0.h1->a1.h2<q>"]
@@ -232,15 +303,19 @@ def graphml_edges(path):
 @pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
 def test_graphml_file_holds_the_graph_values_and_round_trips(tmp_path, kv):
     g = scored_graph(kv, seed=5)
-    g.save(tmp_path / "c.graphml")
+    to_graphml(g, tmp_path / "c.graphml", include="all")
     written = graphml_edges(tmp_path / "c.graphml")
-    expected = {e.name: (e.score, e.in_graph) for e in g.edges.values()}
+    # every edge, grouped k/v edges copied to each query head of the group (the MIB spelling)
+    expected = {e.name: (e.score, e.in_graph) for e in g.as_kv_edges("per_query_head").edges.values()}
     assert written.keys() == expected.keys()
     assert all(f32(written[n][0]) == s and written[n][1] == m for n, (s, m) in expected.items())
     assert from_graphml(tmp_path / "c.graphml").equals(g)
     assert Graph.load(tmp_path / "c.graphml").equals(g)
-    to_graphml(g, tmp_path / "circuit.graphml", include="in_graph")
-    assert graphml_edges(tmp_path / "circuit.graphml") == {n: v for n, v in written.items() if v[1]}
+    g.prune()  # the default file is the circuit: in-graph edges only
+    g.save(tmp_path / "circuit.graphml")
+    circuit = graphml_edges(tmp_path / "circuit.graphml")
+    assert circuit.keys() == per_head_circuit(g).keys() and len(circuit) >= g.n_edges_in_graph > 0
+    assert all(f32(circuit[n][0]) == s for n, (s, _) in per_head_circuit(g).items())
 
 
 def dot_edges(text):
@@ -256,41 +331,75 @@ def dot_edges(text):
 
 
 def test_dot_text_parses_into_the_in_graph_edge_set(tmp_path):
-    g = scored_graph(seed=7)
+    g = scored_graph(seed=7).prune()
     assert g.save(tmp_path / "c.dot") == tmp_path / "c.dot"
     text = (tmp_path / "c.dot").read_text()
     assert text == to_dot(g) and text.startswith("digraph")
-    expected = {n: (e.score, True) for n, e in g.edges.items() if e.in_graph}
-    assert dot_edges(text) == expected and len(expected) == g.n_edges_in_graph > 0
+    expected = per_head_circuit(g)  # grouped k/v edges end at the heads that read them
+    assert dot_edges(text) == expected and len(expected) >= g.n_edges_in_graph > 0
+    assert re.search(r'-> "a1\.h\d".*qkv="[kv]", kv_group=\d', text)
+    circuit = circuit_of(g)
+    strongest = sorted(circuit, key=lambda n: -abs(circuit[n][0]))[:3]
     top = dot_edges(to_dot(g, top_k=3))
-    assert sorted(top) == sorted(sorted(expected, key=lambda n: -abs(expected[n][0]))[:3])
+    assert top == {n: v for n, v in expected.items() if nx_edges_name(n) in strongest}
     everything = dot_edges(to_dot(g, include="all"))
-    assert everything == {n: (e.score, e.in_graph) for n, e in g.edges.items()}
+    assert everything == {n: (e.score, e.in_graph) for n, e in g.as_kv_edges("per_query_head").edges.items()}
 
 
-def test_png_decodes_to_the_requested_size_and_draws_the_edges(tmp_path):
+def nx_edges_name(per_head):
+    """The grouped graph's name of a per-head edge name (shape of `scored_graph`: 4 heads, 2 KV heads)."""
+    m = re.fullmatch(r"(.+)->a(\d+)\.h(\d+)<([kv])>", per_head)
+    return f"{m[1]}->a{m[2]}.g{int(m[3]) // 2}<{m[4]}>" if m else per_head
+
+
+def test_png_is_sized_to_its_content_and_draws_the_edges(tmp_path):
     import matplotlib.image as mpimg
 
     g = scored_graph()
     g.apply_topn(30)
-    out = g.save(tmp_path / "c.png", figsize=(5, 4), dpi=60)
+    out = g.save(tmp_path / "c.png", dpi=60)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png"]
     pixels = mpimg.imread(out)
-    assert pixels.shape[:2] == (4 * 60, 5 * 60)
+    w, h = figure(g).get_size_inches() * 60
+    assert pixels.shape[:2] == (int(h), int(w))
     ink = lambda p: int((p[..., :3] < 0.9).any(-1).sum())  # noqa: E731  (non-white pixels)
-    render(g.copy().reset(), tmp_path / "empty.png", figsize=(5, 4), dpi=60)
-    assert ink(pixels) > ink(mpimg.imread(tmp_path / "empty.png")) > 0  # edges add ink; nodes alone have some
+    render(g.copy().reset(), tmp_path / "empty.png", dpi=60)
+    empty = mpimg.imread(tmp_path / "empty.png")
+    assert empty.shape[0] < pixels.shape[0]  # fewer rows of nodes: a smaller picture
+    assert ink(pixels) > ink(empty) > 0  # edges add ink; nodes alone have some
 
 
-def test_svg_draws_one_line_per_circuit_edge(tmp_path):
-    g = scored_graph()
-    g.apply_topn(30)
-    g.save(tmp_path / "c.svg")
-    root = ET.parse(tmp_path / "c.svg").getroot()
-    svg = "{http://www.w3.org/2000/svg}"
-    groups = [el for el in root.iter(f"{svg}g") if (el.get("id") or "").startswith("LineCollection")]
-    assert len(groups) == 1
-    assert len(list(groups[0].iter(f"{svg}path"))) == g.n_edges_in_graph > 0
+def _boxes(fig):
+    """Display-space boxes of the node labels (their drawn frames) of a rendered figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_bbox_patch().get_window_extent(renderer) for t in fig.axes[0].texts]
+
+
+def test_smollm2_sized_circuit_picture_is_readable():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    g = Graph.from_model(SMOLLM2)
+    gen = torch.Generator().manual_seed(1)
+    g.scores = torch.randn(g.n_forward, g.n_backward, generator=gen)
+    for f in torch.randperm(g.n_forward - 1, generator=gen)[:70].tolist():  # 70 nodes on input -> logits paths
+        name = g.forward_names[f + 1]
+        slot = f"{name}<q>" if ".h" in name else name
+        g.scores[g.edge_index(f"input->{slot}")] = g.scores[g.edge_index(f"{name}->logits")] = 50.0
+    g.apply_topn(300)
+    fig = figure(g)
+    FigureCanvasAgg(fig)
+    boxes = _boxes(fig)
+    nodes = int(g.nodes_in_graph.sum()) + 1
+    assert len(boxes) == nodes > 40
+    assert all(t.get_fontsize() >= 8 for t in fig.axes[0].texts)
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert overlaps == []
+    w, h = fig.get_size_inches() * fig.dpi
+    assert w <= 1400 and h <= 2000  # was 1260 x 4350 px with 5 pt labels
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"q input", "k input", "v input", "negative score"} <= legend
+    assert any(t.startswith("|score| ") for t in legend)
 
 
 def test_files_get_the_umask_mode(tmp_path):
@@ -328,10 +437,14 @@ def test_save_dispatches_on_suffix_and_format(tmp_path):
     g.save(tmp_path / "b.json", format="eap-json")
     g.save(tmp_path / "c.graphml")
     g.save(tmp_path / "d.gv")
+    g.save(tmp_path / "e.graphml", include="all")
     assert Graph.load(tmp_path / "a.json").equals(g)
     assert Graph.load(tmp_path / "b.json").equals(g.as_kv_edges("per_query_head"))
     assert Graph.load(tmp_path / "b.json", format="eap-json").equals(g.as_kv_edges("per_query_head"))
-    assert Graph.load(tmp_path / "c.graphml").equals(g)
+    circuit = Graph.load(tmp_path / "c.graphml")  # the circuit: other edges read back as score 0
+    assert torch.equal(circuit.in_graph, g.in_graph)
+    assert torch.equal(circuit.scores, torch.where(g.in_graph, g.scores, torch.zeros(())))
+    assert Graph.load(tmp_path / "e.graphml").equals(g)
     assert (tmp_path / "d.gv").read_text() == to_dot(g)
 
 
@@ -385,7 +498,7 @@ def test_node_scores_round_trip_through_every_readable_format(tmp_path, kv):
     g = node_scored_graph(kv)
     assert Graph.from_json(g.to_json()).equals(g)
     assert Graph.from_networkx(g.to_networkx(include="all")).equals(g)
-    g.save(tmp_path / "c.graphml")
+    g.save(tmp_path / "c.graphml", include="all")
     assert Graph.load(tmp_path / "c.graphml").equals(g)
     g.save(tmp_path / "e.json", format="eap-json")
     assert from_eap_json(tmp_path / "e.json", kv_edges=kv).equals(g)
