@@ -96,9 +96,10 @@ class ViewEdge(NamedTuple):
     name: str  #: the graph's own edge name (`src->a{l}.g{g}<k>` for a grouped k/v edge)
 
 
-def view_edges(graph: Any, include: Include = "in_graph") -> list[ViewEdge]:
+def view_edges(graph: Any, include: Include = "in_graph", top_k: int | None = None) -> list[ViewEdge]:
     """The edges a view shows, in the graph's edge order: the in-graph ones (`"in_graph"`) or all
-    valid ones (`"all"`).
+    valid ones (`"all"`); with `top_k`, only the `top_k` graph edges of largest |score| among them
+    (ties: the earlier edge).
 
     A grouped k/v edge `src->a{l}.g{g}<k>` (GQA model, `kv_edges="grouped"`) is shown as one edge
     `src->a{l}.h{h}<k>` with `kv_group=g` for each query head `h` of group `g` that is in the circuit
@@ -143,6 +144,12 @@ def view_edges(graph: Any, include: Include = "in_graph") -> list[ViewEdge]:
         if include == "in_graph":
             heads = [h for h in heads if alive[lay.forward_index(layer, h)]] or heads
         out += [ViewEdge(f"{src}->a{layer}.h{h}<{qkv}>", src, f"a{layer}.h{h}", qkv, s, m, g, name) for h in heads]
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise GimlensError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+        score = {e.name: e.score for e in out}  # first appearance = edge order
+        keep = set(sorted(score, key=lambda n: -abs(score[n]))[:top_k])
+        out = [e for e in out if e.name in keep]
     return out
 
 

@@ -6,8 +6,8 @@ Both draw the circuit (the in-graph edges, or the `top_k` by |score|) as
 reads it); both write atomically with `gimlens.runtime.atomic_write` and are reachable from
 `graph.save(path)` by suffix (`.dot`, `.gv`, `.png`, `.svg`, `.pdf`).
 
-The image is sized to its content: one row per layer that holds a node of the circuit (heads and MLP
-side by side), as many columns as the busiest row, 8 pt labels in boxes that never overlap; colour
+The image is sized to its content: one row per layer that holds a node of the circuit, one column per
+head index that occurs (a head keeps its column in every layer) and one for the MLPs, 8 pt labels in boxes that never overlap; colour
 says q / k / v / residual, width |score|, a dashed line a negative score (the legend says so).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 from gimlens.errors import GimlensError
 from gimlens.runtime import atomic_write
 
-from .files import Format, Include, ViewEdge, format_of, view_edges
+from .files import Format, Include, format_of, view_edges
 from .graph import Graph
 
 __all__ = ["to_dot", "write_dot", "figure", "render", "QKV_COLORS"]
@@ -36,18 +36,6 @@ def _number(x: float) -> str:
     return repr(x) if math.isfinite(x) else f'"{x}"'
 
 
-def _view(graph: Graph, include: Include, top_k: int | None) -> list[ViewEdge]:
-    """The view's edges; with `top_k`, only those of the `top_k` graph edges of largest |score|."""
-    edges = view_edges(graph, include)
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise GimlensError(f"top_k must be a non-negative integer or None, got {top_k!r}")
-        score = {e.name: e.score for e in edges}  # edge order kept: ties go to the earlier edge
-        keep = set(sorted(score, key=lambda n: -abs(score[n]))[:top_k])
-        edges = [e for e in edges if e.name in keep]
-    return edges
-
-
 def to_dot(graph: Graph, path: str | os.PathLike | None = None, *, include: Include = "in_graph",
            top_k: int | None = None, weight: str = "score") -> str:
     """Graphviz DOT text (in-graph edges by default, or the `top_k` by |score|); written to
@@ -60,7 +48,7 @@ def to_dot(graph: Graph, path: str | os.PathLike | None = None, *, include: Incl
         >>> [line for line in to_dot(g).splitlines() if "->" in line]
         ['  "input" -> "logits" [name="input->logits", score=0.0, in_graph=true, color="#555555", penwidth=1.000];']
     """
-    edges = _view(graph, include, top_k)
+    edges = view_edges(graph, include, top_k)
     top = max((abs(e.score) for e in edges), default=0.0)
     lines = ["digraph circuit {", "  rankdir=BT;",
              '  node [shape=box, style="rounded,filled", fillcolor="#f4f4f4", fontname="Helvetica"];']
@@ -111,16 +99,18 @@ def _label(name: str) -> str:
 
 
 def _layout(names: set[str]) -> tuple[dict[str, tuple[float, float]], list[int], int]:
-    """Node -> (x, y) in column / row units, the rows (`_row_of` values, bottom up), the widest row's size."""
+    """Node -> (x, y) in column / row units, the rows (`_row_of` values, bottom up), the number of columns.
+
+    A head keeps its column in every layer (columns: the heads that occur, by index, then the MLPs);
+    input and logits are centred.
+    """
     rows = sorted({_row_of(n) for n in names})
-    by_row: dict[int, list[str]] = {r: sorted((n for n in names if _row_of(n) == r), key=_order) for r in rows}
-    n_cols = max(len(v) for v in by_row.values())
-    pos = {}
-    for y, r in enumerate(rows):
-        members = by_row[r]
-        for i, n in enumerate(members):
-            pos[n] = (i - (len(members) - 1) / 2, float(y))
-    return pos, rows, n_cols
+    columns = sorted({_order(n) for n in names if n not in ("input", "logits")}) or [(1, 0)]
+    middle = (len(columns) - 1) / 2
+    pos = {n: (columns.index(_order(n)) - middle, float(rows.index(_row_of(n)))) for n in names
+           if n not in ("input", "logits")}
+    pos.update({"input": (0.0, 0.0), "logits": (0.0, float(len(rows) - 1))})
+    return pos, rows, len(columns)
 
 
 def figure(graph: Graph, *, include: Include = "in_graph", top_k: int | None = None, max_edges: int = 5000,
@@ -129,8 +119,8 @@ def figure(graph: Graph, *, include: Include = "in_graph", top_k: int | None = N
 
     One row per layer that holds a circuit node (input at the bottom, logits on top), nodes as boxes
     labelled `h{head}` / `MLP` with the layer on the left; edges coloured by q / k / v / residual, width
-    ∝ |score|, dashed when the score is negative. Sized to the content: 0.62 in per column of the
-    busiest row, 0.42 in per row.
+    ∝ |score|, dashed when the score is negative. Sized to the content: 0.62 in per column (head
+    indices that occur, then the MLPs), 0.42 in per row.
 
     Examples:
         >>> g = Graph(n_layers=1, n_heads=2, d_model=8).reset()
@@ -138,7 +128,7 @@ def figure(graph: Graph, *, include: Include = "in_graph", top_k: int | None = N
         >>> [t.get_text() for t in figure(g).axes[0].texts]
         ['input', 'logits']
     """
-    edges = _view(graph, include, top_k)
+    edges = view_edges(graph, include, top_k)
     if len(edges) > max_edges:
         raise GimlensError(f"{len(edges)} edges to draw (max_edges={max_edges}); pass top_k= to draw fewer")
     from matplotlib.collections import LineCollection
