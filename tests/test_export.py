@@ -564,3 +564,22 @@ def test_hand_written_eap_ig_neuron_file_loads(tmp_path):
     g = Graph.load(tmp_path / "n.json")
     assert g.neurons_in_graph.tolist() == [[True, False], [False, False], [False, False]]  # absent: out
     assert g.neuron_scores[0].tolist() == [0.5, 0.25] and bool(g.neuron_scores[1:].isnan().all())  # absent: unscored
+
+
+def test_discover_graphml_option_writes_the_circuit(tmp_path):
+    """`gimlens discover --graphml` ("GraphML file of the circuit") writes the circuit, not all edges."""
+    from conftest import TINY
+    from gimlens.cli import main
+    from gimlens.testing import tiny_hf_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny-llama"
+    tiny_hf_model(**TINY["llama"]).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out, own = tmp_path / "c.graphml", tmp_path / "c.json"
+    assert main(["discover", "--model", str(folder), "--task", "ioi", "--n", "4", "--batch-size", "4",
+                 "--method", "EAP", "--edges", "40", "--no-progress", "-o", str(own), "--graphml", str(out)]) == 0
+    circuit = Graph.load(own)
+    G = nx.read_graphml(out, force_multigraph=True)
+    assert 0 < circuit.n_edges_in_graph <= 40 < circuit.n_valid_edges
+    assert set(key_edges(G)) == set(per_head_circuit(circuit))
+    assert _on_input_logits_paths(G) and G.number_of_nodes() == int(circuit.nodes_in_graph.sum()) + 1
