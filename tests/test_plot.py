@@ -190,15 +190,14 @@ def test_all_layer_flows_are_a_grid_with_readable_panels():
 def test_non_negative_flows_get_a_sequential_scale_and_signed_ones_a_centred_one():
     from gimlens.layerwise.plot import plot_flows
 
-    flows = _flows(4, n_tokens=5, signed_layer=2)
-    panels = _heatmaps(plot_flows(flows, list("abcde")))
-    for ax, f in zip(panels, flows):
+    flows = _flows(4, n_tokens=5)
+    for ax, f in zip(_heatmaps(plot_flows(flows, list("abcde"))), flows):
         image, data = ax.images[0], f.matrix.T.numpy()
-        lo, hi = image.get_clim()
-        if f.layer == 2:
-            assert data.min() < 0 and image.get_cmap().name == "RdBu_r" and lo == -hi == -abs(data).max()
-        else:
-            assert image.get_cmap().name == "viridis" and (lo, hi) == (0.0, data.max())
-            rgba = image.to_rgba(data)  # the largest flow gets the top colour
-            np.testing.assert_allclose(rgba[np.unravel_index(data.argmax(), data.shape)],
-                                       matplotlib.colormaps["viridis"](1.0))
+        assert image.get_cmap().name == "viridis" and image.get_clim() == (0.0, data.max())
+        rgba = image.to_rgba(data)  # the largest flow gets the top colour
+        np.testing.assert_allclose(rgba[np.unravel_index(data.argmax(), data.shape)],
+                                   matplotlib.colormaps["viridis"](1.0))
+    flows = _flows(4, n_tokens=5, signed_layer=2)  # one signed panel: the whole figure diverging
+    for ax, f in zip(_heatmaps(plot_flows(flows, list("abcde"))), flows):
+        lo, hi = ax.images[0].get_clim()
+        assert ax.images[0].get_cmap().name == "RdBu_r" and lo == -hi == -abs(f.matrix).max()

@@ -38,8 +38,9 @@ def _grid(flows: list) -> tuple[int, int, list[tuple[int, int]]]:
 def plot_flows(flows: list, tokens: list[str], *, head: int | None = None, ax=None):
     """One heatmap per flow: rows are targets; columns are sources (`mlp`: dimensions).
 
-    A panel whose values are all non-negative uses a sequential colour map from 0 (`viridis`);
-    a signed one a diverging map centred on 0 (red positive, blue negative). With `ax` exactly one
+    When no panel has a negative value the colours are a sequential map from 0 (`viridis`); when
+    any has, every panel uses a diverging map centred on 0 (red positive, blue negative), so one
+    figure reads one way. Each panel has its own colour bar. With `ax` exactly one
     flow is drawn into it; otherwise a new `Figure` holds a grid of panels, a layer's flows side by
     side and about as many layers per row as rows; token labels on the left column and bottom row.
     """
@@ -48,23 +49,27 @@ def plot_flows(flows: list, tokens: list[str], *, head: int | None = None, ax=No
     if ax is not None and len(flows) != 1:
         raise GimlensError(f"ax= draws one flow; {len(flows)} match, pick a layer and granularity")
     if ax is None:
+        panels = [_panel(f, head) for f in flows]
+        signed = any(float(data.min()) < 0 for data, _ in panels)
         n_rows, n_cols, cells = _grid(flows)
         n = len(tokens)
         side = max(2.2, 0.2 * n + 0.9)  # inches per panel: ~0.2 in (14 pt) per token
         fig = Figure(figsize=(side * n_cols + 1.2, side * n_rows + 0.8), layout="constrained")
         axes = fig.subplots(n_rows, n_cols, squeeze=False)
-        for f, (r, c) in zip(flows, cells):
-            _draw(axes[r][c], f, tokens, head, left=c == 0, bottom=(r + 1, c) not in cells)
+        for f, panel, (r, c) in zip(flows, panels, cells):
+            _draw(axes[r][c], f, panel, tokens, signed, left=c == 0, bottom=(r + 1, c) not in cells)
         for r in range(n_rows):
             for c in range(n_cols):
                 if (r, c) not in cells:
                     axes[r][c].set_axis_off()
         return fig
-    _draw(ax, flows[0], tokens, head)
+    panel = _panel(flows[0], head)
+    _draw(ax, flows[0], panel, tokens, float(panel[0].min()) < 0)
     return ax.figure
 
 
-def _draw(ax, flow, tokens: list[str], head: int | None, *, left: bool = True, bottom: bool = True) -> None:
+def _panel(flow, head: int | None):
+    """The values a panel shows (rows: targets) and what they are."""
     if head is not None:
         if flow.heads is None:
             raise GimlensError(f"head= needs the att granularity, got {flow.granularity.value}")
@@ -75,12 +80,16 @@ def _draw(ax, flow, tokens: list[str], head: int | None, *, left: bool = True, b
         data, what = flow.matrix, "all heads" if flow.granularity is Granularity.ATT else ""
     if flow.granularity is not Granularity.MLP:
         data = data.T  # rows: targets, columns: sources
-    data = data.detach().float().cpu().numpy()
+    return data.detach().float().cpu().numpy(), what
+
+
+def _draw(ax, flow, panel, tokens: list[str], signed: bool, *, left: bool = True, bottom: bool = True) -> None:
+    data, what = panel
     lim = float(abs(data).max()) or 1.0
-    if float(data.min()) >= 0:  # never negative: a sequential scale from 0
-        im = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=lim, aspect="auto", interpolation="nearest")
-    else:
+    if signed:  # diverging, centred on 0
         im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    else:  # never negative: a sequential scale from 0
+        im = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=lim, aspect="auto", interpolation="nearest")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     labels = [repr(t)[1:-1] for t in tokens]
     ax.set_yticks(range(len(tokens)), labels if left else [], fontsize=7)
