@@ -131,8 +131,10 @@ D.nodes.forEach(n => { const g = el("g", {class: "node"}, svg), [x, y] = pos[n.n
   const label = n.kind === "attention" ? "h" + n.head : n.kind === "mlp" ? "MLP" : n.name;
   el("rect", {x: x - 25, y: y - 10, width: 50, height: 20, rx: 5}, g);
   el("text", {x: x, y: y + 4, "text-anchor": "middle"}, g).textContent = label;
-  g.addEventListener("mousemove", ev => { const ins = D.edges.filter(e => e.dst === n.name && shown.has(e)),
-    outs = D.edges.filter(e => e.src === n.name && shown.has(e)), sum = a => fmt(a.reduce((s, e) => s + (e.score || 0), 0));
+  g.addEventListener("mousemove", ev => {  // a grouped k/v edge counts once, however many heads read it
+    const uniq = a => [...new Map(a.map(e => [e.name, e])).values()];
+    const ins = uniq(D.edges.filter(e => e.dst === n.name && shown.has(e))),
+    outs = uniq(D.edges.filter(e => e.src === n.name && shown.has(e))), sum = a => fmt(a.reduce((s, e) => s + (e.score || 0), 0));
     show(ev, `${n.name} (${n.kind})\nscore ${fmt(n.score)}\nin: ${ins.length} edges, sum ${sum(ins)}` +
              `\nout: ${outs.length} edges, sum ${sum(outs)}`); });
   g.addEventListener("mouseleave", hide);

@@ -7,6 +7,8 @@ URLs shows two states. Expected counts are computed here from the graph's tensor
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ import networkx as nx
 import pytest
 import torch
 
+from circuits.files import view_edges
 from circuits.graph import Graph
 from circuits.viewer import to_html
 from gimlens.errors import GimlensError
@@ -115,3 +118,31 @@ def test_page_reports_script_errors(tmp_path):
     (tmp_path / "late.html").write_text(late)
     errors, *_ = load((tmp_path / "late.html").resolve().as_uri())
     assert "undefinedFunction" in errors
+
+
+@needs_browser
+def test_hover_shows_an_edges_and_a_nodes_scores(tmp_path):
+    """A script appended by the test hovers the first edge, then a head, and copies the tooltips into the DOM."""
+    g = gqa_circuit()
+    probe = """<script>
+    const tips = [], hover = el => { el.dispatchEvent(new MouseEvent("mousemove", {clientX: 5, clientY: 5}));
+      tips.push(document.getElementById("tip").textContent); };
+    hover(document.querySelector("path.edge")); hover(document.querySelector("g.node:nth-of-type(2)"));
+    document.getElementById("errors").insertAdjacentHTML("afterend", "<pre id=probe></pre>");
+    document.getElementById("probe").textContent = JSON.stringify(tips);
+    </script></body>"""
+    (tmp_path / "probe.html").write_text(to_html(g).replace("</body>", probe))
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", f"--user-data-dir={profile}", "--dump-dom",
+                              (tmp_path / "probe.html").resolve().as_uri()],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    assert re.search(r'<pre id="errors"></pre>', dom)
+    edge_tip, node_tip = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)[1]))
+    first = view_edges(g)[0]
+    assert edge_tip.startswith(first.name) and f"score {first.score:.4f}" in edge_tip
+    G = g.to_networkx()
+    node = node_tip.split(" (")[0]
+    assert node in G.nodes and node not in ("input", "logits")
+    outs = {graph_edge(k, d.get("kv_group")): d["score"] for _, _, k, d in G.out_edges(node, keys=True, data=True)}
+    assert f"out: {len(outs)} edges, sum {sum(outs.values()):.4f}" in node_tip
