@@ -7,8 +7,9 @@ reads it); both write atomically with `gimlens.runtime.atomic_write` and are rea
 `graph.save(path)` by suffix (`.dot`, `.gv`, `.png`, `.svg`, `.pdf`).
 
 The image is sized to its content: one row per layer that holds a node of the circuit, one column per
-head index that occurs (a head keeps its column in every layer) and one for the MLPs, 8 pt labels in boxes that never overlap; colour
-says q / k / v / residual, width |score|, a dashed line a negative score (the legend says so).
+head index that occurs (a head keeps its column in every layer) and one for the MLPs, 8 pt labels in
+boxes that never overlap; colour says q / k / v / residual, width |score|, a dashed line a negative
+score (the legend says so).
 """
 
 from __future__ import annotations

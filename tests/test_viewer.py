@@ -113,7 +113,8 @@ def test_page_reports_script_errors(tmp_path):
     (tmp_path / "broken.html").write_text(page)
     with pytest.raises(AssertionError):  # the counts are never written
         load((tmp_path / "broken.html").resolve().as_uri())
-    late = page.replace("undefinedFunction();", "", 1).replace("update();</script>", "update(); undefinedFunction();</script>")
+    late = page.replace("undefinedFunction();", "", 1).replace(
+        "update();</script>", "update(); undefinedFunction();</script>")
     assert late.count("undefinedFunction") == 1
     (tmp_path / "late.html").write_text(late)
     errors, *_ = load((tmp_path / "late.html").resolve().as_uri())
