@@ -13,7 +13,6 @@ from . import mib, tasks
 from ._engine.model import Ablation
 from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
-from . import render as _render  # noqa: F401  (registers DOT and image formats with Graph.save)
 from .discover import discover
 from .export import load, save
 from .graph import Edge, Graph, KVEdges, Node, NodeKind

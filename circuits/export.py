@@ -8,8 +8,9 @@
   `Graph.as_kv_edges`: **each KV-head edge is copied to every query head of its group** (same
   score, same membership); loading gives a `per_query_head` graph (or, on request, `grouped`
   again: mean score and any-membership over the copies, exact for copies).
-- **GraphML** (`to_graphml`): `Graph.to_networkx(include="all")` written by networkx, so the file
-  holds every edge with its `in_graph` flag and reads back exactly.
+- **GraphML** (`to_graphml`): `Graph.to_networkx()` written by networkx: the circuit by default (its
+  edges and nodes; a grouped k/v edge as one edge per query head reading it, attribute `kv_group`), or
+  with `include="all"` every edge with its `in_graph` flag (an exact round trip).
 
 Both are written atomically by `gimlens.runtime.atomic_write` (complete or not at all, umask
 honoured) and are reachable from `graph.save(path, format="eap-json" | "graphml")`; the own JSON
@@ -29,7 +30,7 @@ import torch
 from gimlens.errors import GimlensError
 from gimlens.runtime import atomic_write, read_text
 
-from .files import Format, Include, register_format
+from .files import Format, Include
 from .graph import Graph, KVEdges
 
 __all__ = ["to_eap_json", "from_eap_json", "to_graphml", "from_graphml", "save", "load"]
@@ -145,14 +146,16 @@ def from_eap_json(path: str | os.PathLike, *, model: Any = None,
 
 
 # ---------------------------------------------------------------------- GraphML
-def to_graphml(graph: Graph, path: str | os.PathLike, *, weight: str = "score", include: Include = "all") -> Path:
-    """Write GraphML via networkx (cfg as graph attributes): every edge with its `in_graph` flag
-    (`include="all"`, an exact round trip), or only the circuit (`include="in_graph"`).
+def to_graphml(graph: Graph, path: str | os.PathLike, *, weight: str = "score",
+               include: Include = "in_graph") -> Path:
+    """Write GraphML via networkx (cfg as graph attributes): the circuit (`include="in_graph"`, as
+    `Graph.to_networkx()`), or every edge with its `in_graph` flag (`include="all"`, an exact round trip).
 
     Examples:
         >>> import os, tempfile
         >>> g = Graph(n_layers=1, n_heads=2, d_model=8)
-        >>> from_graphml(to_graphml(g, os.path.join(tempfile.mkdtemp(), "c.graphml"))).equals(g)
+        >>> path = to_graphml(g, os.path.join(tempfile.mkdtemp(), "c.graphml"), include="all")
+        >>> from_graphml(path).equals(g)
         True
     """
     import networkx as nx
@@ -182,6 +185,3 @@ def load(path: str | os.PathLike, format: Format | str | None = None, *, model: 
     """`Graph.load(path, format, model=model)`: own or EAP-IG JSON (told apart by content) or GraphML."""
     return Graph.load(path, format, model=model)
 
-
-register_format(Format.EAP_JSON, write=to_eap_json, read=from_eap_json)
-register_format(Format.GRAPHML, write=to_graphml, read=from_graphml)

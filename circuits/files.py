@@ -3,23 +3,28 @@
 [`GraphFiles`][circuits.files.GraphFiles] is the part of [`Graph`][circuits.graph.Graph] that
 reads and writes: `to_json()` / `from_json(text)` (own schema, exact float32 round trip),
 `to_networkx()` / `from_networkx(G)`, and `save(path, format=None)` / `load(path, format=None)`,
-which dispatch through one table of formats. The other formats' writers and readers live in
-[`circuits.export`][circuits.export] (EAP-IG / MIB JSON, GraphML) and
-[`circuits.render`][circuits.render] (DOT, images), which enter them in that table with
-[`register_format`][circuits.files.register_format]. Every writer goes through
-`gimlens.runtime.atomic_write` (complete or not at all, umask honoured).
+which dispatch through one table of formats, `FORMATS`, naming each format's writer and reader:
+[`circuits.export`][circuits.export] (EAP-IG / MIB JSON, GraphML), [`circuits.render`][circuits.render]
+(DOT, images) and [`circuits.viewer`][circuits.viewer] (the interactive HTML page). A format's module is
+imported when that format is first written or read (so matplotlib loads only for images); nothing
+registers itself on import. Every writer goes through `gimlens.runtime.atomic_write` (complete or not at
+all, umask honoured).
+
+[`view_edges`][circuits.files.view_edges] is the edge list every view draws (networkx, GraphML, DOT,
+images, HTML): on grouped-query models a grouped k/v edge becomes one edge per query head that reads it.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import math
 import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +32,9 @@ import torch
 from gimlens.errors import GimlensError
 from gimlens.runtime import atomic_write, coerce_enum, read_text
 
-__all__ = ["Format", "Include", "GraphFiles", "register_format", "format_of"]
+from .layout import NodeKind
+
+__all__ = ["Format", "Include", "FORMATS", "GraphFiles", "ViewEdge", "view_edges", "format_of"]
 
 Include = Literal["in_graph", "all"]
 _FORMAT_TAG, _VERSION = "gimlens.circuit", 1
@@ -43,22 +50,26 @@ class Format(str, Enum):
     PNG = "png"  #: image [.png]
     SVG = "svg"  #: image [.svg]
     PDF = "pdf"  #: image [.pdf]
+    HTML = "html"  #: interactive viewer, one self-contained page [.html]
 
 
 _SUFFIXES = {".json": Format.JSON, ".graphml": Format.GRAPHML, ".dot": Format.DOT, ".gv": Format.DOT,
-             ".png": Format.PNG, ".svg": Format.SVG, ".pdf": Format.PDF}
-_WRITERS: dict[Format, Callable[..., Any]] = {}
-_READERS: dict[Format, Callable[..., Any]] = {}
+             ".png": Format.PNG, ".svg": Format.SVG, ".pdf": Format.PDF, ".html": Format.HTML}
+#: Format -> (module under `circuits`, writer name, reader name or None); imported on first use.
+FORMATS: dict[Format, tuple[str, str, str | None]] = {
+    Format.EAP_JSON: ("export", "to_eap_json", "from_eap_json"),
+    Format.GRAPHML: ("export", "to_graphml", "from_graphml"),
+    Format.DOT: ("render", "write_dot", None),
+    Format.PNG: ("render", "render", None),
+    Format.SVG: ("render", "render", None),
+    Format.PDF: ("render", "render", None),
+    Format.HTML: ("viewer", "to_html", None),
+}
 
 
-def register_format(fmt: Format, *, write: Callable[..., Any] | None = None,
-                    read: Callable[..., Any] | None = None) -> None:
-    """Make `Graph.save` write (`write(graph, path, **kwargs)`) and `Graph.load` read
-    (`read(path, *, model)`) a format: one entry per format (used by the export modules)."""
-    if write is not None:
-        _WRITERS[fmt] = write
-    if read is not None:
-        _READERS[fmt] = read
+def _function(fmt: Format, which: int) -> Any:
+    module, *names = FORMATS[fmt]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), names[which])
 
 
 def format_of(path: str | os.PathLike, format: Format | str | None) -> Format:
@@ -70,6 +81,83 @@ def format_of(path: str | os.PathLike, format: Format | str | None) -> Format:
         raise GimlensError(f"unknown file suffix {suffix!r} for {str(path)!r}; expected one of "
                            f"{sorted(_SUFFIXES)} (or pass format=)")
     return _SUFFIXES[suffix]
+
+
+class ViewEdge(NamedTuple):
+    """One edge of a view: between nodes (`input`, `a{l}.h{h}`, `m{l}`, `logits`), never a KV group."""
+
+    key: str  #: per-head name, `src->dst` or `src->a{l}.h{h}<q|k|v>` (the EAP-IG / MIB spelling)
+    src: str
+    dst: str
+    qkv: str | None
+    score: float
+    in_graph: bool
+    kv_group: int | None  #: KV head of a grouped k/v edge (its copies share score and membership)
+    name: str  #: the graph's own edge name (`src->a{l}.g{g}<k>` for a grouped k/v edge)
+
+
+def view_edges(graph: Any, include: Include = "in_graph", top_k: int | None = None) -> list[ViewEdge]:
+    """The edges a view shows, in the graph's edge order: the in-graph ones (`"in_graph"`) or all
+    valid ones (`"all"`); with `top_k`, only the `top_k` graph edges of largest |score| among them
+    (ties: the earlier edge).
+
+    A grouped k/v edge `src->a{l}.g{g}<k>` (GQA model, `kv_edges="grouped"`) is shown as one edge
+    `src->a{l}.h{h}<k>` with `kv_group=g` for each query head `h` of group `g` that is in the circuit
+    (`nodes_in_graph`; every head of the group with `include="all"`, or when none is in). In a pruned
+    circuit every shown edge then lies on a path `input -> logits`.
+
+    Examples:
+        >>> from circuits.graph import Graph
+        >>> g = Graph(n_layers=2, n_heads=2, n_kv_heads=1, d_model=8).reset()
+        >>> for e in ("input->a1.g0<k>", "input->a1.h1<q>", "a1.h1->logits"):
+        ...     g.in_graph[g.edge_index(e)] = True
+        >>> _ = g.prune()
+        >>> [(e.key, e.kv_group) for e in view_edges(g)]
+        [('input->a1.h1<q>', None), ('input->a1.h1<k>', 0), ('a1.h1->logits', None)]
+    """
+    if include not in ("in_graph", "all"):
+        raise GimlensError(f"include must be 'in_graph' or 'all', got {include!r}")
+    lay = graph.layout
+    rows, cols = lay.edge_index
+    if include == "in_graph":
+        keep = graph.in_graph.cpu()[rows, cols]
+        rows, cols = rows[keep], cols[keep]
+    scores = graph.scores.cpu()[rows, cols].tolist()
+    members = graph.in_graph.cpu()[rows, cols].tolist()
+    fwd, bwd = lay.forward_names, lay.backward_names
+    alive = graph.nodes_in_graph.cpu().tolist()
+    rep = lay.n_heads // lay.n_kv_heads
+    out: list[ViewEdge] = []
+    for r, c, s, m in zip(rows.tolist(), cols.tolist(), scores, members):
+        slot, src = bwd[c], fwd[r]
+        name = f"{src}->{slot}"
+        if not slot.endswith(">"):
+            out.append(ViewEdge(name, src, slot, None, s, m, None, name))
+            continue
+        dst, qkv = slot[:-3], slot[-2]
+        group = re.fullmatch(r"a(\d+)\.g(\d+)", dst)
+        if group is None:
+            out.append(ViewEdge(name, src, dst, qkv, s, m, None, name))
+            continue
+        layer, g = int(group[1]), int(group[2])
+        heads = list(range(g * rep, (g + 1) * rep))
+        if include == "in_graph":
+            heads = [h for h in heads if alive[lay.forward_index(layer, h)]] or heads
+        out += [ViewEdge(f"{src}->a{layer}.h{h}<{qkv}>", src, f"a{layer}.h{h}", qkv, s, m, g, name) for h in heads]
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise GimlensError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+        score = {e.name: e.score for e in out}  # first appearance = edge order
+        keep = set(sorted(score, key=lambda n: -abs(score[n]))[:top_k])
+        out = [e for e in out if e.name in keep]
+    return out
+
+
+def _edge_name(src: str, dst: str, data: dict) -> str:
+    """The graph's edge name of a networkx edge `src -> dst` with attributes `data`."""
+    if "kv_group" in data:
+        dst = f"{dst.split('.')[0]}.g{int(data['kv_group'])}"
+    return f"{src}->{dst}<{data['qkv']}>" if data.get("qkv") else f"{src}->{dst}"
 
 
 def _b64(a: np.ndarray) -> str:
@@ -84,10 +172,15 @@ class GraphFiles:
         """A `networkx.MultiDiGraph` of the circuit: by default only the in-graph edges and the
         nodes they touch; `include="all"` gives every node and valid edge with `in_graph` flags.
 
-        Edge key: the edge name; attributes `weight` (the score), `in_graph`, `qkv` (attention
-        inputs). Node attributes: `kind`, `layer`, `head`, `score` (when set), `in_graph` (neurons
-        are not carried: use `to_json` or the EAP-IG file for neuron-level circuits). `G.graph` holds
-        the cfg. Grouped k/v inputs end at `KV_GROUP` nodes `a{l}.g{g}`.
+        Edges are [`view_edges`][circuits.files.view_edges]: a grouped k/v edge (GQA models,
+        `kv_edges="grouped"`) is one edge to each query head of its KV group that is in the circuit,
+        with attribute `kv_group`, so every node of a pruned circuit lies on a path `input -> logits`
+        and the nodes are exactly `nodes_in_graph` plus `logits`.
+
+        Edge key: the per-head edge name; attributes `weight` (the score), `in_graph`, `qkv`
+        (attention inputs), `kv_group` (grouped k/v copies). Node attributes: `kind`, `layer`,
+        `head`, `score` (when set), `in_graph` (neurons are not carried: use `to_json` or the EAP-IG
+        file for neuron-level circuits). `G.graph` holds the cfg.
 
         Examples:
             >>> from circuits.graph import Graph
@@ -98,19 +191,19 @@ class GraphFiles:
         """
         import networkx as nx
 
-        if include not in ("in_graph", "all"):
-            raise GimlensError(f"include must be 'in_graph' or 'all', got {include!r}")
-        edges = [e for e in self.edges.values() if include == "all" or e.in_graph]
+        edges = view_edges(self, include)
         touched = {n for e in edges for n in (e.src, e.dst)}
         G = nx.MultiDiGraph(**{k: v for k, v in self.cfg.items() if v is not None})
         for node in self.nodes.values():
-            if include == "all" or node.name in touched:
+            if node.kind is not NodeKind.KV_GROUP and (include == "all" or node.name in touched):
                 attrs = {"kind": node.kind.value, "in_graph": node.in_graph}
                 attrs.update({k: getattr(node, k) for k in ("layer", "head", "score") if getattr(node, k) is not None})
                 G.add_node(node.name, **attrs)
         for e in edges:
-            G.add_edge(e.src, e.dst, key=e.name, **{weight: e.score, "in_graph": e.in_graph},
-                       **({"qkv": e.qkv} if e.qkv else {}))
+            extra = {"qkv": e.qkv} if e.qkv else {}
+            if e.kv_group is not None:
+                extra["kv_group"] = e.kv_group
+            G.add_edge(e.src, e.dst, key=e.key, **{weight: e.score, "in_graph": e.in_graph}, **extra)
         return G
 
     @classmethod
@@ -128,8 +221,7 @@ class GraphFiles:
             graph = cls.from_model(model, kv_edges=cfg.get("kv_edges", "grouped"))
         else:
             graph = cls._from_cfg(cfg, model)
-        index = [graph.edge_index(f"{u}->{v}<{d['qkv']}>" if d.get("qkv") else f"{u}->{v}")
-                 for u, v, d in G.edges(data=True)]
+        index = [graph.edge_index(_edge_name(u, v, d)) for u, v, d in G.edges(data=True)]
         rows, cols = [i[0] for i in index], [i[1] for i in index]
         s = torch.zeros(graph.n_forward, graph.n_backward)
         m = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.bool)
@@ -248,9 +340,7 @@ class GraphFiles:
         fmt = format_of(path, format)
         if fmt is Format.JSON:
             return atomic_write(path, self.to_json(**kwargs))
-        if fmt not in _WRITERS:
-            raise GimlensError(f"no writer for {fmt.value!r} files (import circuits to register them)")
-        _WRITERS[fmt](self, path, **kwargs)
+        _function(fmt, 0)(self, path, **kwargs)
         return Path(path)
 
     @classmethod
@@ -260,10 +350,11 @@ class GraphFiles:
         fmt = format_of(path, format)
         if fmt is Format.JSON:
             text = read_text(path, "circuit file")
-            if re.search(r'"format"\s*:\s*"' + re.escape(_FORMAT_TAG), text[:64]) or Format.EAP_JSON not in _READERS:
+            if re.search(r'"format"\s*:\s*"' + re.escape(_FORMAT_TAG), text[:64]):
                 return cls.from_json(text, model=model)
             fmt = Format.EAP_JSON
-        if fmt not in _READERS:
-            raise GimlensError(f"cannot load {fmt.value} files; loadable: {[f.value for f in (Format.JSON, *_READERS)]}")
-        return _READERS[fmt](path, model=model)
+        if FORMATS[fmt][2] is None:
+            loadable = [Format.JSON.value] + [f.value for f, entry in FORMATS.items() if entry[2]]
+            raise GimlensError(f"cannot load {fmt.value} files; loadable: {loadable}")
+        return _function(fmt, 1)(path, model=model)
 

@@ -61,9 +61,36 @@ def circuit_of(g):
 
 
 def nx_edges(G):
-    """{edge name: (score, in_graph)} of a networkx export, the name rebuilt from endpoints and qkv."""
-    return {(f"{u}->{v}<{d['qkv']}>" if "qkv" in d else f"{u}->{v}"): (d["score"], d["in_graph"])
-            for u, v, d in G.edges(data=True)}
+    """{edge name: (score, in_graph)} of a networkx export, the name rebuilt from endpoints and qkv
+    (a grouped k/v copy `src->a1.h3` with `kv_group=1` names the graph's edge `src->a1.g1<k>`)."""
+    def name(u, v, d):
+        if "kv_group" in d:
+            v = f"{v.split('.')[0]}.g{d['kv_group']}"
+        return f"{u}->{v}<{d['qkv']}>" if "qkv" in d else f"{u}->{v}"
+    return {name(u, v, d): (d["score"], d["in_graph"]) for u, v, d in G.edges(data=True)}
+
+
+def per_head_circuit(g):
+    """The circuit with k/v edges per query head, written from the tensors: a grouped k/v edge of
+    group `gi` goes to each head `h` with `h // (H // Hk) == gi` that is in `nodes_in_graph`."""
+    c = g.cfg
+    rep = c["n_heads"] // c["n_kv_heads"]
+    out = {}
+    for name, value in circuit_of(g).items():
+        m = re.fullmatch(r"(.+)->a(\d+)\.g(\d+)<([kv])>", name)
+        if m is None:
+            out[name] = value
+            continue
+        layer, group = int(m[2]), int(m[3])
+        for h in range(group * rep, (group + 1) * rep):
+            if g.nodes_in_graph[1 + layer * (c["n_heads"] + 1) + h]:
+                out[f"{m[1]}->a{layer}.h{h}<{m[4]}>"] = value
+    return out
+
+
+def key_edges(G):
+    """{edge key: (score, in_graph)} of a networkx multigraph."""
+    return {k: (d["score"], d["in_graph"]) for _, _, k, d in G.edges(keys=True, data=True)}
 
 
 @pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
@@ -81,8 +108,9 @@ def test_networkx_of_a_model_sized_circuit_holds_only_the_circuit(kv):
     touched = {re.sub(r"<[qkv]>$", "", n) for n in touched}
     assert set(G.nodes) == touched
     assert all(G.nodes[n]["in_graph"] for n in G.nodes)  # pruned circuit: every node it touches is in
-    full = g.to_networkx(include="all")
-    assert full.number_of_edges() == g.n_valid_edges == len(g.layout.edge_names)
+    full = g.to_networkx(include="all")  # grouped k/v edges: one per query head that reads them
+    assert full.number_of_edges() == g.as_kv_edges("per_query_head").n_valid_edges
+    assert set(nx_edges(full)) == set(g.layout.edge_names)
     flags = {name: m for name, (_, m) in nx_edges(full).items()}
     assert {name for name, m in flags.items() if m} == set(circuit_of(g))
 
@@ -92,7 +120,7 @@ def test_networkx_round_trip_is_exact(kv):
     g = scored_graph(kv)
     G = g.to_networkx(include="all", weight="w")
     assert isinstance(G, nx.MultiDiGraph)
-    assert G.number_of_edges() == g.n_valid_edges
+    assert G.number_of_edges() == g.as_kv_edges("per_query_head").n_valid_edges
     assert G.graph["n_kv_heads"] == 2 and G.graph["kv_edges"] == kv
     row, col = g.edge_index("a0.h1->a1.h2<q>")
     data = G.get_edge_data("a0.h1", "a1.h2")["a0.h1->a1.h2<q>"]
@@ -232,65 +260,19 @@ def graphml_edges(path):
 @pytest.mark.parametrize("kv", ["grouped", "per_query_head"])
 def test_graphml_file_holds_the_graph_values_and_round_trips(tmp_path, kv):
     g = scored_graph(kv, seed=5)
-    g.save(tmp_path / "c.graphml")
+    to_graphml(g, tmp_path / "c.graphml", include="all")
     written = graphml_edges(tmp_path / "c.graphml")
-    expected = {e.name: (e.score, e.in_graph) for e in g.edges.values()}
+    # every edge, grouped k/v edges copied to each query head of the group (the MIB spelling)
+    expected = {e.name: (e.score, e.in_graph) for e in g.as_kv_edges("per_query_head").edges.values()}
     assert written.keys() == expected.keys()
     assert all(f32(written[n][0]) == s and written[n][1] == m for n, (s, m) in expected.items())
     assert from_graphml(tmp_path / "c.graphml").equals(g)
     assert Graph.load(tmp_path / "c.graphml").equals(g)
-    to_graphml(g, tmp_path / "circuit.graphml", include="in_graph")
-    assert graphml_edges(tmp_path / "circuit.graphml") == {n: v for n, v in written.items() if v[1]}
-
-
-def dot_edges(text):
-    """{edge name: (score, in_graph)} parsed from DOT text."""
-    parsed = {}
-    for m in re.finditer(r'^\s*"([^"]+)" -> "([^"]+)" \[(.*)\];$', text, re.M):
-        attrs = dict(re.findall(r'(\w+)=("[^"]*"|[^,\s]+)', m[3]))
-        qkv = attrs.get("qkv", "").strip('"')
-        name = f"{m[1]}->{m[2]}" + (f"<{qkv}>" if qkv else "")
-        assert attrs["name"].strip('"') == name
-        parsed[name] = (float(attrs["score"]), attrs["in_graph"] == "true")
-    return parsed
-
-
-def test_dot_text_parses_into_the_in_graph_edge_set(tmp_path):
-    g = scored_graph(seed=7)
-    assert g.save(tmp_path / "c.dot") == tmp_path / "c.dot"
-    text = (tmp_path / "c.dot").read_text()
-    assert text == to_dot(g) and text.startswith("digraph")
-    expected = {n: (e.score, True) for n, e in g.edges.items() if e.in_graph}
-    assert dot_edges(text) == expected and len(expected) == g.n_edges_in_graph > 0
-    top = dot_edges(to_dot(g, top_k=3))
-    assert sorted(top) == sorted(sorted(expected, key=lambda n: -abs(expected[n][0]))[:3])
-    everything = dot_edges(to_dot(g, include="all"))
-    assert everything == {n: (e.score, e.in_graph) for n, e in g.edges.items()}
-
-
-def test_png_decodes_to_the_requested_size_and_draws_the_edges(tmp_path):
-    import matplotlib.image as mpimg
-
-    g = scored_graph()
-    g.apply_topn(30)
-    out = g.save(tmp_path / "c.png", figsize=(5, 4), dpi=60)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png"]
-    pixels = mpimg.imread(out)
-    assert pixels.shape[:2] == (4 * 60, 5 * 60)
-    ink = lambda p: int((p[..., :3] < 0.9).any(-1).sum())  # noqa: E731  (non-white pixels)
-    render(g.copy().reset(), tmp_path / "empty.png", figsize=(5, 4), dpi=60)
-    assert ink(pixels) > ink(mpimg.imread(tmp_path / "empty.png")) > 0  # edges add ink; nodes alone have some
-
-
-def test_svg_draws_one_line_per_circuit_edge(tmp_path):
-    g = scored_graph()
-    g.apply_topn(30)
-    g.save(tmp_path / "c.svg")
-    root = ET.parse(tmp_path / "c.svg").getroot()
-    svg = "{http://www.w3.org/2000/svg}"
-    groups = [el for el in root.iter(f"{svg}g") if (el.get("id") or "").startswith("LineCollection")]
-    assert len(groups) == 1
-    assert len(list(groups[0].iter(f"{svg}path"))) == g.n_edges_in_graph > 0
+    g.prune()  # the default file is the circuit: in-graph edges only
+    g.save(tmp_path / "circuit.graphml")
+    circuit = graphml_edges(tmp_path / "circuit.graphml")
+    assert circuit.keys() == per_head_circuit(g).keys() and len(circuit) >= g.n_edges_in_graph > 0
+    assert all(f32(circuit[n][0]) == s for n, (s, _) in per_head_circuit(g).items())
 
 
 def test_files_get_the_umask_mode(tmp_path):
@@ -328,10 +310,14 @@ def test_save_dispatches_on_suffix_and_format(tmp_path):
     g.save(tmp_path / "b.json", format="eap-json")
     g.save(tmp_path / "c.graphml")
     g.save(tmp_path / "d.gv")
+    g.save(tmp_path / "e.graphml", include="all")
     assert Graph.load(tmp_path / "a.json").equals(g)
     assert Graph.load(tmp_path / "b.json").equals(g.as_kv_edges("per_query_head"))
     assert Graph.load(tmp_path / "b.json", format="eap-json").equals(g.as_kv_edges("per_query_head"))
-    assert Graph.load(tmp_path / "c.graphml").equals(g)
+    circuit = Graph.load(tmp_path / "c.graphml")  # the circuit: other edges read back as score 0
+    assert torch.equal(circuit.in_graph, g.in_graph)
+    assert torch.equal(circuit.scores, torch.where(g.in_graph, g.scores, torch.zeros(())))
+    assert Graph.load(tmp_path / "e.graphml").equals(g)
     assert (tmp_path / "d.gv").read_text() == to_dot(g)
 
 
@@ -385,7 +371,7 @@ def test_node_scores_round_trip_through_every_readable_format(tmp_path, kv):
     g = node_scored_graph(kv)
     assert Graph.from_json(g.to_json()).equals(g)
     assert Graph.from_networkx(g.to_networkx(include="all")).equals(g)
-    g.save(tmp_path / "c.graphml")
+    g.save(tmp_path / "c.graphml", include="all")
     assert Graph.load(tmp_path / "c.graphml").equals(g)
     g.save(tmp_path / "e.json", format="eap-json")
     assert from_eap_json(tmp_path / "e.json", kv_edges=kv).equals(g)

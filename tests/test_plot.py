@@ -152,3 +152,52 @@ def test_matplotlib_is_imported_only_when_drawing():
     code = "import sys, gimlens.plot, gimlens.attribution, gimlens.evaluate; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ layer-wise flows (gimlens.layerwise.plot)
+def _flows(n_layers, n_tokens=12, signed_layer=None):
+    from gimlens.layerwise.baselines import Baseline
+    from gimlens.layerwise.boundaries import Granularity
+    from gimlens.layerwise.result import Flow
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for layer in range(n_layers):
+        m = torch.rand(n_tokens, n_tokens, generator=gen) * (layer + 1)  # never negative
+        if layer == signed_layer:
+            m = m - m.mean()
+        out.append(Flow(layer, Granularity.LAYER, Baseline.ZERO, m, m.sum(0)))
+    return out
+
+
+def test_all_layer_flows_are_a_grid_with_readable_panels():
+    from gimlens.layerwise.plot import plot_flows
+
+    tokens = [f"tok{i}" for i in range(12)]
+    fig = plot_flows(_flows(30), tokens)
+    panels = _heatmaps(fig)
+    assert len(panels) == 30
+    rows = {round(ax.get_position().y0, 3) for ax in panels}
+    cols = {round(ax.get_position().x0, 3) for ax in panels}
+    assert (len(rows), len(cols)) == (5, 6)  # was one column of 30 panels (352 x 8990 px)
+    w, h = fig.get_size_inches()
+    assert 0.5 < h / w < 2
+    assert all(ax.title.get_fontsize() >= 7 for ax in panels)
+    labelled = [ax for ax in panels if [t.get_text() for t in ax.get_yticklabels()] == tokens]
+    assert len(labelled) == 5  # token names on the left column only
+
+
+def test_non_negative_flows_get_a_sequential_scale_and_signed_ones_a_centred_one():
+    from gimlens.layerwise.plot import plot_flows
+
+    flows = _flows(4, n_tokens=5)
+    for ax, f in zip(_heatmaps(plot_flows(flows, list("abcde"))), flows):
+        image, data = ax.images[0], f.matrix.T.numpy()
+        assert image.get_cmap().name == "viridis" and image.get_clim() == (0.0, data.max())
+        rgba = image.to_rgba(data)  # the largest flow gets the top colour
+        np.testing.assert_allclose(rgba[np.unravel_index(data.argmax(), data.shape)],
+                                   matplotlib.colormaps["viridis"](1.0))
+    flows = _flows(4, n_tokens=5, signed_layer=2)  # one signed panel: the whole figure diverging
+    for ax, f in zip(_heatmaps(plot_flows(flows, list("abcde"))), flows):
+        lo, hi = ax.images[0].get_clim()
+        assert ax.images[0].get_cmap().name == "RdBu_r" and lo == -hi == -abs(f.matrix).max()
