@@ -288,7 +288,7 @@ def mib_metrics_run(run: Run, graph: Graph, *, fractions: Sequence[float] = MIB_
         raise GimlensError("the clean run and the empty circuit have the same mean metric, so "
                            "faithfulness (m - m_corrupt) / (m_clean - m_corrupt) is undefined")
 
-    def run(absolute: bool) -> MIBCurve:
+    def curve(absolute: bool) -> MIBCurve:
         n_edges, n_patched, f = [], [], []
         for n in requested:
             circuit = importance.copy()
@@ -300,7 +300,7 @@ def mib_metrics_run(run: Run, graph: Graph, *, fractions: Sequence[float] = MIB_
         under, from_1, mean = curve_areas(fractions, f)
         return MIBCurve(absolute, tuple(n_edges), tuple(n_patched), tuple(f), under, from_1, mean)
 
-    return MIBMetrics(tuple(fractions), n_total, requested, run(False), run(True), clean_m, base_m)
+    return MIBMetrics(tuple(fractions), n_total, requested, curve(False), curve(True), clean_m, base_m)
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:

@@ -17,7 +17,8 @@ from circuits import attribute, discover, evaluate, faithfulness
 from circuits.edge_pruning import edge_pruning, expected_open, hard_concrete
 from circuits.graph import Graph
 from circuits.iterative import iterative, keep_counts, patched_scores
-from circuits._engine.masked import prepare
+from circuits._engine.masked import patched_metric
+from circuits.run import Run
 from conftest import TINY
 from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model, tiny_tokenizer
@@ -31,10 +32,14 @@ def hf_models():
     return {name: tiny_hf_model(**kw) for name, kw in TINY.items()}
 
 
-def _metric_and_grad(ctx, missing):
+def prepare(model, graph, *args, **kwargs):
+    return Run.build(model, graph, *args, keep_sources=True, **kwargs)
+
+
+def _metric_and_grad(run, missing):
     w = missing.clone().requires_grad_(True)
     with torch.enable_grad():
-        values = torch.cat([ctx.metric(b, w) for b in ctx.batches])
+        values = torch.cat([patched_metric(run, i, w)[0] for i in range(len(run.batches))])
         (grad,) = torch.autograd.grad(values.mean(), w)
     return values.detach(), grad
 
