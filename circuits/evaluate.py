@@ -86,14 +86,14 @@ def _run_circuits(run: Run, graph: Graph, masks: list[tuple[Tensor, Tensor | Non
     with prepared(run.model), torch.no_grad(), \
             progress_bar(len(run.batches) * len(plans), show=show, desc="evaluate", unit="circuit") as bar:
         for i, batch in enumerate(run.batches):
-            ablated, _ = run.ablated(i)
+            ref = run.reference(i) if reference else None  # scores the corrupted run too
+            ablated, _ = run.ablated(i, score=False)
             for k, (missing, plan, neurons) in enumerate(plans):
                 patcher = Patcher(spec, missing, plan, ablated, neuron_mask=neurons)
                 logits = run_model(run.model, batch.tokens, batch.mask, patcher.hooks())  # HookedTransformer: hook_mlp_in on
                 out[k, batch.idx] = ex.score(logits, batch.idx).float().cpu()
                 bar.update(1)
-            if reference:
-                ref = run.reference(i)
+            if ref is not None:
                 clean_m[batch.idx], base_m[batch.idx] = ref.clean_metric.cpu(), ref.base_metric.cpu()
     # every example was scored by exactly one rank: the sums over ranks fill in the others
     for t in (out, clean_m, base_m):

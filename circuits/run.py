@@ -170,12 +170,15 @@ class Run:
             self._cache["mean"] = self.examples.mean_sources(self.model, self.spec, self.batch_size)
         return self._cache["mean"]
 
-    def ablated(self, i: int, *, writable: bool = False) -> tuple[Sources, Tensor | None]:
-        """Batch `i`'s ablated sources and, for `ablation="corrupted"`, the corrupted run's
-        metric (detached); one corrupted forward per batch and run. `writable`: sources the
-        caller may overwrite (a copy of `resid` when the run keeps them)."""
+    def ablated(self, i: int, *, writable: bool = False, score: bool = True
+                ) -> tuple[Sources, Tensor | None]:
+        """Batch `i`'s ablated sources and, for `ablation="corrupted"` and `score`, the corrupted
+        run's metric (detached; else None). One corrupted forward per batch and run (a second
+        only when the metric is asked for after a call with `score=False`). `writable`: sources
+        the caller may overwrite (a copy of `resid` when the run keeps them)."""
         key = ("ablated", i)
-        if key not in self._cache:
+        corrupted = self.ablation is Ablation.CORRUPTED
+        if key not in self._cache or (score and corrupted and self._cache[key][1] is None):
             if not self.keep_sources:  # hold one batch at a time
                 for old in [k for k in self._cache if k[0] == "ablated"]:
                     del self._cache[old]
@@ -184,7 +187,8 @@ class Run:
                 sources, logits = ablated_sources(
                     self.model, self.spec, self.ablation,
                     *self.examples.tokens("corrupted", batch.idx, self.spec.device), self.mean())
-                metric = None if logits is None else self.examples.score(logits, batch.idx).detach()
+                metric = self.examples.score(logits, batch.idx).detach() if corrupted and score \
+                    else None
             self._cache[key] = (sources, metric)
         sources, metric = self._cache[key]
         if writable:
@@ -192,7 +196,7 @@ class Run:
                 sources = Sources(sources.resid.clone(), sources.z)
             else:
                 del self._cache[key]
-        return sources, metric
+        return sources, metric if score else None
 
     def reference(self, i: int) -> Reference:
         """Batch `i`'s clean run (one forward, no hooks) and its fully ablated metric: the
