@@ -16,8 +16,10 @@ from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_cu
 from . import render as _render  # noqa: F401  (registers DOT and image formats with Graph.save)
 from .discover import discover
 from .export import load, save
-from .graph import Edge, Graph, KVEdges, Node, NodeKind
+from .graph import Edge, Graph, Node
+from .layout import KVEdges, NodeKind
 from .prune import Selection, prune_dangling
+from .run import Run
 
 __all__ = [
     "Ablation",
@@ -28,6 +30,7 @@ __all__ = [
     "Method",
     "Node",
     "NodeKind",
+    "Run",
     "Selection",
     "attribute",
     "discover",

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 
-from ..graph import Graph, KVEdges
+from ..graph import Graph
+from ..layout import KVEdges
 from .model import run_model
 from .patching import Patcher, blocks
 

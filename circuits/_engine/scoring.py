@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ..graph import Graph
 from .accumulate import Accumulator
-from .model import (Hook, ModelSpec, Site, Sources, check_norm, head_input_grads, head_outputs,
+from .model import (Hook, ModelSpec, Sources, check_norm, head_input_grads, head_outputs,
                     source_hooks)
+from .sites import Site
 
 __all__ = ["Point", "Scorer"]
 
