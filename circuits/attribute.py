@@ -261,7 +261,6 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
                          progress=progress)
 
 
-
 @dataclass(frozen=True)
 class _Plan:
     """What one attribution computes: its gradient points and output levels."""
