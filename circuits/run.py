@@ -97,7 +97,7 @@ class Run:
     batches: tuple[Batch, ...]  #: this process's share of the examples
     hooks: tuple[Hook, ...]  #: GIM's forward hooks (empty when GIM is off)
     sharded: bool  #: under torch.distributed, this process holds a part of the examples
-    keep_sources: bool  #: keep every batch's ablated sources (else only the batch in use)
+    keep_sources: bool  #: keep every batch's ablated sources and reference (else the batch in use)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -166,9 +166,9 @@ class Run:
         """Per-position mean sources over all corrupted examples (`ablation="mean"`), else None."""
         if self.ablation is not Ablation.MEAN:
             return None
-        if "mean" not in self._cache:
-            self._cache["mean"] = self.examples.mean_sources(self.model, self.spec, self.batch_size)
-        return self._cache["mean"]
+        if ("mean",) not in self._cache:
+            self._cache["mean",] = self.examples.mean_sources(self.model, self.spec, self.batch_size)
+        return self._cache["mean",]
 
     def ablated(self, i: int, *, writable: bool = False, score: bool = True
                 ) -> tuple[Sources, Tensor | None]:
@@ -203,6 +203,9 @@ class Run:
         corrupted run's, or the empty circuit's patched run for `mean` / `zero`."""
         key = ("reference", i)
         if key not in self._cache:
+            if not self.keep_sources:  # hold one batch at a time
+                for old in [k for k in self._cache if k[0] == "reference"]:
+                    del self._cache[old]
             batch = self.batches[i]
             sources, corrupted_metric = self.ablated(i)
             with torch.no_grad():
