@@ -6,7 +6,7 @@ and wall seconds, of
 - a plain forward + backward of the batch (the metric's gradient w.r.t. the parameters' inputs,
   no hooks);
 - one patched forward + backward with float missing coefficients `w` requiring grad (one edge
-  pruning step, `circuits._engine.masked.Context.metric`);
+  pruning step, `circuits._engine.masked.patched_metric`);
 - one probe pass of `EAP-IG-iterative` (patched, gradient w.r.t. the probe);
 - one whole `circuits.attribute(method="EAP")` call on the same examples.
 
@@ -26,7 +26,8 @@ import warnings
 import torch
 
 from circuits import Graph, attribute
-from circuits._engine.masked import prepare
+from circuits._engine.masked import patched_metric
+from circuits.run import Run
 from circuits.tasks import make
 from gimlens.runtime import prepared
 
@@ -57,31 +58,32 @@ def main() -> None:
     task = make("ioi", model, n=args.n)
     graph = Graph.from_model(model)
     with prepared(model):
-        ctx = prepare(model, graph, task)
-        batch = ctx.batches[0]
+        run = Run.build(model, graph, task, keep_sources=True)
+        run.ablated(0)  # the corrupted forward, outside the timings
+        batch = run.batches[0]
         emb = model.embed.W_E
 
         def plain():
             with torch.enable_grad():
                 emb.requires_grad_(True)
                 try:
-                    values = ctx.ex.score(model(batch.tokens, attention_mask=batch.mask), batch.idx)
+                    values = run.examples.score(model(batch.tokens, attention_mask=batch.mask), batch.idx)
                     values.sum().backward()
                 finally:
                     emb.requires_grad_(False)
                     emb.grad = None
 
-        w0 = (graph.valid.float() * 0.5).to(ctx.spec.device)
+        w0 = (graph.valid.float() * 0.5).to(run.spec.device)
 
         def patched():
             w = w0.clone().requires_grad_(True)
             with torch.enable_grad():
-                ctx.metric(batch, w).sum().backward()
+                patched_metric(run, 0, w)[0].sum().backward()
 
         def probe():
             from circuits.iterative import patched_scores
 
-            patched_scores(ctx, graph.valid, 1)
+            patched_scores(run, graph.valid, 1)
 
         rows = [("plain forward+backward", plain), ("patched float step", patched),
                 ("iterative probe pass", probe)]

@@ -15,8 +15,10 @@ from .attribute import Method, attribute
 from .evaluate import FaithfulnessCurve, evaluate, faithfulness, faithfulness_curve
 from .discover import discover
 from .export import load, save
-from .graph import Edge, Graph, KVEdges, Node, NodeKind
+from .graph import Edge, Graph, Node
+from .layout import KVEdges, NodeKind
 from .prune import Selection, prune_dangling
+from .run import Run
 
 __all__ = [
     "Ablation",
@@ -27,6 +29,7 @@ __all__ = [
     "Method",
     "Node",
     "NodeKind",
+    "Run",
     "Selection",
     "attribute",
     "discover",

@@ -65,21 +65,26 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from gimlens.distributed import all_reduce_sum, is_main_process, shard_range
+from jaxtyping import Float
+
+from gimlens.distributed import all_reduce_sum, is_main_process
 from gimlens.errors import GimlensError
-from gimlens.gim import GIMConfig, gim_hooks
+from gimlens.gim import GIMConfig
 from gimlens.quadrature import Quadrature, nodes_and_weights
-from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, require_lens_model
+from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from ._engine.accumulate import Accumulator
-from ._engine.examples import Examples
-from .graph import Graph, KVEdges
-from ._engine.memory import estimate_memory, fit_batch_size
-from ._engine.model import Ablation, ModelSpec, Site, ablated_sources, run_model
-from .prune import Level
+from ._engine.memory import estimate_memory
+from ._engine.model import Ablation, run_model
 from ._engine.scoring import Point, Scorer
+from ._engine.sites import Site
+from .graph import Graph
+from .layout import KVEdges
+from .prune import Level
+from .run import Run
 
-__all__ = ["Activations", "Completeness", "Examples", "Method", "MLPGradient", "attribute", "gradient_points"]
+__all__ = ["Activations", "Completeness", "Method", "MLPGradient", "attribute", "attribute_run",
+           "gradient_points"]
 
 #: Gradient points of the IG methods when neither `steps` nor `ig_steps` is given.
 DEFAULT_STEPS = 5
@@ -249,100 +254,135 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> bool(torch.allclose(n.node_scores, n.scores.sum(1), atol=1e-6))  # row sums
         True
     """
-    require_lens_model(model)
-    if not isinstance(graph, Graph):
-        raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
-    spec = ModelSpec.read(model)
-    graph.check_matches(model)
-    method = coerce_enum(Method, method, "method")
-    ablation = coerce_enum(Ablation, ablation, "ablation")
-    level = coerce_enum(Level, level, "level")
-    mlp_gradient = coerce_enum(MLPGradient, mlp_gradient, "mlp_gradient")
-    if mlp_gradient is MLPGradient.INPUT and level is Level.EDGE:
-        raise GimlensError("mlp_gradient='input' applies to level='node' or 'neuron' scores, "
-                           "got level='edge'")
-    if quadrature is None and level is not Level.EDGE and method is Method.EAP_IG_INPUTS:
-        quadrature = Quadrature.RIEMANN_RIGHT  # EAP-IG's attribute_node: k = 1..m
-    points = gradient_points(method, _steps(steps, ig_steps), quadrature, activations=activations,
-                             n_layers=spec.n_layers)
-    config = GIMConfig.coerce(gim)
-    ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
-    own = shard_range(len(ex))
-    if max_memory is not None:
-        batch_size = fit_batch_size(model, graph, ex.clean.shape[1], max_memory,
-                                    upper=batch_size or max(len(own), 1))
-    batches = [idx + own.start for idx in ex.batches(batch_size, n=len(own))]
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+                    batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory)
+    return attribute_run(run, method=method, steps=steps, ig_steps=ig_steps, quadrature=quadrature,
+                         activations=activations, level=level, mlp_gradient=mlp_gradient,
+                         progress=progress)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one attribution computes: its gradient points and output levels."""
+
+    points: list[Point]
+    level: Level
+    mlp_gradient: MLPGradient
+    split_kv: bool  # per-query-head k/v scores on a grouped-KV model
+
+    @classmethod
+    def read(cls, run: Run, graph: Graph, method, steps, ig_steps, quadrature, activations,
+             level, mlp_gradient) -> "_Plan":
+        method = coerce_enum(Method, method, "method")
+        level = coerce_enum(Level, level, "level")
+        mlp_gradient = coerce_enum(MLPGradient, mlp_gradient, "mlp_gradient")
+        if mlp_gradient is MLPGradient.INPUT and level is Level.EDGE:
+            raise GimlensError("mlp_gradient='input' applies to level='node' or 'neuron' scores, "
+                               "got level='edge'")
+        if quadrature is None and level is not Level.EDGE and method is Method.EAP_IG_INPUTS:
+            quadrature = Quadrature.RIEMANN_RIGHT  # EAP-IG's attribute_node: k = 1..m
+        points = gradient_points(method, _steps(steps, ig_steps), quadrature,
+                                 activations=activations, n_layers=run.spec.n_layers)
+        spec = run.spec
+        split_kv = graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads
+        return cls(points, level, mlp_gradient, split_kv)
+
+
+@dataclass
+class _Sums:
+    """Sums over examples of the scores and of the two metrics completeness compares."""
+
+    scores: Float[Tensor, "n_fwd n_bwd"]
+    neurons: Float[Tensor, "n_fwd d"] | None  # node / neuron level
+    mlp_input: Float[Tensor, "n_fwd d"] | None  # mlp_gradient="input"
+    metrics: Float[Tensor, "2"]  # clean, input ablated (float64)
+
+
+def attribute_run(run: Run, graph: Graph | None = None, *, method: Method | str = "EAP",
+                  steps: int | None = None, ig_steps: int | None = None,
+                  quadrature: Quadrature | str | None = None,
+                  activations: Activations | str = Activations.PER_NODE,
+                  level: Level | str = "edge", mlp_gradient: MLPGradient | str = "output",
+                  progress: bool = False) -> Graph:
+    """[`attribute`][circuits.attribute.attribute] on a [`Run`][circuits.run.Run]: fill `graph`
+    (default the run's) with the scores of `method` over the run's examples."""
+    graph = run.check_graph(graph)
+    plan = _Plan.read(run, graph, method, steps, ig_steps, quadrature, activations, level,
+                      mlp_gradient)
+    spec = run.spec
+    neurons = None if plan.level is Level.EDGE else torch.zeros(graph.n_forward, spec.d_model,
+                                                                device=spec.device)
+    sums = _Sums(torch.zeros(graph.n_forward, graph.n_backward, device=spec.device), neurons,
+                 torch.zeros_like(neurons) if plan.mlp_gradient is MLPGradient.INPUT else None,
+                 torch.zeros(2, dtype=torch.float64, device=spec.device))
     show = progress and is_main_process()
     if show:
-        size = batch_size or max(len(own), 1)
-        print(f"attribute: {len(ex)} examples in batches of {size}; memory "
-              f"{estimate_memory(model, graph, size, ex.clean.shape[1])}", file=sys.stderr)
-    split_kv = graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads
+        size = run.batch_size or max(sum(len(b.idx) for b in run.batches), 1)
+        print(f"attribute: {run.n_examples} examples in batches of {size}; memory "
+              f"{estimate_memory(run.model, graph, size, run.examples.clean.shape[1])}", file=sys.stderr)
+    with prepared(run.model), torch.enable_grad(), \
+            progress_bar(len(run.batches) * len(plan.points), show=show, desc="attribute") as bar:
+        for i in range(len(run.batches)):
+            _score_batch(run, graph, plan, i, sums, bar)
+    return _finish(run, graph, plan, sums)
 
-    scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
-    neurons = None if level is Level.EDGE else torch.zeros(graph.n_forward, spec.d_model,
-                                                           device=spec.device)
-    mlp_input = torch.zeros_like(neurons) if mlp_gradient is MLPGradient.INPUT else None
-    metric_sums = torch.zeros(2, dtype=torch.float64, device=spec.device)  # clean, input ablated
-    with prepared(model), torch.enable_grad(), \
-            progress_bar(len(batches) * len(points), show=show, desc="attribute") as bar:
-        extra = [] if config.is_off else gim_hooks(model, config)
-        mean = ex.mean_sources(model, spec, batch_size) if ablation is Ablation.MEAN else None
-        for i, idx in enumerate(batches):
-            ablated, corrupted_logits = ablated_sources(
-                model, spec, ablation, *ex.tokens("corrupted", idx, spec.device), mean)
-            acc = Accumulator.build(spec, graph, scores, ablated.resid, split_kv=split_kv,
-                                    defer=len(points) > 1, neurons=neurons, mlp_input=mlp_input)
-            scorer = Scorer(spec, graph, ablated, config.freeze_norm, split_kv,
-                            keep_clean=any(not p.inputs and p.node is None for p in points),
-                            acc=acc, keep_nodes=any(p.node is not None for p in points))
-            toks, mask = ex.tokens("clean", idx, spec.device)
-            if not points[0].clean:
-                with torch.no_grad():
-                    metric_sums[0] += ex.score(run_model(model, toks, mask, scorer.record_hooks()),
-                                               idx).double().sum()
-            for j, point in enumerate(points):
-                hooks = scorer.hooks(point, check_norm_once=i == 0 and j == 0) + extra
-                logits = run_model(model, toks, mask, hooks)
-                values = ex.score(logits, idx)
-                if not values.requires_grad:
-                    raise GimlensError("metric must be a differentiable function of the logits")
-                if point.clean:
-                    metric_sums[0] += values.detach().double().sum()
-                torch.autograd.backward(point.weight * values.sum(), inputs=[scorer.leaf],
-                                        retain_graph=split_kv)
-                acc.end_pass()
-                if split_kv:
-                    scorer.split_kv_grads()
-                del logits, values
-                bar.update(1)
-            acc.flush()
-            with torch.no_grad():
-                metric_sums[1] += _input_ablated_metric(model, ex, idx, toks, mask, scorer,
-                                                        corrupted_logits).double().sum()
-    all_reduce_sum(scores)
-    all_reduce_sum(metric_sums)
-    graph.scores = (scores / len(ex)).to(graph.scores.device)
+
+def _score_batch(run: Run, graph: Graph, plan: _Plan, i: int, sums: _Sums, bar) -> None:
+    """Add batch `i`'s scores and metrics to `sums`: its gradient passes, then completeness."""
+    spec, points, batch = run.spec, plan.points, run.batches[i]
+    ablated, corrupted_metric = run.ablated(i, writable=True)  # the scorer turns it into diff
+    acc = Accumulator.build(spec, graph, sums.scores, ablated.resid, split_kv=plan.split_kv,
+                            defer=len(points) > 1, neurons=sums.neurons, mlp_input=sums.mlp_input)
+    scorer = Scorer(spec, graph, ablated, run.frozen, plan.split_kv,
+                    keep_clean=any(not p.inputs and p.node is None for p in points),
+                    acc=acc, keep_nodes=any(p.node is not None for p in points))
+    toks, mask, idx = batch.tokens, batch.mask, batch.idx
+    if not points[0].clean:
+        with torch.no_grad():
+            logits = run_model(run.model, toks, mask, scorer.record_hooks())
+            sums.metrics[0] += run.examples.score(logits, idx).double().sum()
+    for j, point in enumerate(points):
+        hooks = scorer.hooks(point, check_norm_once=i == 0 and j == 0) + list(run.hooks)
+        logits = run_model(run.model, toks, mask, hooks)
+        values = run.examples.score(logits, idx)
+        if not values.requires_grad:
+            raise GimlensError("metric must be a differentiable function of the logits")
+        if point.clean:
+            sums.metrics[0] += values.detach().double().sum()
+        torch.autograd.backward(point.weight * values.sum(), inputs=[scorer.leaf],
+                                retain_graph=plan.split_kv)
+        acc.end_pass()
+        if plan.split_kv:
+            scorer.split_kv_grads()
+        del logits, values
+        bar.update(1)
+    acc.flush()
+    with torch.no_grad():
+        if corrupted_metric is None:  # only the token embedding ablated: one run
+            shift = scorer.diff[0]
+            logits = run_model(run.model, toks, mask,
+                               [(Site.EMBED.at(), lambda x, hook: x + shift.to(x.dtype))])
+            corrupted_metric = run.examples.score(logits, idx)
+        # for ablation="corrupted" the corrupted run is that run: the rest follows from the embedding
+        sums.metrics[1] += corrupted_metric.double().sum()
+
+
+def _finish(run: Run, graph: Graph, plan: _Plan, sums: _Sums) -> Graph:
+    """Means over all examples (summed over processes) into `graph`, with completeness."""
+    spec, n = run.spec, run.n_examples
+    all_reduce_sum(sums.scores)
+    all_reduce_sum(sums.metrics)
+    graph.scores = (sums.scores / n).to(graph.scores.device)
+    neurons = sums.neurons
     if neurons is not None:
-        if mlp_input is not None:  # EAP-IG's rule replaces the MLP rows
+        if sums.mlp_input is not None:  # EAP-IG's rule replaces the MLP rows
             rows = [spec.mlp_row(l) for l in range(spec.n_layers)]
-            neurons[rows] = mlp_input[rows]
+            neurons[rows] = sums.mlp_input[rows]
         all_reduce_sum(neurons)
-        neurons = (neurons / len(ex)).to(graph.scores.device)
+        neurons = (neurons / n).to(graph.scores.device)
         graph.node_scores = neurons.sum(-1)
-        if level is Level.NEURON:
+        if plan.level is Level.NEURON:
             graph.neuron_scores = neurons
-    m_clean, m_ablated = (metric_sums / len(ex)).tolist()
+    m_clean, m_ablated = (sums.metrics / n).tolist()
     graph.completeness = Completeness(float(graph.scores[0].sum()), m_ablated - m_clean)
     return graph
-
-
-def _input_ablated_metric(model, ex: Examples, idx, toks, mask, scorer: Scorer,
-                          corrupted_logits: Tensor | None) -> Tensor:
-    """The metric when only the token embedding is ablated: the corrupted run's for
-    `ablation="corrupted"` (the rest of the run follows from the embedding), else one run."""
-    if corrupted_logits is not None:
-        return ex.score(corrupted_logits, idx)
-    shift = scorer.diff[0]
-    logits = run_model(model, toks, mask, [(Site.EMBED.at(), lambda x, hook: x + shift.to(x.dtype))])
-    return ex.score(logits, idx)

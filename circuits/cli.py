@@ -30,7 +30,7 @@ from pathlib import Path
 from gimlens.errors import GimlensError
 
 from ._engine.model import Ablation
-from .discover import METHODS
+from .discover import ALGORITHMS
 from .graph import KVEdges
 from .tasks import TASKS
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `discover`'s options to `parser`."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to find a circuit for")
     parser.add_argument("--model", default=None, help="model folder or hub name (default: embedded SmolLM2)")
-    parser.add_argument("--method", default="EAP-IG-inputs", choices=list(METHODS),
+    parser.add_argument("--method", default="EAP-IG-inputs", choices=list(ALGORITHMS),
                         help="discovery method (circuits.discover)")
     parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
     parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")

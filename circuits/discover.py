@@ -8,10 +8,12 @@ pruned), whatever the method:
 | `EAP` | `circuits.attribute`, then top-n by abs. score | 1 F (corrupted) + 1 F+B |
 | `EAP-IG-inputs`, `EAP-IG-activations` | the same with IG | 1 F + `ig_steps` F+B |
 | `clean-corrupted` | the same | 1 F + 2 F+B |
-| `EAP-IG-iterative` | `iterative`: re-score in the patched model, remove the weakest, repeat | 2 F + `rounds * ig_steps` F+B |
-| `edge-pruning` | `edge_pruning`: learned hard-concrete masks | 2 F (+ the warm start's attribution) + `steps` F+B of one batch in all |
+| `EAP-IG-iterative` | `iterative`: re-score in the patched model, remove the weakest, repeat | 1 F + `rounds * ig_steps` F+B |
+| `edge-pruning` | `edge_pruning`: learned hard-concrete masks | 2 F (shared with the warm start) + the warm start's `ig_steps` F+B + `steps` F+B of one batch in all |
 
-`gim` switches GIM's backward rules on for every method's gradients (the patched forward
+Every method is registered once in `ALGORITHMS` (name -> [`Algorithm`][circuits.discover.Algorithm]:
+its function on a [`Run`][circuits.run.Run] and its options); `discover` builds one run and
+calls it. `gim` switches GIM's backward rules on for every method's gradients (the patched forward
 itself is unchanged). The method-specific options (`rounds`, `quadrature` for the iterative method; `steps`,
 `lr`, `loss`, `warm_start`, `ramp`, `init`, `seed` for edge pruning) are passed as keywords.
 
@@ -28,20 +30,22 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor
 
 from gimlens.errors import GimlensError
 
-from .attribute import Method, attribute
-from .edge_pruning import edge_pruning
-from .graph import Graph
-from .iterative import iterative
 from ._engine.masked import check_n_edges
+from .attribute import Method, attribute_run
+from .edge_pruning import edge_pruning_run
+from .graph import Graph
+from .iterative import iterative_run
+from .run import Run
 
-__all__ = ["discover", "Search", "METHODS"]
+__all__ = ["discover", "Algorithm", "ALGORITHMS", "Search", "METHODS"]
 
 
 class Search(str, Enum):
@@ -51,15 +55,37 @@ class Search(str, Enum):
     ITERATIVE = "EAP-IG-iterative"  #: re-linearised attribution
 
 
-#: options each search method accepts beyond the common ones
-_OPTIONS = {
-    Search.EDGE_PRUNING: {"steps", "lr", "loss", "warm_start", "ramp", "init", "seed"},
-    Search.ITERATIVE: {"rounds", "quadrature"},
+@dataclass(frozen=True)
+class Algorithm:
+    """One discovery method: `find(run, graph, *, n_edges, ig_steps, progress, **options)`
+    selects a circuit of at most `n_edges` edges in `graph` on a [`Run`][circuits.run.Run];
+    `options` are the keywords it takes beyond those; `keep_sources`: it passes over the
+    batches more than once, so its run keeps every batch's ablated sources."""
+
+    find: Callable[..., Graph]
+    options: frozenset[str] = frozenset()
+    keep_sources: bool = False
+
+
+def _score_and_select(method: Method) -> Callable[..., Graph]:
+    def find(run: Run, graph: Graph, *, n_edges: int, ig_steps: int = 5,
+             progress: bool = False) -> Graph:
+        attribute_run(run, graph, method=method, ig_steps=ig_steps, progress=progress)
+        return graph.apply_topn(n_edges, absolute=True)
+    find.__doc__ = f"`{method.value}` scores (`circuits.attribute`), then the top `n_edges` by |score|."
+    return find
+
+
+#: every discovery method, by name: `discover` and the `gimlens discover` CLI read this table
+ALGORITHMS: dict[str, Algorithm] = {
+    **{m.value: Algorithm(_score_and_select(m)) for m in Method},
+    Search.ITERATIVE.value: Algorithm(iterative_run, frozenset({"rounds", "quadrature"}), True),
+    Search.EDGE_PRUNING.value: Algorithm(
+        edge_pruning_run, frozenset({"steps", "lr", "loss", "warm_start", "ramp", "init", "seed"}), True),
 }
-_SEARCH = {Search.EDGE_PRUNING: edge_pruning, Search.ITERATIVE: iterative}
 
 #: every method name `discover` accepts
-METHODS: tuple[str, ...] = tuple(m.value for m in Method) + tuple(s.value for s in Search)
+METHODS: tuple[str, ...] = tuple(ALGORITHMS)
 
 
 def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
@@ -76,7 +102,7 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
         clean, corrupted, metric, attention_mask, ablation, batch_size, max_memory: as in
             `circuits.attribute`.
         n_edges: the circuit's edges before pruning dangling ones.
-        method: one of `METHODS` (table in the module docstring).
+        method: one of `METHODS` (table in the module docstring; registered in `ALGORITHMS`).
         gim: GIM's backward rules for the gradients (`True`, a `GIMConfig` or a dict).
         ig_steps: interpolation steps of the IG methods (and of the warm start / re-scoring).
         progress: show a progress bar.
@@ -86,23 +112,18 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
         `graph`, with `in_graph` the circuit and `scores` the method's edge scores.
     """
     check_n_edges(graph, n_edges)
-    common = dict(gim=gim, ig_steps=ig_steps, ablation=ablation, batch_size=batch_size,
-                  attention_mask=attention_mask, progress=progress, max_memory=max_memory)
-    try:
-        search = Search(method)
-    except ValueError:
-        search = None
-    if search is None:
-        try:
-            scoring = Method(method)
-        except ValueError:
-            raise GimlensError(f"unknown method {method!r}; known: {list(METHODS)}") from None
-        if options:
-            raise GimlensError(f"method {scoring.value!r} takes no options {sorted(options)}")
-        attribute(model, graph, clean, corrupted, metric, method=scoring, **common)
-        return graph.apply_topn(n_edges, absolute=True)
-    unknown = set(options) - _OPTIONS[search]
+    name = method.value if isinstance(method, Enum) else method
+    algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
+    if algorithm is None:
+        raise GimlensError(f"unknown method {method!r}; known: {list(METHODS)}")
+    unknown = set(options) - algorithm.options
+    if unknown and not algorithm.options:
+        raise GimlensError(f"method {name!r} takes no options {sorted(options)}")
     if unknown:
-        raise GimlensError(f"method {search.value!r} takes no option(s) {sorted(unknown)}; known: "
-                           f"{sorted(_OPTIONS[search])}")
-    return _SEARCH[search](model, graph, clean, corrupted, metric, n_edges=n_edges, **common, **options)
+        raise GimlensError(f"method {name!r} takes no option(s) {sorted(unknown)}; known: "
+                           f"{sorted(algorithm.options)}")
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+                    batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory,
+                    keep_sources=algorithm.keep_sources)
+    return algorithm.find(run, graph, n_edges=n_edges, ig_steps=ig_steps, progress=progress,
+                          **options)

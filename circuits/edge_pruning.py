@@ -26,8 +26,8 @@ Warm start (`warm_start="EAP-IG-inputs"`, optionally with GIM): `log_alpha` star
 function of each edge's rank by |EAP-IG score|, `init + 4 (q - 1 + n_edges / N)` with `q` the
 rank quantile (1 = best), so the ranks' top `n_edges` start above `init`.
 
-Cost: `prepare` (one corrupted and one clean forward per batch), the warm start's
-`attribute` (one corrupted forward and `ig_steps` forward-and-backward passes per batch), then
+Cost: one corrupted and one clean forward per batch (the [`Run`][circuits.run.Run]'s, shared
+with the warm start), the warm start's `ig_steps` forward-and-backward passes per batch, then
 `steps` forward-and-backward passes of one batch each (batches cycled), each about 2.5x a plain
 forward and backward of the batch (`benchmarks/bench_discover.py`). Memory: one batch's
 autograd graph of the patched forward, about what `circuits.attribute` holds for one gradient
@@ -56,10 +56,12 @@ from torch import Tensor
 from gimlens.errors import GimlensError
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
+from ._engine.masked import check_n_edges, check_run, gap, patched_logits
+from .attribute import attribute_run
 from .graph import Graph
-from ._engine.masked import Batch, Context, check_n_edges, prepare
+from .run import Run
 
-__all__ = ["edge_pruning", "Loss", "hard_concrete", "expected_open"]
+__all__ = ["edge_pruning", "edge_pruning_run", "Loss", "hard_concrete", "expected_open"]
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -92,27 +94,27 @@ def expected_open(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
 
 
-def _loss(ctx: Context, batch: Batch, missing: Tensor, kind: Loss, gap: float) -> Tensor:
-    logits = ctx.logits(batch, missing)
+def _loss(run: Run, i: int, missing: Tensor, kind: Loss, gap: float) -> Tensor:
+    logits, _ = patched_logits(run, i, missing)
+    batch, ref = run.batches[i], run.reference(i)
     if kind is Loss.KL:
         rows = torch.arange(len(batch.idx), device=logits.device)
-        logp = logits[rows, batch.last.to(logits.device)].float().log_softmax(-1)
-        ref = batch.clean_logprobs
-        return (ref.exp() * (ref - logp)).sum(-1).mean()
-    values = ctx.ex.score(logits, batch.idx).float()
-    return (((values - batch.clean_metric) / gap) ** 2).mean()
+        logp = logits[rows, ref.last.to(logits.device)].float().log_softmax(-1)
+        return (ref.clean_logprobs.exp() * (ref.clean_logprobs - logp)).sum(-1).mean()
+    values = run.examples.score(logits, batch.idx).float()
+    return (((values - ref.clean_metric) / gap) ** 2).mean()
 
 
-def _warm_log_alpha(model, graph: Graph, warm_start: str, gim, n_edges: int, init: float,
-                    **kwargs) -> Tensor:
-    from .attribute import attribute
-
+def _warm_log_alpha(run: Run, graph: Graph, warm_start: str | Graph, ig_steps: int, n_edges: int,
+                    init: float) -> Tensor:
+    """The start: `init + 4 (q - 1 + n_edges / N)` by the rank quantile `q` of |score| (module
+    docstring); the scores are `warm_start`'s, or the run's attribution by that method."""
     if isinstance(warm_start, Graph):
         if not warm_start.same_layout(graph):
             raise GimlensError("warm_start graph has another layout than graph")
         scored = warm_start
     else:
-        scored = attribute(model, graph.copy(), method=warm_start, gim=gim, **kwargs)
+        scored = attribute_run(run, graph.copy(), method=warm_start, ig_steps=ig_steps)
     ranked = scored.scores.detach().cpu().abs().masked_fill(~graph.valid, -1.0).flatten()
     order = torch.empty(ranked.numel())
     order[ranked.argsort(stable=True)] = torch.arange(ranked.numel(), dtype=torch.float32)
@@ -152,6 +154,25 @@ def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_e
         `graph`: `in_graph` the circuit, `scores` the learned `log_alpha` (0 off `valid`).
     """
     check_n_edges(graph, n_edges)
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+                    batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory,
+                    keep_sources=True)
+    return edge_pruning_run(run, n_edges=n_edges, steps=steps, lr=lr, loss=loss,
+                            warm_start=warm_start, ig_steps=ig_steps, ramp=ramp, init=init,
+                            seed=seed, progress=progress)
+
+
+def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, steps: int = 300,
+                     lr: float = 0.1, loss: Loss | str = "metric",
+                     warm_start: str | Graph | None = "EAP-IG-inputs", ig_steps: int = 5,
+                     ramp: float = 0.7, init: float = 1.0, seed: int = 0,
+                     progress: bool = False) -> Graph:
+    """[`edge_pruning`][circuits.edge_pruning.edge_pruning] on a [`Run`][circuits.run.Run]
+    (best built with `keep_sources=True`: the warm start then reuses its corrupted forwards);
+    `graph` (default the run's) gets the circuit."""
+    graph = run.check_graph(graph)
+    check_n_edges(graph, n_edges)
+    check_run(run)
     kind = coerce_enum(Loss, loss, "loss")
     for name, value, low in (("steps", steps, 1), ("ig_steps", ig_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -161,19 +182,14 @@ def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_e
                 or (name == "ramp" and value > 1):
             raise GimlensError(f"{name} must be a number > 0{' and <= 1' if name == 'ramp' else ''}, "
                                f"got {value!r}")
-    with prepared(model):
-        ctx = prepare(model, graph, clean, corrupted, metric, ablation=ablation,
-                      batch_size=batch_size, attention_mask=attention_mask, gim=gim,
-                      max_memory=max_memory)
-        spec, valid = ctx.spec, graph.valid
+    valid = graph.valid
+    with prepared(run.model):
         if warm_start is None:
             start = torch.full(valid.shape, float(init))
         else:
-            start = _warm_log_alpha(model, graph, warm_start, gim, n_edges, init, clean=ctx.ex.clean,
-                                    corrupted=ctx.ex.corrupted, metric=ctx.ex.metric,
-                                    attention_mask=ctx.ex.attention_mask, ig_steps=ig_steps,
-                                    ablation=ablation, batch_size=batch_size)
-        log_alpha = _fit(ctx, start.to(spec.device), kind, steps, lr, ramp, n_edges, seed, progress)
+            start = _warm_log_alpha(run, graph, warm_start, ig_steps, n_edges, init)
+        log_alpha = _fit(run, start.to(run.spec.device), kind, steps, lr, ramp, n_edges, seed,
+                         progress)
     scores = log_alpha.detach().cpu().masked_fill(~valid, 0.0)
     graph.scores = scores.to(graph.scores.device)
     ranked = graph.copy()
@@ -184,11 +200,11 @@ def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_e
     return graph
 
 
-def _fit(ctx: Context, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float,
+def _fit(run: Run, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float,
          n_edges: int, seed: int, show: bool) -> Float[Tensor, "n_fwd n_bwd"]:
-    valid = ctx.graph.valid.to(start.device)
-    N = ctx.graph.n_valid_edges
-    gap = abs(ctx.gap()) or 1.0
+    valid = run.graph.valid.to(start.device)
+    N = run.graph.n_valid_edges
+    scale = abs(gap(run)) or 1.0
     log_alpha = start.clone().requires_grad_(True)
     lambdas = torch.zeros(2, device=start.device, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=lr)
@@ -198,11 +214,10 @@ def _fit(ctx: Context, start: Tensor, kind: Loss, steps: int, lr: float, ramp: f
         first = min(float(N), max(float(n_edges), float((expected_open(log_alpha) * valid).sum())))
     with torch.enable_grad(), progress_bar(steps, show=show, desc="edge pruning", unit="step") as bar:
         for t in range(steps):
-            batch = ctx.batches[t % len(ctx.batches)]
             target = first * (n_edges / first) ** min(1.0, (t + 1) / max(1.0, ramp * steps))
             m = hard_concrete(log_alpha, generator)
             missing = (1.0 - m) * valid
-            faith = _loss(ctx, batch, missing, kind, gap)
+            faith = _loss(run, t % len(run.batches), missing, kind, scale)
             expected = (expected_open(log_alpha) * valid).sum()
             r = (expected - target) / target
             total = faith + lambdas[0] * r + lambdas[1] * r ** 2

@@ -34,44 +34,25 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gimlens.distributed import all_reduce_sum, shard_range
+from gimlens.distributed import all_reduce_sum
 from gimlens.errors import GimlensError
+from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
-from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, run_hooked
-
-from ._engine.examples import Examples
-from .graph import Graph
-from ._engine.model import Ablation, ModelSpec, ablated_sources, run_model
+from ._engine.model import Ablation, run_model
 from ._engine.patching import Patcher, blocks
+from .graph import Graph
 from .prune import Level, Selection
+from .run import Run
 
-__all__ = ["evaluate", "faithfulness", "faithfulness_curve", "FaithfulnessCurve"]
+__all__ = ["evaluate", "evaluate_run", "faithfulness", "faithfulness_run", "faithfulness_curve",
+           "faithfulness_curve_run", "FaithfulnessCurve"]
 
 DEFAULT_SIZES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
-
-
-@dataclass(frozen=True)
-class _Setup:
-    spec: ModelSpec
-    ex: Examples
-    ablation: Ablation
-    batch_size: int | None
-    batches: list
-
-
-def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask) -> _Setup:
-    if not isinstance(graph, Graph):
-        raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
-    spec = ModelSpec.read(model)
-    graph.check_matches(model)
-    ablation = Ablation.coerce(ablation)
-    ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
-    own = shard_range(len(ex))  # under torch.distributed: this rank's contiguous share
-    return _Setup(spec, ex, ablation, batch_size, [i + own.start for i in ex.batches(batch_size, n=len(own))])
 
 
 def _ablated_parts(graph: Graph, level: Level) -> tuple[Tensor, Tensor | None]:
@@ -89,41 +70,31 @@ def _ablated_parts(graph: Graph, level: Level) -> tuple[Tensor, Tensor | None]:
     return valid & ~keep.all(1)[:, None], (~keep).float()
 
 
-def _run_circuits(model, graph: Graph, s: _Setup, masks: list[tuple[Tensor, Tensor | None]], *,
+def _run_circuits(run: Run, graph: Graph, masks: list[tuple[Tensor, Tensor | None]], *,
                   reference: bool, show: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-example metrics `[len(masks), n]` of the patched runs (each given by its
     `_ablated_parts`), and (`reference`) of the clean run and of the ablated baseline (the
     corrupted run, or the empty circuit)."""
-    spec, ex = s.spec, s.ex
-    valid = graph.valid.cpu()
+    spec, ex, n = run.spec, run.examples, run.n_examples
     plans = []
     for missing, neurons in masks:
         plans.append((missing.to(spec.device), blocks(spec, graph, missing),
                       None if neurons is None else neurons.to(spec.device)))
-    empty = (valid.to(spec.device), blocks(spec, graph, valid), None)
-    out = torch.zeros(len(masks), len(ex))
-    clean_m = torch.zeros(len(ex)) if reference else None
-    base_m = torch.zeros(len(ex)) if reference else None
-    with prepared(model), torch.no_grad(), \
-            progress_bar(len(s.batches) * len(plans), show=show, desc="evaluate", unit="circuit") as bar:
-        mean = ex.mean_sources(model, spec, s.batch_size) if s.ablation is Ablation.MEAN else None
-        for idx in s.batches:
-            ablated, corrupted_logits = ablated_sources(
-                model, spec, s.ablation, *ex.tokens("corrupted", idx, spec.device), mean)
-            toks, mask = ex.tokens("clean", idx, spec.device)
-
-            def patched(plan):
-                patcher = Patcher(spec, plan[0], plan[1], ablated, neuron_mask=plan[2])
-                logits = run_model(model, toks, mask, patcher.hooks())  # HookedTransformer: hook_mlp_in on
-                return ex.score(logits, idx).float().cpu()
-
-            for i, plan in enumerate(plans):
-                out[i, idx] = patched(plan)
+    out = torch.zeros(len(masks), n)
+    clean_m = torch.zeros(n) if reference else None
+    base_m = torch.zeros(n) if reference else None
+    with prepared(run.model), torch.no_grad(), \
+            progress_bar(len(run.batches) * len(plans), show=show, desc="evaluate", unit="circuit") as bar:
+        for i, batch in enumerate(run.batches):
+            ref = run.reference(i) if reference else None  # scores the corrupted run too
+            ablated, _ = run.ablated(i, score=False)
+            for k, (missing, plan, neurons) in enumerate(plans):
+                patcher = Patcher(spec, missing, plan, ablated, neuron_mask=neurons)
+                logits = run_model(run.model, batch.tokens, batch.mask, patcher.hooks())  # HookedTransformer: hook_mlp_in on
+                out[k, batch.idx] = ex.score(logits, batch.idx).float().cpu()
                 bar.update(1)
-            if reference:
-                clean_m[idx] = ex.score(run_hooked(model, toks, attention_mask=mask), idx).float().cpu()
-                base_m[idx] = patched(empty) if corrupted_logits is None else \
-                    ex.score(corrupted_logits, idx).float().cpu()
+            if ref is not None:
+                clean_m[batch.idx], base_m[batch.idx] = ref.clean_metric.cpu(), ref.base_metric.cpu()
     # every example was scored by exactly one rank: the sums over ranks fill in the others
     for t in (out, clean_m, base_m):
         if t is not None:
@@ -166,9 +137,18 @@ def evaluate(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> torch.allclose(got, model(corrupted)[:, -1, 0], atol=1e-5)
         True
     """
-    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation,
+                    batch_size=batch_size, attention_mask=attention_mask)
+    return evaluate_run(run, level=level, progress=progress)
+
+
+def evaluate_run(run: Run, graph: Graph | None = None, *, level: Level | str = "edge",
+                 progress: bool = False) -> Float[Tensor, " n"]:
+    """[`evaluate`][circuits.evaluate.evaluate] on a [`Run`][circuits.run.Run]: the circuit is
+    `graph` (default the run's)."""
+    graph = run.check_graph(graph)
     parts = _ablated_parts(graph, coerce_enum(Level, level, "level"))
-    return _run_circuits(model, graph, s, [parts], reference=False, show=progress)[0][0]
+    return _run_circuits(run, graph, [parts], reference=False, show=progress)[0][0]
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric=None, *,
@@ -181,10 +161,18 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric=None, *,
     else the empty circuit under that ablation. 1 means the circuit does what the model does.
     `level` says what the circuit is, as in [`evaluate`][circuits.evaluate.evaluate].
     """
-    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation,
+                    batch_size=batch_size, attention_mask=attention_mask)
+    return faithfulness_run(run, level=level, progress=progress)
+
+
+def faithfulness_run(run: Run, graph: Graph | None = None, *, level: Level | str = "edge",
+                     progress: bool = False) -> float:
+    """[`faithfulness`][circuits.evaluate.faithfulness] on a [`Run`][circuits.run.Run]: the
+    circuit is `graph` (default the run's)."""
+    graph = run.check_graph(graph)
     parts = _ablated_parts(graph, coerce_enum(Level, level, "level"))
-    circuit, clean_m, base_m = _run_circuits(model, graph, s, [parts], reference=True,
-                                             show=progress)
+    circuit, clean_m, base_m = _run_circuits(run, graph, [parts], reference=True, show=progress)
     return _normalise(circuit[0].mean(), clean_m.mean(), base_m.mean())
 
 
@@ -244,6 +232,16 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
         >>> abs(curve.faithfulness[0]) < 1e-3, abs(curve.faithfulness[-1] - 1) < 1e-6
         (True, True)
     """
+    if not isinstance(graph, Graph):
+        raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
+    options = _curve_options(selection, sizes, level)  # bad options fail before the model is read
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation,
+                    batch_size=batch_size, attention_mask=attention_mask)
+    return faithfulness_curve_run(run, sizes=options[1], selection=options[0], absolute=absolute,
+                                  level=options[2], progress=progress)
+
+
+def _curve_options(selection, sizes, level) -> tuple[Selection, list[float], Level]:
     try:
         selection = Selection(selection)
     except ValueError:
@@ -254,7 +252,17 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
     level = coerce_enum(Level, level, "level")
     if level is not Level.EDGE and selection is not Selection.TOPN:
         raise GimlensError(f"level={level.value!r} curves select by top-n, got selection={selection.value!r}")
-    s = _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attention_mask)
+    return selection, sizes, level
+
+
+def faithfulness_curve_run(run: Run, graph: Graph | None = None, *,
+                           sizes: Sequence[float] = DEFAULT_SIZES, selection: Selection | str = "topn",
+                           absolute: bool = True, level: Level | str = "edge",
+                           progress: bool = False) -> FaithfulnessCurve:
+    """[`faithfulness_curve`][circuits.evaluate.faithfulness_curve] on a
+    [`Run`][circuits.run.Run], of the scores of `graph` (default the run's)."""
+    graph = run.check_graph(graph)
+    selection, sizes, level = _curve_options(selection, sizes, level)
     n_items = graph.n_valid_edges if level is Level.EDGE else _n_scored(graph, level)
     masks, n_edges = [], []
     for size in sizes:
@@ -266,12 +274,12 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
             circuit.apply_topn(n, absolute, level=level.value)
         masks.append(_ablated_parts(circuit, level))
         n_edges.append(circuit.n_edges_in_graph)
-    circuits, clean_m, base_m = _run_circuits(model, graph, s, masks, reference=True, show=progress)
+    circuits, clean_m, base_m = _run_circuits(run, graph, masks, reference=True, show=progress)
     f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in circuits]
     x = [size / 100 for size in sizes]
-    return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), _trapezoid(f, x),
-                             _trapezoid([abs(1 - v) for v in f], x), float(clean_m.mean()),
-                             float(base_m.mean()))
+    return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), float(np.trapezoid(f, x)),
+                             float(np.trapezoid([abs(1 - v) for v in f], x)),
+                             float(clean_m.mean()), float(base_m.mean()))
 
 
 def _n_scored(graph: Graph, level: Level) -> int:
@@ -291,7 +299,3 @@ def _check_sizes(sizes) -> list[float]:
             or values != sorted(set(values)):
         raise GimlensError(f"sizes must be increasing percentages in [0, 100], got {sizes!r}")
     return values
-
-
-def _trapezoid(y: Sequence[float], x: Sequence[float]) -> float:
-    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))

@@ -18,7 +18,7 @@ always read at `alpha = 1`; a rule without that node costs one extra forward per
 With `rounds=1` and the same rule the scores equal `attribute(..., method="EAP-IG-inputs")` and
 the circuit is its top-n.
 
-Cost: `prepare` (one corrupted and one clean forward per batch), then per round and batch
+Cost: one corrupted forward per batch (the [`Run`][circuits.run.Run]'s), then per round and batch
 `ig_steps` forward-and-backward passes of the patched model (`rounds * ig_steps` in all), plus one
 forward when the rule has no node at `alpha = 1`.
 
@@ -43,10 +43,11 @@ from gimlens.errors import GimlensError
 from gimlens.quadrature import Quadrature, nodes_and_weights
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
+from ._engine.masked import check_n_edges, check_run, patched_logits, patched_metric
 from .graph import Graph
-from ._engine.masked import Context, check_n_edges, prepare
+from .run import Run
 
-__all__ = ["iterative", "patched_scores", "keep_counts"]
+__all__ = ["iterative", "iterative_run", "patched_scores", "keep_counts"]
 
 
 def keep_counts(n_valid: int, n_edges: int, rounds: int) -> list[int]:
@@ -62,13 +63,13 @@ def keep_counts(n_valid: int, n_edges: int, rounds: int) -> list[int]:
     return counts
 
 
-def patched_scores(ctx: Context, kept: Tensor, ig_steps: int = 1, bar=None,
+def patched_scores(run: Run, kept: Tensor, ig_steps: int = 1, bar=None,
                    quadrature: Quadrature | str = Quadrature.RIEMANN_LEFT
                    ) -> Float[Tensor, "n_fwd n_bwd"]:
     """EAP scores (mean over examples, float32) of every valid edge in the model whose edges
     outside `kept` are patched; `ig_steps` points of the embedding path drawn from
     `gimlens.quadrature` (`quadrature` rule; `ig_steps=1` is EAP at the clean point)."""
-    spec, graph = ctx.spec, ctx.graph
+    spec, graph = run.spec, run.graph
     valid = graph.valid.to(spec.device)
     removed = valid & ~kept.to(spec.device)
     missing = removed.float()
@@ -78,28 +79,25 @@ def patched_scores(ctx: Context, kept: Tensor, ig_steps: int = 1, bar=None,
         a, w = nodes_and_weights(ig_steps, quadrature)
         alphas, weights = a.tolist(), w.tolist()
     scores = torch.zeros(graph.n_forward, graph.n_backward, device=spec.device)
-    for batch in ctx.batches:
+    for i in range(len(run.batches)):
         direction = None
         if 1.0 not in alphas:  # D = a - a_abl of the patched run at the clean input
-            out: list = []
             with torch.no_grad():
-                ctx.logits(batch, removed, patcher_out=out)
-            direction = out[0].recorded()
-        order = sorted(range(len(alphas)), key=lambda i: -alphas[i])  # alpha = 1 first
+                direction = patched_logits(run, i, removed)[1].recorded()
+        order = sorted(range(len(alphas)), key=lambda k: -alphas[k])  # alpha = 1 first
         with torch.enable_grad():
-            for i in order:
+            for k in order:
                 probe = torch.zeros_like(scores, requires_grad=True)
-                out = []
-                values = ctx.metric(batch, missing, probe=probe, direction=direction,
-                                    alpha=alphas[i], patcher_out=out)
+                values, patcher = patched_metric(run, i, missing, probe=probe, direction=direction,
+                                                 alpha=alphas[k])
                 if direction is None:
-                    direction = out[0].recorded()
+                    direction = patcher.recorded()
                 (grad,) = torch.autograd.grad(values.sum(), probe)
-                scores += grad * weights[i]
+                scores += grad * weights[k]
                 if bar is not None:
                     bar.update(1)
     # x_d -= v D: d metric / d v = -(a - a_abl) . g = (a_abl - a) . g, the EAP score
-    return (scores / ctx.n_examples).masked_fill(~valid, 0.0)
+    return (scores / run.n_examples).masked_fill(~valid, 0.0)
 
 
 def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
@@ -126,23 +124,36 @@ def iterative(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edge
         `graph`, `in_graph` the circuit; `scores` the last score of every edge (the round's
         in which it was removed, the last round's for the circuit).
     """
+    check_n_edges(graph, n_edges)
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+                    batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory,
+                    keep_sources=True)
+    return iterative_run(run, n_edges=n_edges, rounds=rounds, ig_steps=ig_steps,
+                         quadrature=quadrature, progress=progress)
+
+
+def iterative_run(run: Run, graph: Graph | None = None, *, n_edges: int, rounds: int = 5,
+                  ig_steps: int = 5, quadrature: Quadrature | str = "riemann_left",
+                  progress: bool = False) -> Graph:
+    """[`iterative`][circuits.iterative.iterative] on a [`Run`][circuits.run.Run] (best built with
+    `keep_sources=True`: every round reuses its ablated sources); `graph` (default the run's)
+    gets the circuit."""
+    graph = run.check_graph(graph)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise GimlensError(f"rounds must be an int >= 1, got {rounds!r}")
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise GimlensError(f"ig_steps must be an int >= 1, got {ig_steps!r}")
     check_n_edges(graph, n_edges)
+    check_run(run)
     quadrature = coerce_enum(Quadrature, quadrature, "quadrature")
-    with prepared(model):
-        ctx = prepare(model, graph, clean, corrupted, metric, ablation=ablation,
-                      batch_size=batch_size, attention_mask=attention_mask, gim=gim,
-                      max_memory=max_memory)
+    with prepared(run.model):
         kept = graph.valid.clone()
         last = torch.zeros(graph.n_forward, graph.n_backward)
         counts = keep_counts(graph.n_valid_edges, n_edges, rounds)
-        with progress_bar(rounds * ig_steps * len(ctx.batches), show=progress,
+        with progress_bar(rounds * ig_steps * len(run.batches), show=progress,
                           desc="EAP-IG-iterative", unit="pass") as bar:
             for target in counts:
-                scores = patched_scores(ctx, kept, ig_steps, bar, quadrature).cpu()
+                scores = patched_scores(run, kept, ig_steps, bar, quadrature).cpu()
                 last = torch.where(kept, scores, last)
                 ranked = graph.copy()
                 ranked.scores = torch.where(kept, scores.abs(), torch.full_like(scores, -1.0))

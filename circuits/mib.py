@@ -50,18 +50,21 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
 from gimlens.errors import GimlensError
 
-from .evaluate import evaluate
-from .graph import Graph, KVEdges
 from ._engine.model import Ablation
+from .evaluate import evaluate_run
+from .graph import Graph
+from .layout import KVEdges
 from .prune import Selection
+from .run import Run
 
-__all__ = ["MIB_FRACTIONS", "MIBCurve", "MIBMetrics", "mib_metrics", "mib_edge_count", "mib_points",
+__all__ = ["MIB_FRACTIONS", "MIBCurve", "MIBMetrics", "mib_metrics", "mib_metrics_run", "mib_edge_count", "mib_points",
            "curve_areas"]
 
 #: The fractions of edges at which MIB evaluates circuits.
@@ -132,8 +135,8 @@ def curve_areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tu
                            f"{len(x)} fractions and {len(y)} values")
     if any(b <= a for a, b in zip(x, x[1:])):
         raise GimlensError(f"fractions must be strictly increasing, got {list(fractions)!r}")
-    under = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
-    from_1 = sum((x[i + 1] - x[i]) * (abs(1 - y[i]) + abs(1 - y[i + 1])) / 2 for i in range(len(x) - 1))
+    under = float(np.trapezoid(y, x))
+    from_1 = float(np.trapezoid([abs(1 - v) for v in y], x))
     return under, from_1, sum(y) / len(y)
 
 
@@ -236,6 +239,14 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
     """
     if not isinstance(graph, Graph):
         raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
+    _options(selection, loss, fractions)  # bad options fail before the model is read
+    graph.check_matches(model)
+    run = Run.build(model, graph.as_kv_edges(KVEdges.GROUPED), clean, corrupted, metric,
+                    ablation=ablation, batch_size=batch_size, attention_mask=attention_mask)
+    return mib_metrics_run(run, graph, fractions=fractions, selection=selection, loss=loss)
+
+
+def _options(selection, loss, fractions) -> tuple[Selection, list[float]]:
     try:
         selection = Selection(selection)
     except ValueError:
@@ -244,8 +255,17 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
         raise GimlensError(f"selection must be one of {[s.value for s in _SELECT]}, got {selection!r}")
     if not isinstance(loss, bool):
         raise GimlensError(f"loss must be True or False, got {loss!r}")
-    fractions = _check_fractions(fractions)
-    graph.check_matches(model)
+    return selection, _check_fractions(fractions)
+
+
+def mib_metrics_run(run: Run, graph: Graph, *, fractions: Sequence[float] = MIB_FRACTIONS,
+                    selection: Selection | str = "topn", loss: bool = False) -> MIBMetrics:
+    """[`mib_metrics`][circuits.mib.mib_metrics] of the scored `graph` on a
+    [`Run`][circuits.run.Run] built with `graph.as_kv_edges("grouped")` (the patched layout)."""
+    if not isinstance(graph, Graph):
+        raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
+    selection, fractions = _options(selection, loss, fractions)
+    grouped = run.check_graph(graph.as_kv_edges(KVEdges.GROUPED))
     per_query = graph.as_kv_edges(KVEdges.PER_QUERY_HEAD)
     importance = per_query.copy()  # MIB's sign: positive = ablation lowers the metric
     if not loss:
@@ -257,20 +277,18 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
     def mean_metric(mask: Bool[Tensor, "n_fwd n_bwd"]) -> float:
         key = mask.cpu().numpy().tobytes()
         if key not in cache:
-            patched = graph.as_kv_edges(KVEdges.GROUPED).reset(empty=True)
+            patched = grouped.copy().reset(empty=True)
             patched.in_graph = mask
-            cache[key] = float(evaluate(model, patched, clean, corrupted, metric, ablation=ablation,
-                                        batch_size=batch_size, attention_mask=attention_mask).mean())
+            cache[key] = float(evaluate_run(run, patched).mean())
         return cache[key]
 
-    grouped = graph.as_kv_edges(KVEdges.GROUPED)
     clean_m = mean_metric(grouped.valid.clone())
     base_m = mean_metric(torch.zeros_like(grouped.valid))
     if clean_m == base_m:
         raise GimlensError("the clean run and the empty circuit have the same mean metric, so "
                            "faithfulness (m - m_corrupt) / (m_clean - m_corrupt) is undefined")
 
-    def run(absolute: bool) -> MIBCurve:
+    def curve(absolute: bool) -> MIBCurve:
         n_edges, n_patched, f = [], [], []
         for n in requested:
             circuit = importance.copy()
@@ -282,7 +300,7 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
         under, from_1, mean = curve_areas(fractions, f)
         return MIBCurve(absolute, tuple(n_edges), tuple(n_patched), tuple(f), under, from_1, mean)
 
-    return MIBMetrics(tuple(fractions), n_total, requested, run(False), run(True), clean_m, base_m)
+    return MIBMetrics(tuple(fractions), n_total, requested, curve(False), curve(True), clean_m, base_m)
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:

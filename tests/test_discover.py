@@ -17,7 +17,8 @@ from circuits import attribute, discover, evaluate, faithfulness
 from circuits.edge_pruning import edge_pruning, expected_open, hard_concrete
 from circuits.graph import Graph
 from circuits.iterative import iterative, keep_counts, patched_scores
-from circuits._engine.masked import prepare
+from circuits._engine.masked import patched_metric
+from circuits.run import Run
 from conftest import TINY
 from gimlens import GimlensError
 from gimlens.testing import tiny_hf_model, tiny_tokenizer
@@ -30,10 +31,14 @@ def hf_models():
     return {name: tiny_hf_model(**kw) for name, kw in TINY.items()}
 
 
-def _metric_and_grad(ctx, missing):
+def prepare(model, graph, *args, **kwargs):
+    return Run.build(model, graph, *args, keep_sources=True, **kwargs)
+
+
+def _metric_and_grad(run, missing):
     w = missing.clone().requires_grad_(True)
     with torch.enable_grad():
-        values = torch.cat([ctx.metric(b, w) for b in ctx.batches])
+        values = torch.cat([patched_metric(run, i, w)[0] for i in range(len(run.batches))])
         (grad,) = torch.autograd.grad(values.mean(), w)
     return values.detach(), grad
 
@@ -55,8 +60,8 @@ def test_float_mask_run_and_its_gradient_match_plain_autograd_patching(name, hf_
     with torch.enable_grad():
         logits, _ = edge_reference(hf, emb[clean].detach(), alpha, patch_to=a_corr)
         (expected_grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), alpha)
-    ctx = prepare(model, graph, clean, corrupted, metric)
-    values, grad = _metric_and_grad(ctx, w)
+    run = prepare(model, graph, clean, corrupted, metric)
+    values, grad = _metric_and_grad(run, w)
     assert_close(values, metric(logits.detach(), torch.arange(len(clean))), atol=1e-4, rtol=1e-4)
     assert_close(grad * graph.valid, expected_grad * graph.valid, atol=1e-5, rtol=1e-3)
     assert float(grad.abs().max()) > 1e-3
@@ -70,9 +75,9 @@ def test_mask_fixed_at_zero_and_one_reproduces_evaluate_exactly(name, ablation, 
     metric = fingerprint(model)
     circuit = random_circuit(model, seed=3)
     expected = evaluate(model, circuit, clean, corrupted, metric, ablation=ablation)
-    ctx = prepare(model, circuit, clean, corrupted, metric, ablation=ablation, batch_size=2)
+    run = prepare(model, circuit, clean, corrupted, metric, ablation=ablation, batch_size=2)
     missing = (circuit.valid & ~circuit.in_graph).float()
-    values, _ = _metric_and_grad(ctx, missing)
+    values, _ = _metric_and_grad(run, missing)
     assert_close(values.cpu(), expected, atol=2e-5, rtol=1e-5)
 
 
@@ -122,11 +127,11 @@ def test_iterative_with_one_round_equals_topn_of_eap_ig(name, gim, rule, request
 def test_rescoring_in_the_patched_model_is_the_gradient_at_the_current_mask(llama_model):
     clean, corrupted, metric = ioi(llama_model)
     circuit = random_circuit(llama_model, seed=7, p=0.6)
-    ctx = prepare(llama_model, circuit, clean, corrupted, metric)
-    scores = patched_scores(ctx, circuit.in_graph, ig_steps=1)
-    _, grad = _metric_and_grad(ctx, (circuit.valid & ~circuit.in_graph).float())
+    run = prepare(llama_model, circuit, clean, corrupted, metric)
+    scores = patched_scores(run, circuit.in_graph, ig_steps=1)
+    _, grad = _metric_and_grad(run, (circuit.valid & ~circuit.in_graph).float())
     assert_close(scores.cpu(), grad * circuit.valid, atol=1e-6, rtol=1e-4)
-    full = patched_scores(ctx, circuit.valid, ig_steps=1)
+    full = patched_scores(run, circuit.valid, ig_steps=1)
     assert float((scores - full).abs().max()) > 1e-4  # the patched model's scores really differ
 
 

@@ -233,37 +233,44 @@ def test_node_names_kinds_and_rows_follow_the_layout():
     assert nodes["a1.g1"].in_graph and not nodes["a1.g0"].in_graph and nodes["logits"].in_graph
 
 
-def _relative_imports(path):
-    """Names of sibling modules a circuits module imports anywhere in it (also inside functions)."""
+def _package_imports() -> dict[str, set[str]]:
+    """Every module of `circuits` and `gimlens` (walked recursively) -> the modules of the two
+    packages it imports anywhere in it (inside functions and `if TYPE_CHECKING:` too); `from p
+    import x` counts the module `p.x` where there is one, else `p`."""
     import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("circuits")):
-            base = (node.module or "").removeprefix("circuits").lstrip(".")
-            if base:
-                out.add(base.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("circuits."))
-    return out
-
-
-def test_circuits_modules_import_without_a_circle():
+    import importlib
     from pathlib import Path
 
-    import circuits
+    files = {}
+    for package in ("circuits", "gimlens"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root.parent).with_suffix("").parts)
+            is_package = parts[-1] == "__init__"
+            files[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    deps = {}
+    for name, (path, is_package) in files.items():
+        here = name if is_package else name.rpartition(".")[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = here.split(".")
+                base = (".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                        if node.level else node.module or "")
+                out.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        deps[name] = {d for d in out if d in files and d != name}
+    return deps
 
-    folder = Path(circuits.__file__).parent
-    deps = {p.stem: _relative_imports(p) - {p.stem} for p in folder.glob("*.py") if p.stem != "__init__"}
-    deps = {m: {d for d in ds if d in deps} for m, ds in deps.items()}
-    assert "export" not in deps["graph"] and "render" not in deps["graph"] and "graph" not in deps["prune"]
-    done, visiting = set(), []
+
+def _circles(deps: dict[str, set[str]]) -> list[list[str]]:
+    done, visiting, found = set(), [], []
 
     def visit(m):
-        assert m not in visiting, f"import circle: {' -> '.join(visiting[visiting.index(m):] + [m])}"
-        if m not in done:
+        if m in visiting:
+            found.append(visiting[visiting.index(m):] + [m])
+        elif m not in done:
             visiting.append(m)
             for d in sorted(deps[m]):
                 visit(d)
@@ -272,3 +279,16 @@ def test_circuits_modules_import_without_a_circle():
 
     for m in sorted(deps):
         visit(m)
+    return found
+
+
+def test_both_packages_import_without_a_circle():
+    deps = _package_imports()
+    assert {"circuits.tasks.kl", "circuits._engine.masked", "gimlens.gim"} <= set(deps)  # recursive
+    assert "circuits.export" not in deps["circuits.graph"] and "circuits.render" not in deps["circuits.graph"]
+    assert "circuits.graph" not in deps["circuits.prune"]
+    assert _circles(deps) == []
+
+
+def test_the_circle_check_reports_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

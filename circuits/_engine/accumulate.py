@@ -174,13 +174,7 @@ class Accumulator:
 
     def _sum_by_upstream(self, cols: slice, grads: Float[Tensor, "n B S d"]) -> None:
         """Add the gradients of columns `cols` to the sums of their upstream counts."""
-        counts = self.n_up[cols]
-        i = 0
-        while i < len(counts):
-            j = i
-            while j < len(counts) and counts[j] == counts[i]:
-                j += 1
-            part = grads[i:j].sum(0)
-            u = counts[i]
+        values, lengths = torch.unique_consecutive(torch.tensor(self.n_up[cols]), return_counts=True)
+        for u, run in zip(values.tolist(), grads.split(lengths.tolist())):
+            part = run.sum(0)
             self.grad_sums[u] = part if u not in self.grad_sums else self.grad_sums[u].add_(part)
-            i = j

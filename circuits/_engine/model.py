@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from enum import Enum
 from typing import Callable
 
@@ -33,6 +34,8 @@ from torch import Tensor
 from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs as shared_head_outputs
 from gimlens.runtime import coerce_enum, run_hooked
+
+from ..layout import Layout
 
 from .sites import (CORE_SITES, HOOKED_SITES, ModelKind, Site, hook_modes,  # noqa: F401
                     model_kind, require_hooks, site_name)
@@ -196,29 +199,27 @@ class ModelSpec:
             return replace(norm, weight=torch.ones_like(norm.weight), bias=None)
         return norm
 
-    # ---- the graph's forward (source) index: input, then per layer its heads and its MLP.
-    # The same arithmetic as circuits.graph's layout; it is kept here, in this one block, until
-    # ModelSpec reads it from the layout module.
+    # ---- the graph's index arithmetic is the layout's (circuits.layout.Layout)
+    @cached_property
+    def layout(self) -> Layout:
+        """The graph layout of this shape (grouped k/v slots)."""
+        return Layout.of(self.n_layers, self.n_heads, self.n_kv_heads, self.parallel_attn_mlp)
 
     @property
     def n_forward(self) -> int:
-        return 1 + self.n_layers * (self.n_heads + 1)
+        return self.layout.n_forward
 
     def head_rows(self, layer: int) -> slice:
         """Rows of the heads of `layer` in the graph's forward (source) index."""
-        start = 1 + layer * (self.n_heads + 1)
-        return slice(start, start + self.n_heads)
+        return self.layout.forward_slice(layer)
 
     def mlp_row(self, layer: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + self.n_heads
+        return self.layout.forward_index(layer)
 
     def upstream(self, layer: int | None, mlp: bool = False) -> int:
         """How many sources (a prefix of the forward index) feed layer `layer`'s attention
         inputs, its MLP input (`mlp`), or the logits (`layer=None`)."""
-        if layer is None:
-            return self.n_forward
-        n = 1 + layer * (self.n_heads + 1)
-        return n + self.n_heads if mlp and not self.parallel_attn_mlp else n
+        return self.layout.upstream(layer, mlp=mlp)
 
     # ---- end of the index arithmetic
 

@@ -24,9 +24,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..graph import Graph
 from .accumulate import Accumulator
-from .model import (Hook, ModelSpec, Site, Sources, check_norm, head_input_grads, head_outputs,
+from .model import (Hook, ModelSpec, Sources, check_norm, head_input_grads, head_outputs,
                     source_hooks)
+from .sites import Site
 
 __all__ = ["Point", "Scorer"]
 
@@ -54,7 +56,7 @@ class Scorer:
     arrive at each destination in the backward pass, put them where the accumulator wants them."""
 
     spec: ModelSpec
-    graph: object  # circuits.graph.Graph
+    graph: Graph
     ablated: Sources  # its `resid` becomes diff = a_abl - a_clean in the clean run
     frozen: bool
     split_kv: bool  # per-query-head k/v slots on a grouped-KV model
@@ -67,7 +69,6 @@ class Scorer:
     keep_nodes: bool = False  # keep the clean node outputs (per-node interpolation follows)
     clean_z: dict = field(default_factory=dict)  # layer -> clean hook_z (per node)
     clean_mlp: dict = field(default_factory=dict)  # layer -> clean MLP output, float32 (per node)
-    metric_values: dict = field(default_factory=dict)  # "clean" -> metric of the record run
     leaf: Tensor | None = None
     ln1_x0: Tensor | None = None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -28,8 +28,7 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 
-if TYPE_CHECKING:
-    from .kl import KLMetric
+from .kl import KLMetric, clean_log_probs
 
 __all__ = ["Task", "MetricKind", "Indices", "tokenizer_and_bos", "encode", "single_tokens", "pair_batch"]
 
@@ -115,7 +114,14 @@ class Task:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
-    def _index(self, indices: Indices) -> Int[Tensor, " b"]:
+    def example_index(self, indices: Indices = None) -> Int[Tensor, " b"]:
+        """The example positions `indices` select (`None`: all), as a LongTensor `[b]`.
+
+        Examples:
+            >>> task = Task("toy", torch.tensor([[1, 2]] * 3), torch.tensor([[1, 3]] * 3), torch.tensor([[0, 1]] * 3))
+            >>> task.example_index(slice(1, None)).tolist(), task.example_index([True, False, True]).tolist()
+            ([1, 2], [0, 2])
+        """
         try:
             return torch.arange(len(self))[indices if indices is not None else slice(None)].reshape(-1)
         except (IndexError, TypeError, RuntimeError) as e:
@@ -126,7 +132,7 @@ class Task:
 
     def answer_logits(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Float[Tensor, "b vocab"]:
         """The float32 logits at each example's answer position (`logits` of exactly `indices`)."""
-        idx = self._index(indices)
+        idx = self.example_index(indices)
         if logits.ndim != 3 or logits.shape[0] != len(idx):
             raise GimlensError(
                 f"task {self.name!r}: expected logits [{len(idx)}, pos, vocab] for {len(idx)} examples, "
@@ -147,14 +153,14 @@ class Task:
         `PROB_DIFF` tasks the probability of the correct answer tokens minus the incorrect ones.
         """
         final = self.answer_logits(logits, indices)
-        idx = self._index(indices)
+        idx = self.example_index(indices)
         if self.metric_kind is MetricKind.LOGIT_DIFF:
             picked = final.gather(1, self.labels[idx].to(final.device))
             return picked[:, 0] - picked[:, 1]
         probs = final.softmax(-1)[:, self.answer_tokens.to(final.device)]
         return (probs * self.answer_sign[idx].to(final)).sum(-1)
 
-    def kl_metric(self, model, *, batch_size: int | None = None, vocab_mean: bool = False) -> "KLMetric":
+    def kl_metric(self, model, *, batch_size: int | None = None, vocab_mean: bool = False) -> KLMetric:
         """A KL-divergence metric (EAP-IG-KL's): `KL(clean || run)` at the answer position.
 
         Runs the model once on the clean examples and keeps their log-probabilities; the returned
@@ -176,23 +182,21 @@ class Task:
             >>> bool((kl(model(task.clean, attention_mask=task.attention_mask)).abs() < 1e-5).all())
             True
         """
-        from .kl import KLMetric, clean_log_probs
-
         return KLMetric(self, clean_log_probs(model, self, batch_size), vocab_mean=vocab_mean)
 
     def metric_for(self, indices: Indices = None) -> Callable[[Tensor], Tensor]:
         """`metric` with the examples fixed: `task.metric_for(idx)(logits) == task.metric(logits, idx)`."""
-        idx = self._index(indices)
+        idx = self.example_index(indices)
         return lambda logits: self.metric(logits, idx)
 
     def top1(self, logits: Float[Tensor, "b pos vocab"], indices: Indices = None) -> Bool[Tensor, " b"]:
         """Whether the argmax over the vocabulary at the answer position is the correct label."""
         final = self.answer_logits(logits, indices)
-        return final.argmax(-1) == self.labels[self._index(indices)].to(final.device)[:, 0]
+        return final.argmax(-1) == self.labels[self.example_index(indices)].to(final.device)[:, 0]
 
     def subset(self, indices: Indices) -> "Task":
         """A task with only the examples `indices` (e.g. a held-out split)."""
-        idx = self._index(indices)
+        idx = self.example_index(indices)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         strings = lambda s: tuple(s[i] for i in idx.tolist()) if s else s  # noqa: E731
         return dataclasses.replace(

@@ -19,7 +19,7 @@ clean run only) scores every edge 0 with this metric: use an integrated-gradient
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -28,18 +28,16 @@ from torch import Tensor
 from gimlens.errors import GimlensError
 from gimlens.runtime import prepared, require_lens_model, run_hooked
 
-if TYPE_CHECKING:
-    from .base import Indices, Task
-
 __all__ = ["KLMetric", "clean_log_probs"]
 
 
-def clean_log_probs(model, task: "Task", batch_size: int | None = None) -> Float[Tensor, "n vocab"]:
+def clean_log_probs(model, task, batch_size: int | None = None) -> Float[Tensor, "n vocab"]:
     """float32 `log_softmax` of the clean run's logits at each example's answer position.
 
     Args:
         model: a TransformerLens model (left as found).
-        task: the task whose `clean` tokens (and `attention_mask`) are run.
+        task: a [`Task`][circuits.tasks.base.Task] (read through its public `clean`,
+            `attention_mask`, `batches` and `answer_logits`), whose clean tokens are run.
         batch_size: examples per forward pass (`None`: all at once).
 
     Returns:
@@ -69,7 +67,8 @@ class KLMetric:
     from clean log-probabilities.
 
     Args:
-        task: the task (answer positions, example indexing).
+        task: a [`Task`][circuits.tasks.base.Task] (read through its public `answer_logits`
+            and `example_index`).
         clean_log_probs: `[n, vocab]` clean log-probabilities at the answer positions.
         vocab_mean: divide by the vocabulary size, as EAP-IG's `kl_div(...).mean(-1)` does.
 
@@ -83,7 +82,7 @@ class KLMetric:
         (tensor([0.]), tensor([True]))
     """
 
-    def __init__(self, task: "Task", clean_log_probs: Float[Tensor, "n vocab"], *,
+    def __init__(self, task, clean_log_probs: Float[Tensor, "n vocab"], *,
                  vocab_mean: bool = False) -> None:
         if not isinstance(clean_log_probs, Tensor) or clean_log_probs.ndim != 2 \
                 or clean_log_probs.shape[0] != len(task):
@@ -96,10 +95,10 @@ class KLMetric:
         self.clean_log_probs = clean_log_probs.detach().float()
         self.vocab_mean = vocab_mean
 
-    def __call__(self, logits: Float[Tensor, "b pos vocab"], indices: "Indices" = None) -> Float[Tensor, " b"]:
+    def __call__(self, logits: Float[Tensor, "b pos vocab"], indices: Any = None) -> Float[Tensor, " b"]:
         """KL of the examples `indices` (None = all) from their clean distributions (float32)."""
         log_q = self.task.answer_logits(logits, indices).log_softmax(-1)
-        idx = self.task._index(indices)
+        idx = self.task.example_index(indices)
         log_p = self.clean_log_probs[idx.to(self.clean_log_probs.device)].to(log_q.device)
         if log_p.shape[-1] != log_q.shape[-1]:
             raise GimlensError(f"logits have {log_q.shape[-1]} vocabulary entries, the clean "
