@@ -6,7 +6,7 @@ forward pass run inside the block:
 
 | rule (config field)   | hook points                                   | backward                        |
 |-----------------------|-----------------------------------------------|---------------------------------|
-| `freeze_norm`         | every `*.hook_scale`                          | the norm's scale is a constant  |
+| `freeze_norm`         | every `*.hook_scale` (pre-, post-, q/k norms) | the norm's scale is a constant  |
 | `softmax_temperature` | `attn.hook_attn_scores` + `attn.hook_pattern` | softmax at temperature `T`      |
 | `q/k/v_scale`         | `attn.hook_q` / `hook_k` / `hook_v`           | gradient × scale                |
 | `gate/up_scale`       | `mlp.hook_pre` / `hook_pre_linear`            | gradient × scale (gated MLPs)   |
@@ -17,6 +17,11 @@ and hook functions. [`GIMConfig`][gimlens.gim.GIMConfig]'s fields, their validat
 `GIMConfig.off()`, `is_off`, [`gim_hooks`][gimlens.gim.gim_hooks] and the GIM keywords of
 [`explain`][gimlens.attribution.explain.explain] are all built from it, so adding a rule is one
 entry.
+
+**Families.** A rule acts where the model has its component: gate/up only on gated MLPs,
+the softmax rule only where the bridge fires `hook_attn_scores` and `hook_pattern` (not GPT-J or
+OPT). [`gim_report`][gimlens.gim.gim_report] (or `GIM(...).report()`) lists, per switched-on rule,
+where it acts or why it is not applicable; `docs/concepts/models.md` has the table per family.
 
 **Backward after the block.** The rules live in the graph built by the forward pass, so a
 backward pass run after the `with` block still follows GIM, and a forward pass run outside the
@@ -32,11 +37,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
-from .runtime import quiet_norm_rebuild, require_lens_model
+from .runtime import quiet_norm_rebuild, require_lens_model, run_hooked
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords",
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "gim_report",
            "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
@@ -51,11 +58,11 @@ def _n_layers(model) -> int:
 
 
 def _norm_scale_names(model) -> list[str]:
-    """Every norm scale hook: ln1 of each block and ln_final, plus ln2 and any other norm."""
-    names = [f"blocks.{l}.ln1.hook_scale" for l in range(_n_layers(model))]
-    names.append("ln_final.hook_scale")
-    names += sorted(n for n in model.hook_dict if n.endswith(".hook_scale") and n not in names)
-    return names
+    """Every norm scale hook the model has: the pre-norms (`ln1`, `ln2`), post-norms
+    (`ln1_post`, `ln2_post`: Gemma 2/3, OLMo-2), q/k norms (`attn.q_norm`, `attn.k_norm`: Qwen3,
+    Gemma 3, OLMo-2) and `ln_final`; `ln_final.hook_scale` is required (every family has it)."""
+    return ["ln_final.hook_scale"] + sorted(
+        n for n in model.hook_dict if n.endswith(".hook_scale") and n != "ln_final.hook_scale")
 
 
 def per_layer(*templates: str) -> Callable:
@@ -288,6 +295,69 @@ def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:
 # Hooks and the context manager.
 
 
+def _rule_hooks(model, config) -> list[tuple[Rule, list[Hook] | list[str]]]:
+    """Per switched-on rule: its hooks, or (a list of names) the hook points it lacks."""
+    hook_dict = model.hook_dict
+    out = []
+    for rule in type(config).RULES:
+        value = getattr(config, rule.field)
+        if not rule.is_on(value):
+            continue
+        names = rule.names(model)
+        absent = [n for n in names if n not in hook_dict]
+        if absent:
+            out.append((rule, absent))
+            continue
+        seen: set[int] = set()
+        unique = [n for n in names if not (id(hook_dict[n]) in seen or seen.add(id(hook_dict[n])))]
+        out.append((rule, rule.make(model, value, unique)))
+    return out
+
+
+def gim_report(model, config: "GIMConfig | None" = None) -> dict[str, str]:
+    """Where each switched-on rule of `config` acts on `model`, one line per rule.
+
+    A rule acts where the model has its component; where it has none the rule is *not
+    applicable* and says why: a plain (non-gated) MLP has no gate/up projections, and some
+    bridges (GPT-J, OPT) run attention without firing `hook_attn_scores` / `hook_pattern`, so
+    the softmax rule cannot act there. One probe forward pass (two tokens, no grad) finds the
+    hooks that fire. Rules missing hook points raise as in [`gim_hooks`][gimlens.gim.gim_hooks].
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> report = gim_report(tiny_model("gpt2", n_layers=1))
+        >>> report["q_scale"], report["gate_scale"]
+        ('acts at 1 hook point', 'not applicable: the model has no gated MLP')
+    """
+    config = GIMConfig() if config is None else config
+    gim_hooks(model, config)  # validates
+    fired: dict[str, set[str]] = {}
+    probes: list[Hook] = []
+    report: dict[str, str] = {}
+    for rule, hooks in _rule_hooks(model, config):
+        if not hooks:
+            report[rule.field] = f"not applicable: the model has no {_COMPONENT[rule.field]}"
+            continue
+        fired[rule.field] = set()
+        probes += [(name, lambda x, hook, f=rule.field, n=name: fired[f].add(n))
+                   for name in dict.fromkeys(name for name, _ in hooks)]
+    if probes:
+        tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+        with torch.no_grad():
+            run_hooked(model, tokens, fwd_hooks=probes)
+    for field, names in fired.items():
+        n = len(names)
+        report[field] = (f"acts at {n} hook point{'s' if n != 1 else ''}" if n else
+                         f"not applicable: this model's {_COMPONENT[field]} hook points never fire")
+    return {r.field: report[r.field] for r in type(config).RULES if r.field in report}
+
+
+#: What each rule needs, for `gim_report`'s lines.
+_COMPONENT = {"freeze_norm": "norm", "softmax_temperature": "attention softmax",
+              "q_scale": "query projection", "k_scale": "key projection",
+              "v_scale": "value projection", "gate_scale": "gated MLP", "up_scale": "gated MLP"}
+
+
 def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """The forward hooks `(name, fn)` that implement `config` on `model`.
 
@@ -303,21 +373,13 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """
     require_lens_model(model)
     config = GIMConfig() if config is None else config
-    hook_dict = model.hook_dict
     hooks: list[Hook] = []
     missing: list[str] = []
-    for rule in type(config).RULES:
-        value = getattr(config, rule.field)
-        if not rule.is_on(value):
-            continue
-        names = rule.names(model)
-        absent = [n for n in names if n not in hook_dict]
-        if absent:
-            missing += [f"{n} (for {rule.field})" for n in absent]
-            continue
-        seen: set[int] = set()
-        unique = [n for n in names if not (id(hook_dict[n]) in seen or seen.add(id(hook_dict[n])))]
-        hooks += rule.make(model, value, unique)
+    for rule, made in _rule_hooks(model, config):
+        if made and isinstance(made[0], str):
+            missing += [f"{n} (for {rule.field})" for n in made]
+        else:
+            hooks += made
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise GimlensError(
@@ -378,3 +440,7 @@ class GIM:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
+
+    def report(self) -> dict[str, str]:
+        """Where each switched-on rule acts on this model ([`gim_report`][gimlens.gim.gim_report])."""
+        return gim_report(self.model, self.config)

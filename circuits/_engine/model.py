@@ -34,13 +34,13 @@ from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs as shared_head_outputs
 from gimlens.runtime import coerce_enum, run_hooked
 
-from .sites import (CORE_SITES, HOOKED_SITES, ModelKind, Site, hook_modes,  # noqa: F401
-                    model_kind, require_hooks, site_name)
+from .sites import (CORE_SITES, HOOKED_SITES, BlockLayout, ModelKind, Site,  # noqa: F401
+                    block_layout, hook_modes, model_kind, require_hooks, site_name)
 
 __all__ = [
     "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Sources",
     "ablated_sources", "check_norm", "head_input_grads", "head_outputs", "head_projection_deltas",
-    "mean_sources", "recorded_sources", "run_model", "source_hooks",
+    "mean_sources", "norm_deltas", "post_head_outputs", "recorded_sources", "run_model", "source_hooks",
 ]
 
 Hook = tuple[str, Callable]
@@ -61,6 +61,7 @@ class Ablation(str, Enum):
 class NormKind(str, Enum):
     LAYER_NORM = "LN"
     RMS_NORM = "RMS"
+    IDENTITY = "none"  #: no norm (OLMo-2's attention and MLP read the residual stream)
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,54 @@ class NormStats:
 
 @dataclass(frozen=True)
 class Norm:
-    """A LayerNorm or RMSNorm with its weight (and bias), computed in float32."""
+    """A LayerNorm or RMSNorm with its weight (and bias), computed in float32; the only
+    implementation of the norm forward in the engine.
+
+    `weight` is the effective gain: Gemma's RMSNorm, which scales by `1 + w`, is read with
+    `weight = 1 + w`. `IDENTITY` is the absent norm (weight 1, no bias).
+    """
 
     kind: NormKind
     weight: Float[Tensor, " d"]
     bias: Float[Tensor, " d"] | None
     eps: float
 
-    def stats(self, x: Float[Tensor, "*batch d"]) -> NormStats:
+    @classmethod
+    def identity(cls, d: int, device=None) -> "Norm":
+        return cls(NormKind.IDENTITY, torch.ones(d, device=device), None, 0.0)
+
+    def _centred_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.float()
+        if self.kind is NormKind.IDENTITY:
+            return x, torch.ones_like(x[..., :1])
         if self.kind is NormKind.LAYER_NORM:
             x = x - x.mean(-1, keepdim=True)
-        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x, torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def stats(self, x: Float[Tensor, "*batch d"]) -> NormStats:
+        x, inv = self._centred_scale(x)
         return NormStats(x * inv, inv)
 
-    def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
-        out = self.stats(x).x_hat * self.weight
+    def forward(self, x: Float[Tensor, "*batch d"], frozen: bool = False) -> Float[Tensor, "*batch d"]:
+        """The norm of `x` (float32, differentiable); with `frozen` (GIM's `freeze_norm`) the
+        scale is a constant for the gradient, its value unchanged."""
+        if self.kind is NormKind.IDENTITY:
+            return x.float()
+        x, inv = self._centred_scale(x)
+        out = x * (inv.detach() if frozen else inv) * self.weight
         return out if self.bias is None else out + self.bias
+
+    def share(self, part: Float[Tensor, "n *batch d"], whole: Float[Tensor, "*batch d"],
+              frozen: bool = False) -> Float[Tensor, "n *batch d"]:
+        """Each `part`'s share of `norm(whole)` when `whole = sum(part)` (no bias): the norm is
+        linear in its input at a fixed scale, so the shares add up to the norm's output."""
+        if self.kind is NormKind.IDENTITY:
+            return part.float()
+        part = part.float()
+        if self.kind is NormKind.LAYER_NORM:
+            part = part - part.mean(-1, keepdim=True)
+        inv = self._centred_scale(whole)[1]
+        return part * (inv.detach() if frozen else inv) * self.weight
 
     def backward(self, stats: NormStats, g: Float[Tensor, "n *batch d"], frozen: bool
                  ) -> Float[Tensor, "n *batch d"]:
@@ -99,6 +131,8 @@ class Norm:
         Exact: `(g - [mean(g)] - x_hat * mean(x_hat * g)) / sigma` (the bracket only for
         LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
         """
+        if self.kind is NormKind.IDENTITY:
+            return g
         if self.kind is NormKind.LAYER_NORM:
             g.sub_(g.mean(-1, keepdim=True))
         if not frozen:
@@ -123,8 +157,29 @@ def _read_norm(bridge_norm, kind: NormKind, cfg, folded: bool = False) -> Norm:
     eps = getattr(inner, "eps", None)
     eps = getattr(inner, "variance_epsilon", None) if eps is None else eps
     eps = getattr(cfg, "eps", 1e-5) if eps is None else eps
-    return Norm(kind, weight.detach().float(), None if bias is None else bias.detach().float(),
+    norm = Norm(kind, weight.detach().float(), None if bias is None else bias.detach().float(),
                 float(eps))
+    return _with_offset(norm, inner) if not folded else norm
+
+
+def _with_offset(norm: Norm, module) -> Norm:
+    """`norm` with gain `1 + w` if that is what `module` computes (Gemma's RMSNorm), found by
+    running the module once on a fixed probe; unchanged otherwise."""
+    if not callable(module) or norm.kind is NormKind.IDENTITY:
+        return norm
+    w = norm.weight
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, w.shape[0], generator=gen).to(device=w.device)
+    try:
+        with torch.no_grad():
+            dtype = next(module.parameters()).dtype
+            y = module(x.to(dtype)).float()
+    except Exception:  # not a plain norm module: keep what was read (check_norm still checks)
+        return norm
+    shifted = replace(norm, weight=w + 1)
+    if (shifted.forward(x) - y).abs().max() < (norm.forward(x) - y).abs().max():
+        return shifted
+    return norm
 
 
 @dataclass(frozen=True)
@@ -139,7 +194,12 @@ class AttnWeights:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape, ln1 norms and attention weights of a model, read once per call."""
+    """Shape, ln1 norms and attention weights of a model, read once per call.
+
+    `ln1[l]` is the norm that attention (and, with `layout.shared_norm`, the MLP) reads
+    (`IDENTITY` where there is none); `post[l]` the norm after attention (`None` without one):
+    head `h`'s output is then its share `post.share(z_h W_O[h], attention output)`.
+    """
 
     n_layers: int
     n_heads: int
@@ -151,6 +211,8 @@ class ModelSpec:
     device: torch.device
     dtype: torch.dtype
     kind: ModelKind = ModelKind.BRIDGE
+    post: tuple[Norm | None, ...] = ()
+    layout: BlockLayout = BlockLayout()
 
     @classmethod
     def read(cls, model) -> "ModelSpec":
@@ -166,9 +228,22 @@ class ModelSpec:
                 f"edge attribution supports models with LayerNorm or RMSNorm (normalization_type "
                 f"'LN', 'RMS', 'LNPre' or 'RMSPre'); this model has {norm_type!r}"
             )
-        ln1, attn = [], []
-        for block in model.blocks[:L]:
-            ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg, norm_type.endswith("Pre")))
+        layout = block_layout(model)
+        ln1, attn, post = [], [], []
+        for l, block in enumerate(model.blocks[:L]):
+            if layout.site(Site.LN1_OUT) is None:  # no pre-norm
+                ln1.append(Norm.identity(int(cfg.d_model)))
+            else:
+                ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg, norm_type.endswith("Pre")))
+            post.append(_read_norm(block.ln1_post, kinds[norm_type], cfg) if layout.post_norm
+                        else None)
+            b_O = getattr(block.attn, "b_O", None)
+            if layout.post_norm and (post[-1].bias is not None or (
+                    b_O is not None and bool(b_O.detach().ne(0).any()))):
+                raise GimlensError(
+                    f"blocks.{l}: a norm after attention with a bias (in the norm or in the "
+                    "output projection) has no per-head split; edge attribution supports "
+                    "post-norms without biases (Gemma 2/3, OLMo-2)")
             a = block.attn
             W_K, W_V = a.W_K.detach(), a.W_V.detach()
             if W_K.shape[0] == H != Hk:  # HookedTransformer expands GQA weights per query head
@@ -179,13 +254,18 @@ class ModelSpec:
             raise GimlensError(f"unexpected attention weight shapes W_O {tuple(W_O.shape)}, "
                                f"W_K {tuple(attn[0].W_K.shape)} for {H} heads / {Hk} KV heads")
         ln1 = tuple(replace(n, weight=n.weight.to(W_O.device)) for n in ln1)
-        return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
-                   ln1, tuple(attn), W_O.device, W_O.dtype, model_kind(model))
+        post = tuple(None if n is None else replace(n, weight=n.weight.to(W_O.device))
+                     for n in post)
+        parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) or layout.shared_norm
+        return cls(L, H, Hk, int(cfg.d_model), parallel, ln1, tuple(attn), W_O.device,
+                   W_O.dtype, model_kind(model), post, layout)
 
-    def hook(self, site: Site, layer: int | None = None) -> str:
-        """The hook name of `site` at `layer` on this model (see
-        `HOOKED_SITES` for a `HookedTransformer`)."""
-        return site_name(self.kind, site, layer, self.n_layers)
+    def hook(self, site: Site, layer: int | None = None) -> str | None:
+        """The hook name of `site` at `layer` on this model (see `HOOKED_SITES` for a
+        `HookedTransformer` and `BlockLayout` for blocks without ln1 / ln2); `None` where the
+        model has no such site."""
+        site = self.layout.site(site)
+        return None if site is None else site_name(self.kind, site, layer, self.n_layers)
 
     def ln1_out_norm(self, layer: int) -> "Norm":
         """The norm whose output `Site.LN1_OUT` shows: ln1 itself on the bridge
@@ -252,15 +332,33 @@ def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"]
     return norm.backward(stats, out, frozen)
 
 
-def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
-                           W: Float[Tensor, "n d dh"], norm: Norm) -> Float[Tensor, "B S n dh"]:
-    """How each head's projection changes when its input `x` becomes `x - correction[h]`:
-    `(norm(x - c_h) - norm(x)) @ W[h]` (exact norm; no bias needed; 0 where `c_h = 0`)."""
-    n, B, S, d = correction.shape
+def norm_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"], norm: Norm,
+                frozen: bool = False) -> Float[Tensor, "n B S d"]:
+    """How the norm's output changes when its input `x` becomes `x - correction[h]`:
+    `norm(x - c_h) - norm(x)` (differentiable; with `frozen` the scale is a constant for the
+    gradient; no bias needed; 0 where `c_h = 0`)."""
     x = x.float()
-    delta = norm.forward(x - correction) - norm.forward(x)
-    out = torch.bmm(delta.view(n, B * S, d), W.float())
+    return norm.forward(x - correction, frozen) - norm.forward(x, frozen)
+
+
+def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
+                           W: Float[Tensor, "n d dh"], norm: Norm, frozen: bool = False
+                           ) -> Float[Tensor, "B S n dh"]:
+    """How each head's projection changes when its input `x` becomes `x - correction[h]`:
+    `(norm(x - c_h) - norm(x)) @ W[h]` (the one implementation, fast and differentiable)."""
+    n, B, S, d = correction.shape
+    delta = norm_deltas(x, correction, norm, frozen)
+    out = torch.bmm(delta.reshape(n, B * S, d), W.float())
     return out.view(n, B, S, -1).permute(1, 2, 0, 3)
+
+
+def post_head_outputs(spec: "ModelSpec", layer: int, z: Float[Tensor, "B S H dh"],
+                      attn_out: Float[Tensor, "B S d"], frozen: bool = False
+                      ) -> Float[Tensor, "H B S d"]:
+    """Each head's output on a post-norm model: its share of the normalised attention output
+    (float32, differentiable). `attn_out` is the attention output before the norm."""
+    raw = shared_head_outputs(z.float(), spec.attn[layer].W_O.float())
+    return spec.post[layer].share(raw, attn_out, frozen)
 
 
 def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
@@ -290,13 +388,27 @@ class Sources:
 
 
 
-def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
+def source_hooks(spec: ModelSpec, resid: Callable[[int | slice, Tensor], None],
                  z: Callable[[int, Tensor], None]) -> list[Hook]:
     """Forward hooks handing over each source activation: `resid(row, [B, S, d] float32)` for
-    the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`."""
+    the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`, and on
+    a post-norm layer also `resid(head rows, [H, B, S, d])`, the heads' normalised outputs."""
     hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: resid(0, x.detach().float()))]
+    kept: dict = {}
+
+    def heads(layer: int, x: Tensor) -> None:
+        out = post_head_outputs(spec, layer, kept.pop(layer), x.detach())
+        resid(spec.head_rows(layer), out)
+
+    def take_z(layer: int, x: Tensor) -> None:
+        if spec.post and spec.post[layer] is not None:
+            kept[layer] = x.detach()
+        z(layer, x.detach())
+
     for l in range(spec.n_layers):
-        hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: z(l, x.detach())))
+        hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: take_z(l, x)))
+        if spec.post and spec.post[l] is not None:
+            hooks.append((spec.hook(Site.ATTN_POST_IN, l), lambda x, hook, l=l: heads(l, x)))
         hooks.append((spec.hook(Site.MLP_OUT, l),
                       lambda x, hook, l=l: resid(spec.mlp_row(l), x.detach().float())))
     return hooks
