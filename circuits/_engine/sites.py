@@ -90,8 +90,8 @@ HOOKED_SITES = {
 
 
 def model_kind(model) -> ModelKind:
-    """`HOOKED_TRANSFORMER` for a model with `hook_resid_pre` / `hook_mlp_in` but no
-    `ln1.hook_in` (and a `set_use_hook_mlp_in` switch), else `BRIDGE`.
+    """`HOOKED_TRANSFORMER` for a model with `hook_resid_pre` / `hook_mlp_in` but neither
+    `ln1.hook_in` nor `attn.hook_in` (and a `set_use_hook_mlp_in` switch), else `BRIDGE`.
 
     Examples:
         >>> from gimlens.testing import tiny_model
@@ -99,7 +99,8 @@ def model_kind(model) -> ModelKind:
         'bridge'
     """
     hook_dict = model.hook_dict
-    if Site.LN1_IN.at(0) not in hook_dict and HOOKED_SITES[Site.LN2_IN].format(l=0) in hook_dict \
+    if Site.LN1_IN.at(0) not in hook_dict and Site.ATTN_IN.at(0) not in hook_dict \
+            and HOOKED_SITES[Site.LN2_IN].format(l=0) in hook_dict \
             and "blocks.0.hook_resid_pre" in hook_dict and hasattr(model, "set_use_hook_mlp_in"):
         return ModelKind.HOOKED_TRANSFORMER
     return ModelKind.BRIDGE

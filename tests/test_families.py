@@ -1,0 +1,273 @@
+"""Every model family, exact: one row per family of `gimlens.testing.FAMILIES`.
+
+Each row checks, on a tiny random model of the family, against an independent reference: the
+bridge's logits equal HuggingFace's; with every GIM rule off gradients equal plain autograd on
+the HuggingFace model; each GIM rule changes the gradient where the family has its component
+(and is reported as not applicable where it has none); the empty circuit reproduces the
+corrupted run and the full circuit the clean run (edge, node and neuron level); the derivative
+of the patched metric with respect to the edge coefficients at the full circuit equals the EAP
+scores; node scores equal plain autograd at each node's output (what it adds to the residual
+stream). A family added to `FAMILIES` gets all of this by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from circuits._engine.masked import prepare
+from circuits.attribute import attribute
+from circuits.evaluate import evaluate
+from circuits.graph import Graph
+from gimlens.attribution import explain
+from gimlens.gim import GIM, RULES, GIMConfig, gim_report
+from gimlens.runtime import prepared, run_hooked
+from gimlens.testing import FAMILIES, tiny_hf_model, tiny_model
+from test_attribute import ioi
+
+ARGS = dict(scale=3.0, seed=5)
+
+#: Rules whose component a family lacks (gate/up: plain MLP; softmax: the bridge's attention
+#: of GPT-J and OPT fires no hook_attn_scores / hook_pattern).
+NOT_APPLICABLE = {
+    "gpt2": {"gate_scale", "up_scale"},
+    "gpt_neox": {"gate_scale", "up_scale"},
+    "gptj": {"gate_scale", "up_scale", "softmax_temperature"},
+    "phi": {"gate_scale", "up_scale"},
+    "opt": {"gate_scale", "up_scale", "softmax_temperature"},
+}
+
+ROWS = sorted(FAMILIES)
+
+
+@functools.lru_cache(maxsize=None)
+def _models(family: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(family, **ARGS)
+        model(model.to_tokens("When Mary and John went to the store"))  # the bridge's own hooks
+    return model, tiny_hf_model(family, **ARGS)
+
+
+def _grad_at_embed(model, tokens, metric, config) -> torch.Tensor:
+    leaf = {}
+
+    def embed(x, hook):
+        leaf["x"] = x.detach().requires_grad_(True)
+        return leaf["x"]
+
+    with torch.enable_grad(), GIM(model, config):
+        logits = run_hooked(model, tokens, fwd_hooks=[("hook_embed", embed)])
+        (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(tokens))).sum(), leaf["x"])
+    return grad
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_bridge_logits_equal_huggingface(family):
+    model, hf = _models(family)
+    tokens, _, _ = ioi(model)
+    with torch.no_grad():
+        assert_close(run_hooked(model, tokens), hf(tokens).logits, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_gradients_with_every_gim_rule_off_equal_plain_autograd_on_huggingface(family):
+    model, hf = _models(family)
+    tokens, _, metric = ioi(model)
+    grad = _grad_at_embed(model, tokens, metric, GIMConfig.off())
+    with torch.enable_grad():
+        emb = hf.get_input_embeddings()(tokens).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=emb).logits
+        (ref,) = torch.autograd.grad(metric(logits, torch.arange(len(tokens))).sum(), emb)
+    assert_close(grad, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_each_gim_rule_changes_the_gradient_where_its_component_exists(family):
+    model, _ = _models(family)
+    tokens, _, metric = ioi(model)
+    plain = _grad_at_embed(model, tokens, metric, GIMConfig.off())
+    absent = NOT_APPLICABLE.get(family, set())
+    report = gim_report(model)
+    for rule in RULES:
+        only = GIMConfig.off().with_overrides(**{rule.field: rule.default})
+        grad = _grad_at_embed(model, tokens, metric, only)
+        if rule.field in absent:
+            assert report[rule.field].startswith("not applicable"), (rule.field, report)
+            assert torch.equal(grad, plain), rule.field
+        else:
+            assert report[rule.field].startswith("acts at"), (rule.field, report)
+            assert (grad - plain).abs().max() > 1e-4 * plain.abs().max(), rule.field
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_explain_runs_with_gim_on_every_family(family):
+    model, _ = _models(family)
+    tokens, _, _ = ioi(model)
+    scores = explain(model, tokens)
+    assert tuple(scores.shape) == tuple(tokens.shape) and bool(torch.isfinite(scores).all())
+
+
+def _store(seen):
+    def metric(logits, idx):
+        seen.append(logits.detach())
+        return logits[:, -1, 0]
+    return metric
+
+
+def _circuit(model, level: str, full: bool) -> Graph:
+    g = Graph.from_model(model)
+    if level == "edge":
+        g.in_graph = g.valid.clone() if full else torch.zeros_like(g.valid)
+    elif level == "node":
+        g.nodes_in_graph = torch.full((g.n_forward,), full)
+    else:
+        g.neurons_in_graph = torch.full((g.n_forward, model.cfg.d_model), full)
+    return g
+
+
+@pytest.mark.parametrize("level", ["edge", "node", "neuron"])
+@pytest.mark.parametrize("family", ROWS)
+def test_empty_circuit_is_the_corrupted_run_and_full_circuit_the_clean_run(family, level):
+    model, _ = _models(family)
+    clean, corrupted, _ = ioi(model)
+    want = {False: run_hooked(model, corrupted), True: run_hooked(model, clean)}
+    assert not torch.allclose(want[False], want[True], atol=1e-3)
+    for full in (False, True):
+        seen = []
+        evaluate(model, _circuit(model, level, full), clean, corrupted, _store(seen), level=level)
+        assert_close(seen[0], want[full], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gim", [False, True])
+@pytest.mark.parametrize("family", ROWS)
+def test_derivative_of_the_patched_metric_in_the_edge_coefficients_equals_eap(family, gim):
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    graph = Graph.from_model(model)
+    eap = attribute(model, graph.copy(), clean, corrupted, metric, method="EAP", gim=gim).scores
+    with prepared(model):
+        ctx = prepare(model, graph, clean, corrupted, metric, gim=gim)
+        w = torch.zeros(graph.n_forward, graph.n_backward, requires_grad=True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(ctx.metric(ctx.batches[0], w).sum(), w)
+    valid = graph.valid
+    assert eap[valid].abs().max() > 1e-3
+    assert_close(grad[valid] / len(clean), eap[valid], atol=2e-5, rtol=1e-3)
+
+
+def _node_outputs(model, tokens, leaf: bool):
+    """`(embed, [per-head outputs [H, B, S, d]], [mlp out], [attention out], logits)`: each
+    node's output as added to the residual stream, computed here from `hook_z`, `W_O` and (on a
+    post-norm family) the HF post-attention norm module; with `leaf` the embedding is a leaf and
+    the attention and MLP outputs keep their gradients."""
+    got = {"z": {}, "raw": {}, "attn": {}, "mlp": {}}
+    L = model.cfg.n_layers
+
+    def embed(x, hook):
+        got["embed"] = x.detach().requires_grad_(leaf)
+        return got["embed"]
+
+    def keep(kind, l):
+        def fn(x, hook):
+            if leaf and kind in ("attn", "mlp"):
+                x = x.clone()
+                x.retain_grad()
+            got[kind][l] = x
+            return x
+        return fn
+
+    hooks = [("hook_embed", embed)]
+    for l in range(L):
+        hooks += [(f"blocks.{l}.attn.hook_z", keep("z", l)),
+                  (f"blocks.{l}.hook_attn_out", keep("attn", l)),
+                  (f"blocks.{l}.hook_mlp_out", keep("mlp", l))]
+        if f"blocks.{l}.ln1_post.hook_in" in model.hook_dict:
+            hooks.append((f"blocks.{l}.ln1_post.hook_in", keep("raw", l)))
+    logits = run_hooked(model, tokens, fwd_hooks=hooks)
+    heads = []
+    for l in range(L):
+        W_O = model.blocks[l].attn.W_O.detach()
+        out = torch.einsum("bshe,hed->hbsd", got["z"][l].detach(), W_O)
+        if l in got["raw"]:  # a post-norm family: each head's share of the normalised output
+            norm = model.blocks[l].ln1_post.original_component
+            gain = norm.weight.detach() + (1.0 if "Gemma" in type(norm).__name__ else 0.0)
+            raw = got["raw"][l].detach()
+            eps = getattr(norm, "eps", None) or norm.variance_epsilon
+            out = out * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps) * gain
+        heads.append(out)
+    return got["embed"], heads, got["mlp"], got["attn"], logits
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_node_scores_equal_autograd_at_each_node_output(family):
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    n = len(clean)
+    g = attribute(model, Graph.from_model(model), clean, corrupted, metric, level="node")
+    with torch.no_grad():
+        e_c, h_c, m_c, _, _ = _node_outputs(model, corrupted, leaf=False)
+    with torch.enable_grad():
+        e, h, m, attn, logits = _node_outputs(model, clean, leaf=True)
+        metric(logits, torch.arange(n)).sum().backward()
+    ref = [((e_c - e) * e.grad).sum()]
+    for l in range(model.cfg.n_layers):
+        # every head's output joins the residual stream where the attention output does
+        ref += list(((h_c[l] - h[l]) * attn[l].grad).sum((1, 2, 3)))
+        ref.append(((m_c[l] - m[l]) * m[l].grad).sum())
+    ref = torch.stack([r.detach().float() for r in ref]) / n
+    assert_close(g.node_scores, ref, atol=2e-5, rtol=1e-4)
+
+
+def _share(model, l, z, raw):
+    """Each head's output `[H, B, S, d]` as added to the residual stream (see `_node_outputs`)."""
+    out = torch.einsum("bshe,hed->hbsd", z.detach(), model.blocks[l].attn.W_O.detach())
+    if raw is not None:
+        norm = model.blocks[l].ln1_post.original_component
+        gain = norm.weight.detach() + (1.0 if "Gemma" in type(norm).__name__ else 0.0)
+        eps = getattr(norm, "eps", None) or norm.variance_epsilon
+        out = out * torch.rsqrt(raw.detach().pow(2).mean(-1, keepdim=True) + eps) * gain
+    return out
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_node_level_circuit_equals_replacing_the_nodes_outputs_by_hand(family):
+    # ablating a node replaces what it adds to the residual stream by its corrupted value
+    model, _ = _models(family)
+    clean, corrupted, _ = ioi(model)
+    g = Graph.from_model(model)
+    out = [g.forward_index(0, 1), g.forward_index(1, 0), g.forward_index(0)]  # a0.h1, a1.h0, m0
+    g.nodes_in_graph[out] = False
+    seen = []
+    evaluate(model, g, clean, corrupted, _store(seen), level="node")
+    with torch.no_grad():
+        _, h_c, m_c, _, _ = _node_outputs(model, corrupted, leaf=False)
+    post = f"blocks.0.ln1_post.hook_in" in model.hook_dict
+    run = {}
+
+    def keep(name):
+        def fn(x, hook):
+            run[name] = x
+        return fn
+
+    def heads(l, h):
+        def fn(x, hook):
+            mine = _share(model, l, run["z", l], run.get(("raw", l)))[h]
+            return x + (h_c[l][h] - mine).to(x.dtype)
+        return fn
+
+    hooks = []
+    for l, h in ((0, 1), (1, 0)):
+        hooks.append((f"blocks.{l}.attn.hook_z", keep(("z", l))))
+        if post:
+            hooks.append((f"blocks.{l}.ln1_post.hook_in", keep(("raw", l))))
+        hooks.append((f"blocks.{l}.hook_attn_out", heads(l, h)))
+    hooks.append(("blocks.0.hook_mlp_out", lambda x, hook: m_c[0]))
+    with torch.no_grad():
+        ref = run_hooked(model, clean, fwd_hooks=hooks)
+    assert_close(seen[0], ref, atol=5e-5, rtol=1e-4)
+    assert not torch.allclose(ref, run_hooked(model, clean), atol=1e-3)  # the patch did something
