@@ -20,13 +20,15 @@ import torch
 from torch.testing import assert_close
 
 from circuits._engine.masked import prepare
-from circuits.attribute import attribute
-from circuits.evaluate import evaluate
+from circuits.attribute import Method, attribute
+from circuits.discover import discover
+from circuits.evaluate import evaluate, faithfulness_curve
 from circuits.graph import Graph
 from gimlens.attribution import explain
 from gimlens.gim import GIM, RULES, GIMConfig, gim_report
 from gimlens.runtime import prepared, run_hooked
 from gimlens.testing import FAMILIES, tiny_hf_model, tiny_model
+from helpers import assert_state_equal, model_state
 from test_attribute import ioi
 
 ARGS = dict(scale=3.0, seed=5)
@@ -271,3 +273,33 @@ def test_node_level_circuit_equals_replacing_the_nodes_outputs_by_hand(family):
         ref = run_hooked(model, clean, fwd_hooks=hooks)
     assert_close(seen[0], ref, atol=5e-5, rtol=1e-4)
     assert not torch.allclose(ref, run_hooked(model, clean), atol=1e-3)  # the patch did something
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_every_method_keeps_node_and_neuron_scores_the_sums_of_edge_scores(family):
+    # residual additivity: a node's output feeds every destination, so its gradient is the sum
+    # of theirs, through post-norm shares and shared norms alike
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    for method in Method:
+        g = attribute(model, Graph.from_model(model), clean, corrupted, metric, method=method,
+                      steps=2, level="neuron", gim=True)
+        assert bool(torch.isfinite(g.scores[g.valid]).all()), method
+        assert_close(g.node_scores, g.scores.sum(1), atol=1e-6, rtol=1e-4)
+        assert_close(g.neuron_scores.sum(1), g.node_scores, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_faithfulness_curve_and_the_search_methods_run_and_leave_the_model_as_found(family):
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    before = model_state(model)
+    g = attribute(model, Graph.from_model(model), clean, corrupted, metric)
+    curve = faithfulness_curve(model, g, clean, corrupted, metric, sizes=(0, 50, 100))
+    assert curve.faithfulness[0] == pytest.approx(0.0, abs=1e-4)
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
+    for method, options in (("edge-pruning", dict(steps=3)), ("EAP-IG-iterative", dict(rounds=2))):
+        found = discover(model, Graph.from_model(model), clean, corrupted, metric, n_edges=20,
+                         method=method, ig_steps=2, gim=True, **options)
+        assert 0 < found.n_edges_in_graph <= 20, method
+    assert_state_equal(before, model_state(model))
