@@ -26,6 +26,7 @@ from circuits.evaluate import evaluate, faithfulness_curve
 from circuits.graph import Graph
 from gimlens.attribution import explain
 from gimlens.gim import GIM, RULES, GIMConfig, gim_report
+from gimlens.rules import freeze
 from gimlens.runtime import prepared, run_hooked
 from gimlens.testing import FAMILIES, tiny_hf_model, tiny_model
 from helpers import assert_state_equal, model_state
@@ -55,15 +56,16 @@ def _models(family: str):
     return model, tiny_hf_model(family, **ARGS)
 
 
-def _grad_at_embed(model, tokens, metric, config) -> torch.Tensor:
+def _grad_at_embed(model, tokens, metric, config, extra=()) -> torch.Tensor:
     leaf = {}
 
     def embed(x, hook):
         leaf["x"] = x.detach().requires_grad_(True)
         return leaf["x"]
 
-    with torch.enable_grad(), GIM(model, config):
-        logits = run_hooked(model, tokens, fwd_hooks=[("hook_embed", embed)])
+    with torch.enable_grad(), GIM(model, config), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bridge's RMSNorm rebuild when hook_scale is hooked
+        logits = run_hooked(model, tokens, fwd_hooks=[("hook_embed", embed), *extra])
         (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(tokens))).sum(), leaf["x"])
     return grad
 
@@ -303,3 +305,24 @@ def test_faithfulness_curve_and_the_search_methods_run_and_leave_the_model_as_fo
                          method=method, ig_steps=2, gim=True, **options)
         assert 0 < found.n_edges_in_graph <= 20, method
     assert_state_equal(before, model_state(model))
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_the_norm_freeze_acts_on_every_kind_of_norm_the_family_has(family):
+    # pre-norms, post-norms (Gemma 2/3, OLMo-2), q/k norms (Qwen3, Gemma 3, OLMo-2): freezing the
+    # scales of one kind alone changes the gradient, so none of their hooks is a dead end
+    model, _ = _models(family)
+    tokens, _, metric = ioi(model)
+    plain = _grad_at_embed(model, tokens, metric, GIMConfig.off())
+    scales = [n for n in model.hook_dict if n.endswith(".hook_scale") and n.startswith("blocks.")]
+    kinds = {"pre": (".ln1.", ".ln2."), "post": ("_post.",), "qk": ("q_norm.", "k_norm.")}
+    found = 0
+    for kind, marks in kinds.items():
+        names = [n for n in scales if any(m in n for m in marks)]
+        if not names:
+            continue
+        found += 1
+        hooks = [(n, lambda t, hook: freeze(t)) for n in names]
+        grad = _grad_at_embed(model, tokens, metric, GIMConfig.off(), hooks)
+        assert (grad - plain).abs().max() > 1e-5 * plain.abs().max(), kind
+    assert found >= 1

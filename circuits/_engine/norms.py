@@ -111,8 +111,10 @@ class Norm:
 
 
 def read_norm(bridge_norm, kind: NormKind, cfg, folded: bool = False) -> Norm:
-    inner = getattr(bridge_norm, "original_component", None)
-    inner = bridge_norm if inner is None else inner
+    """The norm `bridge_norm` computes: a bridge's wrapped HuggingFace module (its gain probed
+    for Gemma's `1 + w`) or a `HookedTransformer` norm (`w`, `b`; folded: unit weight)."""
+    hf = getattr(bridge_norm, "original_component", None)
+    inner = bridge_norm if hf is None else hf
     weight = getattr(inner, "weight", None)
     if weight is None:
         weight = getattr(bridge_norm, "w", None)
@@ -128,7 +130,8 @@ def read_norm(bridge_norm, kind: NormKind, cfg, folded: bool = False) -> Norm:
     eps = getattr(cfg, "eps", 1e-5) if eps is None else eps
     norm = Norm(kind, weight.detach().float(), None if bias is None else bias.detach().float(),
                 float(eps))
-    return _with_offset(norm, inner) if not folded else norm
+    # a HookedTransformer's norms hold their effective gain (and would fire hooks if probed)
+    return norm if hf is None else _with_offset(norm, hf)
 
 
 def _with_offset(norm: Norm, module) -> Norm:
