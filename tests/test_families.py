@@ -326,3 +326,43 @@ def test_the_norm_freeze_acts_on_every_kind_of_norm_the_family_has(family):
         grad = _grad_at_embed(model, tokens, metric, GIMConfig.off(), hooks)
         assert (grad - plain).abs().max() > 1e-5 * plain.abs().max(), kind
     assert found >= 1
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_a_missing_mlp_input_edge_equals_patching_the_mlp_input_by_hand(family):
+    # edge input -> m1 left out: the MLP of layer 1 reads its own copy of the residual stream
+    # with the token embedding's difference removed, through the family's own norm module
+    model, _ = _models(family)
+    clean, corrupted, _ = ioi(model)
+    g = Graph.from_model(model)
+    g.in_graph = g.valid.clone()
+    g.in_graph[0, g.backward_index(1)] = False
+    seen = []
+    evaluate(model, g, clean, corrupted, _store(seen))
+    keep = _Keep()
+    with torch.no_grad():
+        run_hooked(model, corrupted, fwd_hooks=[("hook_embed", keep)])
+    e_c, run = keep.x, {}
+
+    def embed(x, hook):
+        run["delta"] = x - e_c
+    hooks = [("hook_embed", embed)]
+    if "blocks.1.ln2.hook_in" in model.hook_dict:  # the MLP's own norm input
+        hooks.append(("blocks.1.ln2.hook_in", lambda x, hook: x - run["delta"]))
+    elif "blocks.1.ln1.hook_in" in model.hook_dict:  # parallel block on one norm: through ln1
+        norm = model.blocks[1].ln1.original_component
+        hooks.append(("blocks.1.ln1.hook_in", lambda x, hook: run.__setitem__("x", x)))
+        hooks.append(("blocks.1.mlp.hook_in", lambda x, hook: norm(run["x"] - run["delta"])))
+    else:  # no pre-norm: the MLP reads the residual stream
+        hooks.append(("blocks.1.mlp.hook_in", lambda x, hook: x - run["delta"]))
+    with torch.no_grad():
+        ref = run_hooked(model, clean, fwd_hooks=hooks)
+    assert_close(seen[0], ref, atol=5e-5, rtol=1e-4)
+    assert not torch.allclose(ref, run_hooked(model, clean), atol=1e-4)  # the patch did something
+
+
+class _Keep:
+    """A forward hook that keeps the value it sees."""
+
+    def __call__(self, x, hook):
+        self.x = x.detach()
