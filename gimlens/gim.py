@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -44,6 +45,7 @@ from .rules import freeze, scale_grad, temperature_softmax
 from .runtime import quiet_norm_rebuild, require_lens_model, run_hooked
 
 __all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "gim_report",
+           "unhooked_norms",
            "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
@@ -63,6 +65,22 @@ def _norm_scale_names(model) -> list[str]:
     Gemma 3, OLMo-2) and `ln_final`; `ln_final.hook_scale` is required (every family has it)."""
     return ["ln_final.hook_scale"] + sorted(
         n for n in model.hook_dict if n.endswith(".hook_scale") and n != "ln_final.hook_scale")
+
+
+def unhooked_norms(model) -> list[str]:
+    """Norm modules the model runs without a `hook_scale` hook point, which `freeze_norm`
+    therefore cannot reach (e.g. StableLM's per-head q/k LayerNorms with `qk_layernorm`).
+
+    A bridge wraps each norm it maps in a component with `hook_scale` (the wrapped module's
+    name ends in `_original_component`); any other module whose class name says it is a norm
+    is unreached. Empty for every family of `gimlens.testing.FAMILIES`.
+    """
+    named = getattr(model, "named_modules", None)  # a model view without modules: nothing
+    return [] if named is None else [
+        name for name, module in named()
+        if "norm" in type(module).__name__.lower()
+        and not type(module).__module__.startswith("transformer_lens")
+        and not name.endswith("_original_component")]
 
 
 def per_layer(*templates: str) -> Callable:
@@ -349,6 +367,9 @@ def gim_report(model, config: "GIMConfig | None" = None) -> dict[str, str]:
         n = len(names)
         report[field] = (f"acts at {n} hook point{'s' if n != 1 else ''}" if n else
                          f"not applicable: this model's {_COMPONENT[field]} hook points never fire")
+    if "freeze_norm" in report and (unreached := unhooked_norms(model)):
+        report["freeze_norm"] += (f"; cannot reach {len(unreached)} norm module(s) without a "
+                                  f"hook_scale: {', '.join(unreached[:4])}")
     return {r.field: report[r.field] for r in type(config).RULES if r.field in report}
 
 
@@ -364,7 +385,8 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     For callers that combine GIM with hooks of their own in one `model.hooks(...)` call.
     Raises [`GimlensError`][gimlens.errors.GimlensError] naming every hook point a switched-on
     rule needs but the model lacks (never a silent subset). Names that alias one hook point are
-    hooked once.
+    hooked once. Warns when `freeze_norm` is on and the model runs norms without a `hook_scale`
+    ([`unhooked_norms`][gimlens.gim.unhooked_norms]).
 
     Examples:
         >>> from gimlens.testing import tiny_model
@@ -380,6 +402,10 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
             missing += [f"{n} (for {rule.field})" for n in made]
         else:
             hooks += made
+        if rule.field == "freeze_norm" and (unreached := unhooked_norms(model)):
+            warnings.warn(f"GIM's freeze_norm cannot reach {len(unreached)} norm module(s) that "
+                          f"have no hook_scale hook point (their scale stays differentiable): "
+                          f"{', '.join(unreached[:4])}", stacklevel=2)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise GimlensError(

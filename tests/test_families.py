@@ -25,7 +25,7 @@ from circuits.discover import discover
 from circuits.evaluate import evaluate, faithfulness_curve
 from circuits.graph import Graph
 from gimlens.attribution import explain
-from gimlens.gim import GIM, RULES, GIMConfig, gim_report
+from gimlens.gim import GIM, RULES, GIMConfig, gim_hooks, gim_report, unhooked_norms
 from gimlens.rules import freeze
 from gimlens.runtime import prepared, run_hooked
 from gimlens.testing import FAMILIES, tiny_hf_model, tiny_model
@@ -97,6 +97,7 @@ def test_each_gim_rule_changes_the_gradient_where_its_component_exists(family):
     plain = _grad_at_embed(model, tokens, metric, GIMConfig.off())
     absent = NOT_APPLICABLE.get(family, set())
     report = gim_report(model)
+    assert unhooked_norms(model) == []  # every norm has a hook_scale the freeze reaches
     for rule in RULES:
         only = GIMConfig.off().with_overrides(**{rule.field: rule.default})
         grad = _grad_at_embed(model, tokens, metric, only)
@@ -366,3 +367,21 @@ class _Keep:
 
     def __call__(self, x, hook):
         self.x = x.detach()
+
+
+def test_norms_without_a_hook_scale_are_reported_and_warned_about_not_skipped():
+    # StableLM with qk_layernorm: the bridge runs its per-head q/k LayerNorms without hook_scale
+    import transformers
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    keywords = FAMILIES["stablelm"][2](32, 4, 2, 64, 2)
+    hf = transformers.StableLmForCausalLM(transformers.StableLmConfig(**keywords, qk_layernorm=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_bridge_from_module(hf.eval(), "StableLmForCausalLM", hf_config=hf.config)
+    unreached = unhooked_norms(model)
+    assert unreached and all("q_layernorm" in n or "k_layernorm" in n for n in unreached)
+    with pytest.warns(UserWarning):  # 2 layers x (4 query + 2 key heads)
+        assert "cannot reach 12 norm module(s)" in gim_report(model)["freeze_norm"]
+    with pytest.warns(UserWarning, match="freeze_norm cannot reach 12 norm"):
+        gim_hooks(model)
