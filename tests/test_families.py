@@ -3,11 +3,16 @@
 Each row checks, on a tiny random model of the family, against an independent reference: the
 bridge's logits equal HuggingFace's; with every GIM rule off gradients equal plain autograd on
 the HuggingFace model; each GIM rule changes the gradient where the family has its component
-(and is reported as not applicable where it has none); the empty circuit reproduces the
-corrupted run and the full circuit the clean run (edge, node and neuron level); the derivative
-of the patched metric with respect to the edge coefficients at the full circuit equals the EAP
-scores; node scores equal plain autograd at each node's output (what it adds to the residual
-stream). A family added to `FAMILIES` gets all of this by itself.
+(and is reported as not applicable where it has none), and freezing each kind of norm it has
+(pre, post, q/k) alone changes the gradient; `explain` runs; the empty circuit reproduces the
+corrupted run and the full circuit the clean run (edge, node and neuron level); a node-level
+circuit equals replacing the nodes' outputs by hand, and a missing MLP input edge equals
+patching the MLP input by hand; the derivative of the patched metric with respect to the edge
+coefficients at the full circuit equals the EAP scores (with and without GIM); node scores
+equal plain autograd at each node's output (what it adds to the residual stream);
+clean-corrupted is the mean of EAP from both ends; every method keeps node and neuron scores
+the sums of edge scores; the faithfulness curve, edge pruning and the iterative search run and
+leave the model as found. A family added to `FAMILIES` gets all of this by itself.
 """
 
 from __future__ import annotations
@@ -385,3 +390,17 @@ def test_norms_without_a_hook_scale_are_reported_and_warned_about_not_skipped():
         assert "cannot reach 12 norm module(s)" in gim_report(model)["freeze_norm"]
     with pytest.warns(UserWarning, match="freeze_norm cannot reach 12 norm"):
         gim_hooks(model)
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_clean_corrupted_is_the_mean_of_eap_from_both_ends(family):
+    # its second gradient pass sets every destination input to its ablated value: the corrupted
+    # run, so with corrupted ablation CC(clean, corrupted) = (EAP(clean, corrupted) - EAP(corrupted, clean)) / 2
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    score = lambda a, b, method: attribute(model, Graph.from_model(model), a, b, metric,  # noqa: E731
+                                           method=method).scores
+    cc = score(clean, corrupted, "clean-corrupted")
+    ref = (score(clean, corrupted, "EAP") - score(corrupted, clean, "EAP")) / 2
+    valid = Graph.from_model(model).valid
+    assert_close(cc[valid], ref[valid], atol=2e-5, rtol=1e-3)
