@@ -206,7 +206,8 @@ def tiny_model(arch: Arch = "llama", **kwargs):
     Args:
         arch: a family of [`FAMILIES`][gimlens.testing.FAMILIES], e.g. `"gpt2"` (LayerNorm),
             `"llama"` (RMSNorm, RoPE, GQA, gated MLP) or `"gemma2"` (post-norms, soft-capping).
-        **kwargs: `n_layers`, `d_model`, `n_heads`, `n_kv_heads` (ignored for GPT-2),
+        **kwargs: `n_layers`, `d_model`, `n_heads`, `n_kv_heads` (ignored by families without
+            grouped KV heads),
             `d_mlp`, `seed`, `dtype`, and `scale`, which multiplies every weight matrix
             (and jitters norm gains and biases) so that attention patterns and norms are far from
             uniform and every GIM rule visibly acts.

@@ -404,3 +404,10 @@ def test_clean_corrupted_is_the_mean_of_eap_from_both_ends(family):
     ref = (score(clean, corrupted, "EAP") - score(corrupted, clean, "EAP")) / 2
     valid = Graph.from_model(model).valid
     assert_close(cc[valid], ref[valid], atol=2e-5, rtol=1e-3)
+
+
+def test_an_unknown_family_is_a_gimlens_error_naming_the_families():
+    from gimlens import GimlensError
+
+    with pytest.raises(GimlensError, match="unknown tiny architecture 'bert'.*'gemma2'"):
+        tiny_model("bert")
