@@ -244,18 +244,23 @@ def _share(model, l, z, raw):
     return out
 
 
+@pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
 @pytest.mark.parametrize("family", ROWS)
-def test_node_level_circuit_equals_replacing_the_nodes_outputs_by_hand(family):
-    # ablating a node replaces what it adds to the residual stream by its corrupted value
+def test_node_level_circuit_equals_replacing_the_nodes_outputs_by_hand(family, ablation):
+    # ablating a node replaces what it adds to the residual stream by its corrupted value (or
+    # its mean over the corrupted examples, or zero)
     model, _ = _models(family)
     clean, corrupted, _ = ioi(model)
     g = Graph.from_model(model)
     out = [g.forward_index(0, 1), g.forward_index(1, 0), g.forward_index(0)]  # a0.h1, a1.h0, m0
     g.nodes_in_graph[out] = False
     seen = []
-    evaluate(model, g, clean, corrupted, _store(seen), level="node")
+    evaluate(model, g, clean, corrupted, _store(seen), level="node", ablation=ablation)
     with torch.no_grad():
         _, h_c, m_c, _, _ = _node_outputs(model, corrupted, leaf=False)
+    if ablation != "corrupted":  # the prompts have no padding: a plain mean over examples
+        h_c = [x.mean(1, keepdim=True) * (ablation == "mean") for x in h_c]
+        m_c = {l: x.mean(0, keepdim=True) * (ablation == "mean") for l, x in m_c.items()}
     post = f"blocks.0.ln1_post.hook_in" in model.hook_dict
     run = {}
 
@@ -276,7 +281,7 @@ def test_node_level_circuit_equals_replacing_the_nodes_outputs_by_hand(family):
         if post:
             hooks.append((f"blocks.{l}.ln1_post.hook_in", keep(("raw", l))))
         hooks.append((f"blocks.{l}.hook_attn_out", heads(l, h)))
-    hooks.append(("blocks.0.hook_mlp_out", lambda x, hook: m_c[0]))
+    hooks.append(("blocks.0.hook_mlp_out", lambda x, hook: m_c[0].expand_as(x)))
     with torch.no_grad():
         ref = run_hooked(model, clean, fwd_hooks=hooks)
     assert_close(seen[0], ref, atol=5e-5, rtol=1e-4)
