@@ -416,3 +416,22 @@ def test_an_unknown_family_is_a_gimlens_error_naming_the_families():
 
     with pytest.raises(GimlensError, match="unknown tiny architecture 'bert'.*'gemma2'"):
         tiny_model("bert")
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_per_query_head_kv_scores_add_up_to_the_grouped_ones(family):
+    # MIB's layout: one k/v edge per query head; the heads of a KV group share its projection
+    model, _ = _models(family)
+    clean, corrupted, metric = ioi(model)
+    grouped = attribute(model, Graph.from_model(model), clean, corrupted, metric)
+    split = attribute(model, Graph.from_model(model, kv_edges="per_query_head"), clean, corrupted,
+                      metric)
+    H = model.cfg.n_heads
+    Hk = model.cfg.n_key_value_heads or H
+    for l in range(model.cfg.n_layers):
+        for p in "qkv":
+            a = grouped.scores[:, grouped.backward_slice(l, p)]
+            b = split.scores[:, split.backward_slice(l, p)]
+            if p != "q":
+                b = b.reshape(b.shape[0], Hk, H // Hk).sum(-1)
+            assert_close(b, a, atol=1e-6, rtol=1e-4)
