@@ -20,7 +20,7 @@ entry.
 
 **Families.** A rule acts where the model has its component: gate/up only on gated MLPs,
 the softmax rule only where the bridge fires `hook_attn_scores` and `hook_pattern` (not GPT-J or
-OPT). [`gim_report`][gimlens.gim.gim_report] (or `GIM(...).report()`) lists, per switched-on rule,
+OPT). [`gim_report`][gimlens.gim_report.gim_report] lists, per switched-on rule,
 where it acts or why it is not applicable; `docs/concepts/models.md` has the table per family.
 
 **Backward after the block.** The rules live in the graph built by the forward pass, so a
@@ -38,14 +38,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
-from .runtime import quiet_norm_rebuild, require_lens_model, run_hooked
+from .runtime import quiet_norm_rebuild, require_lens_model
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "gim_report",
-           "unhooked_norms",
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "unhooked_norms",
            "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
@@ -332,53 +329,6 @@ def _rule_hooks(model, config) -> list[tuple[Rule, list[Hook] | list[str]]]:
     return out
 
 
-def gim_report(model, config: "GIMConfig | None" = None) -> dict[str, str]:
-    """Where each switched-on rule of `config` acts on `model`, one line per rule.
-
-    A rule acts where the model has its component; where it has none the rule is *not
-    applicable* and says why: a plain (non-gated) MLP has no gate/up projections, and some
-    bridges (GPT-J, OPT) run attention without firing `hook_attn_scores` / `hook_pattern`, so
-    the softmax rule cannot act there. One probe forward pass (two tokens, no grad) finds the
-    hooks that fire. Rules missing hook points raise as in [`gim_hooks`][gimlens.gim.gim_hooks].
-
-    Examples:
-        >>> from gimlens.testing import tiny_model
-        >>> report = gim_report(tiny_model("gpt2", n_layers=1))
-        >>> report["q_scale"], report["gate_scale"]
-        ('acts at 1 hook point', 'not applicable: the model has no gated MLP')
-    """
-    config = GIMConfig() if config is None else config
-    gim_hooks(model, config)  # validates
-    fired: dict[str, set[str]] = {}
-    probes: list[Hook] = []
-    report: dict[str, str] = {}
-    for rule, hooks in _rule_hooks(model, config):
-        if not hooks:
-            report[rule.field] = f"not applicable: the model has no {_COMPONENT[rule.field]}"
-            continue
-        fired[rule.field] = set()
-        probes += [(name, lambda x, hook, f=rule.field, n=name: fired[f].add(n))
-                   for name in dict.fromkeys(name for name, _ in hooks)]
-    if probes:
-        tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
-        with torch.no_grad():
-            run_hooked(model, tokens, fwd_hooks=probes)
-    for field, names in fired.items():
-        n = len(names)
-        report[field] = (f"acts at {n} hook point{'s' if n != 1 else ''}" if n else
-                         f"not applicable: this model's {_COMPONENT[field]} hook points never fire")
-    if "freeze_norm" in report and (unreached := unhooked_norms(model)):
-        report["freeze_norm"] += (f"; cannot reach {len(unreached)} norm module(s) without a "
-                                  f"hook_scale: {', '.join(unreached[:4])}")
-    return {r.field: report[r.field] for r in type(config).RULES if r.field in report}
-
-
-#: What each rule needs, for `gim_report`'s lines.
-_COMPONENT = {"freeze_norm": "norm", "softmax_temperature": "attention softmax",
-              "q_scale": "query projection", "k_scale": "key projection",
-              "v_scale": "value projection", "gate_scale": "gated MLP", "up_scale": "gated MLP"}
-
-
 def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """The forward hooks `(name, fn)` that implement `config` on `model`.
 
@@ -466,7 +416,3 @@ class GIM:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
-
-    def report(self) -> dict[str, str]:
-        """Where each switched-on rule acts on this model ([`gim_report`][gimlens.gim.gim_report])."""
-        return gim_report(self.model, self.config)

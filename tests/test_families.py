@@ -30,7 +30,8 @@ from circuits.discover import discover
 from circuits.evaluate import evaluate, faithfulness_curve
 from circuits.graph import Graph
 from gimlens.attribution import explain
-from gimlens.gim import GIM, RULES, GIMConfig, gim_hooks, gim_report, unhooked_norms
+from gimlens.gim import GIM, RULES, GIMConfig, gim_hooks, unhooked_norms
+from gimlens.gim_report import gim_report
 from gimlens.rules import freeze
 from gimlens.runtime import prepared, run_hooked
 from gimlens.testing import FAMILIES, tiny_hf_model, tiny_model
