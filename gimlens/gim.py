@@ -6,7 +6,7 @@ forward pass run inside the block:
 
 | rule (config field)   | hook points                                   | backward                        |
 |-----------------------|-----------------------------------------------|---------------------------------|
-| `freeze_norm`         | every `*.hook_scale`                          | the norm's scale is a constant  |
+| `freeze_norm`         | every `*.hook_scale` (pre-, post-, q/k norms) | the norm's scale is a constant  |
 | `softmax_temperature` | `attn.hook_attn_scores` + `attn.hook_pattern` | softmax at temperature `T`      |
 | `q/k/v_scale`         | `attn.hook_q` / `hook_k` / `hook_v`           | gradient × scale                |
 | `gate/up_scale`       | `mlp.hook_pre` / `hook_pre_linear`            | gradient × scale (gated MLPs)   |
@@ -18,6 +18,11 @@ and hook functions. [`GIMConfig`][gimlens.gim.GIMConfig]'s fields, their validat
 [`explain`][gimlens.attribution.explain.explain] are all built from it, so adding a rule is one
 entry.
 
+**Families.** A rule acts where the model has its component: gate/up only on gated MLPs,
+the softmax rule only where the bridge fires `hook_attn_scores` and `hook_pattern` (not GPT-J or
+OPT). [`gim_report`][gimlens.gim_report.gim_report] lists, per switched-on rule,
+where it acts or why it is not applicable; `docs/concepts/models.md` has the table per family.
+
 **Backward after the block.** The rules live in the graph built by the forward pass, so a
 backward pass run after the `with` block still follows GIM, and a forward pass run outside the
 block is plain, whatever block its backward runs in.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -36,7 +42,7 @@ from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
 from .runtime import quiet_norm_rebuild, require_lens_model
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords",
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "unhooked_norms",
            "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
@@ -51,11 +57,27 @@ def _n_layers(model) -> int:
 
 
 def _norm_scale_names(model) -> list[str]:
-    """Every norm scale hook: ln1 of each block and ln_final, plus ln2 and any other norm."""
-    names = [f"blocks.{l}.ln1.hook_scale" for l in range(_n_layers(model))]
-    names.append("ln_final.hook_scale")
-    names += sorted(n for n in model.hook_dict if n.endswith(".hook_scale") and n not in names)
-    return names
+    """Every norm scale hook the model has: the pre-norms (`ln1`, `ln2`), post-norms
+    (`ln1_post`, `ln2_post`: Gemma 2/3, OLMo-2), q/k norms (`attn.q_norm`, `attn.k_norm`: Qwen3,
+    Gemma 3, OLMo-2) and `ln_final`; `ln_final.hook_scale` is required (every family has it)."""
+    return ["ln_final.hook_scale"] + sorted(
+        n for n in model.hook_dict if n.endswith(".hook_scale") and n != "ln_final.hook_scale")
+
+
+def unhooked_norms(model) -> list[str]:
+    """Norm modules the model runs without a `hook_scale` hook point, which `freeze_norm`
+    therefore cannot reach (e.g. StableLM's per-head q/k LayerNorms with `qk_layernorm`).
+
+    A bridge wraps each norm it maps in a component with `hook_scale` (the wrapped module's
+    name ends in `_original_component`); any other module whose class name says it is a norm
+    is unreached. Empty for every family of `gimlens.testing.FAMILIES`.
+    """
+    named = getattr(model, "named_modules", None)  # a model view without modules: nothing
+    return [] if named is None else [
+        name for name, module in named()
+        if "norm" in type(module).__name__.lower()
+        and not type(module).__module__.startswith("transformer_lens")
+        and not name.endswith("_original_component")]
 
 
 def per_layer(*templates: str) -> Callable:
@@ -288,13 +310,33 @@ def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:
 # Hooks and the context manager.
 
 
+def _rule_hooks(model, config) -> list[tuple[Rule, list[Hook] | list[str]]]:
+    """Per switched-on rule: its hooks, or (a list of names) the hook points it lacks."""
+    hook_dict = model.hook_dict
+    out = []
+    for rule in type(config).RULES:
+        value = getattr(config, rule.field)
+        if not rule.is_on(value):
+            continue
+        names = rule.names(model)
+        absent = [n for n in names if n not in hook_dict]
+        if absent:
+            out.append((rule, absent))
+            continue
+        seen: set[int] = set()
+        unique = [n for n in names if not (id(hook_dict[n]) in seen or seen.add(id(hook_dict[n])))]
+        out.append((rule, rule.make(model, value, unique)))
+    return out
+
+
 def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """The forward hooks `(name, fn)` that implement `config` on `model`.
 
     For callers that combine GIM with hooks of their own in one `model.hooks(...)` call.
     Raises [`GimlensError`][gimlens.errors.GimlensError] naming every hook point a switched-on
     rule needs but the model lacks (never a silent subset). Names that alias one hook point are
-    hooked once.
+    hooked once. Warns when `freeze_norm` is on and the model runs norms without a `hook_scale`
+    ([`unhooked_norms`][gimlens.gim.unhooked_norms]).
 
     Examples:
         >>> from gimlens.testing import tiny_model
@@ -303,21 +345,17 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """
     require_lens_model(model)
     config = GIMConfig() if config is None else GIMConfig.coerce(config)
-    hook_dict = model.hook_dict
     hooks: list[Hook] = []
     missing: list[str] = []
-    for rule in type(config).RULES:
-        value = getattr(config, rule.field)
-        if not rule.is_on(value):
-            continue
-        names = rule.names(model)
-        absent = [n for n in names if n not in hook_dict]
-        if absent:
-            missing += [f"{n} (for {rule.field})" for n in absent]
-            continue
-        seen: set[int] = set()
-        unique = [n for n in names if not (id(hook_dict[n]) in seen or seen.add(id(hook_dict[n])))]
-        hooks += rule.make(model, value, unique)
+    for rule, made in _rule_hooks(model, config):
+        if made and isinstance(made[0], str):
+            missing += [f"{n} (for {rule.field})" for n in made]
+        else:
+            hooks += made
+        if rule.field == "freeze_norm" and (unreached := unhooked_norms(model)):
+            warnings.warn(f"GIM's freeze_norm cannot reach {len(unreached)} norm module(s) that "
+                          f"have no hook_scale hook point (their scale stays differentiable): "
+                          f"{', '.join(unreached[:4])}", stacklevel=2)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise GimlensError(

@@ -37,13 +37,14 @@ from gimlens.runtime import coerce_enum, run_hooked
 
 from ..layout import Layout
 
-from .sites import (CORE_SITES, HOOKED_SITES, ModelKind, Site, hook_modes,  # noqa: F401
-                    model_kind, require_hooks, site_name)
+from .norms import Norm, NormKind, NormStats, check_norm, norm_deltas, read_norm  # noqa: F401
+from .sites import (CORE_SITES, HOOKED_SITES, BlockLayout, ModelKind, Site,  # noqa: F401
+                    block_layout, hook_modes, model_kind, require_hooks, site_name)
 
 __all__ = [
     "Ablation", "AttnWeights", "Hook", "ModelSpec", "Norm", "NormKind", "NormStats", "Sources",
     "ablated_sources", "check_norm", "head_input_grads", "head_outputs", "head_projection_deltas",
-    "mean_sources", "recorded_sources", "run_model", "source_hooks",
+    "mean_sources", "norm_deltas", "post_head_outputs", "recorded_sources", "run_model", "source_hooks",
 ]
 
 Hook = tuple[str, Callable]
@@ -61,75 +62,6 @@ class Ablation(str, Enum):
         return coerce_enum(cls, value, "ablation")
 
 
-class NormKind(str, Enum):
-    LAYER_NORM = "LN"
-    RMS_NORM = "RMS"
-
-
-@dataclass(frozen=True)
-class NormStats:
-    """`x_hat = (x - mean) / sigma` (LayerNorm) or `x / rms` (RMSNorm), and `1 / sigma`."""
-
-    x_hat: Float[Tensor, "*batch d"]
-    inv_scale: Float[Tensor, "*batch 1"]
-
-
-@dataclass(frozen=True)
-class Norm:
-    """A LayerNorm or RMSNorm with its weight (and bias), computed in float32."""
-
-    kind: NormKind
-    weight: Float[Tensor, " d"]
-    bias: Float[Tensor, " d"] | None
-    eps: float
-
-    def stats(self, x: Float[Tensor, "*batch d"]) -> NormStats:
-        x = x.float()
-        if self.kind is NormKind.LAYER_NORM:
-            x = x - x.mean(-1, keepdim=True)
-        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return NormStats(x * inv, inv)
-
-    def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
-        out = self.stats(x).x_hat * self.weight
-        return out if self.bias is None else out + self.bias
-
-    def backward(self, stats: NormStats, g: Float[Tensor, "n *batch d"], frozen: bool
-                 ) -> Float[Tensor, "n *batch d"]:
-        """Gradient at the norm's input from `g = w * grad` (`grad`: at the norm's output;
-        leading dim: heads). Works in place on `g`.
-
-        Exact: `(g - [mean(g)] - x_hat * mean(x_hat * g)) / sigma` (the bracket only for
-        LayerNorm). Frozen (GIM): the scale is a constant, so the last term goes.
-        """
-        if self.kind is NormKind.LAYER_NORM:
-            g.sub_(g.mean(-1, keepdim=True))
-        if not frozen:
-            mean = torch.linalg.vecdot(g, stats.x_hat).unsqueeze(-1) / g.shape[-1]
-            g.addcmul_(stats.x_hat, mean, value=-1.0)
-        return g.mul_(stats.inv_scale)
-
-
-def _read_norm(bridge_norm, kind: NormKind, cfg, folded: bool = False) -> Norm:
-    inner = getattr(bridge_norm, "original_component", None)
-    inner = bridge_norm if inner is None else inner
-    weight = getattr(inner, "weight", None)
-    if weight is None:
-        weight = getattr(bridge_norm, "w", None)
-    if weight is None and folded:  # HookedTransformer's LNPre / RMSPre: the weight is in W_Q/K/V
-        weight = torch.ones(int(cfg.d_model))
-    if weight is None:
-        raise GimlensError(f"cannot read the weight of norm {type(inner).__name__}")
-    bias = getattr(inner, "bias", None)
-    if bias is None:
-        bias = getattr(bridge_norm, "b", None) if kind is NormKind.LAYER_NORM else None
-    eps = getattr(inner, "eps", None)
-    eps = getattr(inner, "variance_epsilon", None) if eps is None else eps
-    eps = getattr(cfg, "eps", 1e-5) if eps is None else eps
-    return Norm(kind, weight.detach().float(), None if bias is None else bias.detach().float(),
-                float(eps))
-
-
 @dataclass(frozen=True)
 class AttnWeights:
     """One layer's per-head projections (detached, model dtype)."""
@@ -142,7 +74,12 @@ class AttnWeights:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape, ln1 norms and attention weights of a model, read once per call."""
+    """Shape, ln1 norms and attention weights of a model, read once per call.
+
+    `ln1[l]` is the norm that attention (and, with `layout.shared_norm`, the MLP) reads
+    (`IDENTITY` where there is none); `post[l]` the norm after attention (`None` without one):
+    head `h`'s output is then its share `post.share(z_h W_O[h], attention output)`.
+    """
 
     n_layers: int
     n_heads: int
@@ -154,6 +91,8 @@ class ModelSpec:
     device: torch.device
     dtype: torch.dtype
     kind: ModelKind = ModelKind.BRIDGE
+    post: tuple[Norm | None, ...] = ()
+    layout: BlockLayout = BlockLayout()
 
     @classmethod
     def read(cls, model) -> "ModelSpec":
@@ -169,9 +108,22 @@ class ModelSpec:
                 f"edge attribution supports models with LayerNorm or RMSNorm (normalization_type "
                 f"'LN', 'RMS', 'LNPre' or 'RMSPre'); this model has {norm_type!r}"
             )
-        ln1, attn = [], []
-        for block in model.blocks[:L]:
-            ln1.append(_read_norm(block.ln1, kinds[norm_type], cfg, norm_type.endswith("Pre")))
+        layout = block_layout(model)
+        ln1, attn, post = [], [], []
+        for l, block in enumerate(model.blocks[:L]):
+            if layout.site(Site.LN1_OUT) is None:  # no pre-norm
+                ln1.append(Norm.identity(int(cfg.d_model)))
+            else:
+                ln1.append(read_norm(block.ln1, kinds[norm_type], cfg, norm_type.endswith("Pre")))
+            post.append(read_norm(block.ln1_post, kinds[norm_type], cfg) if layout.post_norm
+                        else None)
+            b_O = getattr(block.attn, "b_O", None)
+            if layout.post_norm and (post[-1].bias is not None or (
+                    b_O is not None and bool(b_O.detach().ne(0).any()))):
+                raise GimlensError(
+                    f"blocks.{l}: a norm after attention with a bias (in the norm or in the "
+                    "output projection) has no per-head split; edge attribution supports "
+                    "post-norms without biases (Gemma 2/3, OLMo-2)")
             a = block.attn
             W_K, W_V = a.W_K.detach(), a.W_V.detach()
             if W_K.shape[0] == H != Hk:  # HookedTransformer expands GQA weights per query head
@@ -182,13 +134,18 @@ class ModelSpec:
             raise GimlensError(f"unexpected attention weight shapes W_O {tuple(W_O.shape)}, "
                                f"W_K {tuple(attn[0].W_K.shape)} for {H} heads / {Hk} KV heads")
         ln1 = tuple(replace(n, weight=n.weight.to(W_O.device)) for n in ln1)
-        return cls(L, H, Hk, int(cfg.d_model), bool(getattr(cfg, "parallel_attn_mlp", False)),
-                   ln1, tuple(attn), W_O.device, W_O.dtype, model_kind(model))
+        post = tuple(None if n is None else replace(n, weight=n.weight.to(W_O.device))
+                     for n in post)
+        parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) or layout.shared_norm
+        return cls(L, H, Hk, int(cfg.d_model), parallel, ln1, tuple(attn), W_O.device,
+                   W_O.dtype, model_kind(model), post, layout)
 
-    def hook(self, site: Site, layer: int | None = None) -> str:
-        """The hook name of `site` at `layer` on this model (see
-        `HOOKED_SITES` for a `HookedTransformer`)."""
-        return site_name(self.kind, site, layer, self.n_layers)
+    def hook(self, site: Site, layer: int | None = None) -> str | None:
+        """The hook name of `site` at `layer` on this model (see `HOOKED_SITES` for a
+        `HookedTransformer` and `BlockLayout` for blocks without ln1 / ln2); `None` where the
+        model has no such site."""
+        site = self.layout.site(site)
+        return None if site is None else site_name(self.kind, site, layer, self.n_layers)
 
     def ln1_out_norm(self, layer: int) -> "Norm":
         """The norm whose output `Site.LN1_OUT` shows: ln1 itself on the bridge
@@ -201,25 +158,25 @@ class ModelSpec:
 
     # ---- the graph's index arithmetic is the layout's (circuits.layout.Layout)
     @cached_property
-    def layout(self) -> Layout:
+    def graph_layout(self) -> Layout:
         """The graph layout of this shape (grouped k/v slots)."""
         return Layout.of(self.n_layers, self.n_heads, self.n_kv_heads, self.parallel_attn_mlp)
 
     @property
     def n_forward(self) -> int:
-        return self.layout.n_forward
+        return self.graph_layout.n_forward
 
     def head_rows(self, layer: int) -> slice:
         """Rows of the heads of `layer` in the graph's forward (source) index."""
-        return self.layout.forward_slice(layer)
+        return self.graph_layout.forward_slice(layer)
 
     def mlp_row(self, layer: int) -> int:
-        return self.layout.forward_index(layer)
+        return self.graph_layout.forward_index(layer)
 
     def upstream(self, layer: int | None, mlp: bool = False) -> int:
         """How many sources (a prefix of the forward index) feed layer `layer`'s attention
         inputs, its MLP input (`mlp`), or the logits (`layer=None`)."""
-        return self.layout.upstream(layer, mlp=mlp)
+        return self.graph_layout.upstream(layer, mlp=mlp)
 
     # ---- end of the index arithmetic
 
@@ -254,30 +211,23 @@ def head_input_grads(grad: Float[Tensor, "B S n dh"], W: Float[Tensor, "n d dh"]
 
 
 def head_projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
-                           W: Float[Tensor, "n d dh"], norm: Norm) -> Float[Tensor, "B S n dh"]:
+                           W: Float[Tensor, "n d dh"], norm: Norm, frozen: bool = False
+                           ) -> Float[Tensor, "B S n dh"]:
     """How each head's projection changes when its input `x` becomes `x - correction[h]`:
-    `(norm(x - c_h) - norm(x)) @ W[h]` (exact norm; no bias needed; 0 where `c_h = 0`)."""
+    `(norm(x - c_h) - norm(x)) @ W[h]` (the one implementation, fast and differentiable)."""
     n, B, S, d = correction.shape
-    x = x.float()
-    delta = norm.forward(x - correction) - norm.forward(x)
-    out = torch.bmm(delta.view(n, B * S, d), W.float())
+    delta = norm_deltas(x, correction, norm, frozen)
+    out = torch.bmm(delta.reshape(n, B * S, d), W.float())
     return out.view(n, B, S, -1).permute(1, 2, 0, 3)
 
 
-def check_norm(norm: Norm, x: Tensor, out: Tensor, where: str) -> None:
-    """Raise if `norm` (as read here) does not reproduce the model's own norm output."""
-    # the model's output is rounded to its dtype: allow a few units of that rounding (bf16: ~3%)
-    tol = max(1e-3, 4 * torch.finfo(out.dtype).eps) if out.dtype.is_floating_point else 1e-3
-    mine, out = norm.forward(x.detach()), out.detach().float()
-    if out.ndim == mine.ndim + 1:  # a HookedTransformer in a split-input mode: one copy per head
-        mine = mine.unsqueeze(-2)
-    err = float((mine - out).abs().max())
-    ref = float(out.abs().max()) + 1e-6
-    if not err <= tol * ref:
-        raise GimlensError(
-            f"{where}: the norm read from the model does not reproduce its output (max error "
-            f"{err:.3g}); this normalisation variant is not supported by edge attribution"
-        )
+def post_head_outputs(spec: "ModelSpec", layer: int, z: Float[Tensor, "B S H dh"],
+                      attn_out: Float[Tensor, "B S d"], frozen: bool = False
+                      ) -> Float[Tensor, "H B S d"]:
+    """Each head's output on a post-norm model: its share of the normalised attention output
+    (float32, differentiable). `attn_out` is the attention output before the norm."""
+    raw = shared_head_outputs(z.float(), spec.attn[layer].W_O.float())
+    return spec.post[layer].share(raw, attn_out, frozen)
 
 
 @dataclass
@@ -291,13 +241,27 @@ class Sources:
 
 
 
-def source_hooks(spec: ModelSpec, resid: Callable[[int, Tensor], None],
+def source_hooks(spec: ModelSpec, resid: Callable[[int | slice, Tensor], None],
                  z: Callable[[int, Tensor], None]) -> list[Hook]:
     """Forward hooks handing over each source activation: `resid(row, [B, S, d] float32)` for
-    the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`."""
+    the token embedding (`input`, row 0) and each MLP output, `z(layer, hook_z value)`, and on
+    a post-norm layer also `resid(head rows, [H, B, S, d])`, the heads' normalised outputs."""
     hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: resid(0, x.detach().float()))]
+    kept: dict = {}
+
+    def heads(layer: int, x: Tensor) -> None:
+        out = post_head_outputs(spec, layer, kept.pop(layer), x.detach())
+        resid(spec.head_rows(layer), out)
+
+    def take_z(layer: int, x: Tensor) -> None:
+        if spec.post and spec.post[layer] is not None:
+            kept[layer] = x.detach()
+        z(layer, x.detach())
+
     for l in range(spec.n_layers):
-        hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: z(l, x.detach())))
+        hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: take_z(l, x)))
+        if spec.post and spec.post[l] is not None:
+            hooks.append((spec.hook(Site.ATTN_POST_IN, l), lambda x, hook, l=l: heads(l, x)))
         hooks.append((spec.hook(Site.MLP_OUT, l),
                       lambda x, hook, l=l: resid(spec.mlp_row(l), x.detach().float())))
     return hooks

@@ -19,7 +19,9 @@ model, which re-linearised attribution uses at interpolated inputs.
 Per-head q/k/v inputs are realised by recomputing each head's projection from its own
 corrected residual stream with the layer's ln1: `hook_q[h] += (ln1(x - c_h) - ln1(x)) @ W_Q[h]`
 (before RoPE); with `frozen` (GIM's `freeze_norm`) the norm's scale is a constant for the
-gradient. The MLP input is corrected at `ln2.hook_in`, the logits' at `ln_final.hook_in`.
+gradient. The MLP input is corrected at `ln2.hook_in` (without ln2: at `mlp.hook_in`, through
+ln1 where attention and MLP share it), the logits' at `ln_final.hook_in`. On a post-norm layer a
+head's output is its share of the normalised attention output, read at `ln1_post.hook_in`.
 
 Examples:
     >>> import torch
@@ -51,7 +53,8 @@ from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs
 
 from ..graph import Graph, KVEdges
-from .model import Hook, ModelSpec, Norm, NormKind, Site, Sources, head_projection_deltas
+from .model import (Hook, ModelSpec, Site, Sources, head_projection_deltas, norm_deltas,
+                    post_head_outputs)
 
 __all__ = ["Patcher", "blocks"]
 
@@ -167,15 +170,21 @@ class Patcher:
         spec = self.spec
         hooks: list[Hook] = [(spec.hook(Site.EMBED), lambda x, hook: self._record(0, x))]
         for l in range(spec.n_layers):
+            post = bool(spec.post) and spec.post[l] is not None
             hooks.append((spec.hook(Site.Z, l), lambda x, hook, l=l: self._record_heads(l, x)))
+            if post:
+                hooks.append((spec.hook(Site.ATTN_POST_IN, l),
+                              lambda x, hook, l=l: self._record_post_heads(l, x)))
             hooks.append((spec.hook(Site.MLP_OUT, l), lambda x, hook, l=l: self._record(spec.mlp_row(l), x)))
-            if any((l, p) in self.blocks for p in "qkv"):
+            shared = spec.layout.shared_norm and (l, "mlp") in self.blocks
+            if any((l, p) in self.blocks for p in "qkv") or shared:
                 hooks.append((spec.hook(Site.LN1_IN, l), lambda x, hook, l=l: self._heads(x, l)))
                 for p in "qkv":
                     hooks.append((spec.hook(Site(f"blocks.{{l}}.attn.hook_{p}"), l),
                                   lambda x, hook, l=l, p=p: self._add(x, l, p)))
             if (l, "mlp") in self.blocks:
-                hooks.append((spec.hook(Site.LN2_IN, l), lambda x, hook, l=l: self._patch(x, l, "mlp")))
+                patch = self._patch_shared if spec.layout.shared_norm else self._patch
+                hooks.append((spec.hook(Site.LN2_IN, l), lambda x, hook, l=l, f=patch: f(x, l, "mlp")))
         if (None, "logits") in self.blocks:
             hooks.append((spec.hook(Site.LN_FINAL_IN), lambda x, hook: self._patch(x, None, "logits")))
         return hooks
@@ -188,12 +197,25 @@ class Patcher:
         self._keep(slice(row, row + 1), (x.float() - self.ablated.resid[row])[None])
 
     def _record_heads(self, layer: int, z: Tensor) -> None:
+        if self.spec.post and self.spec.post[layer] is not None:  # heads: at the post-norm
+            self.pending[layer, "z"] = z
+            return
         W_O, rows = self.spec.attn[layer].W_O.float(), self.spec.head_rows(layer)
         if self.fast:
             head_outputs(z.detach().float() - self.ablated.z[layer].float(), W_O,
                          out=self.delta[rows])
             return
         self._keep(rows, head_outputs(z.float() - self.ablated.z[layer].float(), W_O))
+
+    def _record_post_heads(self, layer: int, attn_out: Tensor) -> None:
+        """A post-norm layer's heads: each one's share of the normalised attention output."""
+        rows, z = self.spec.head_rows(layer), self.pending.pop((layer, "z"))
+        if self.fast:
+            out = post_head_outputs(self.spec, layer, z.detach(), attn_out.detach())
+            torch.sub(out, self.ablated.resid[rows], out=self.delta[rows])
+            return
+        out = post_head_outputs(self.spec, layer, z, attn_out, self.frozen)
+        self._keep(rows, out - self.ablated.resid[rows])
 
     def _keep(self, rows: slice, d: Tensor) -> None:
         first = int(self.first[rows].min())
@@ -224,8 +246,18 @@ class Patcher:
         n_up, cols, _ = self.blocks[layer, part]
         return x - self._correction(n_up, cols).squeeze(0).to(x.dtype)
 
+    def _patch_shared(self, x: Tensor, layer: int, part: str) -> Tensor:
+        """The MLP input of a block whose attention and MLP read one norm: `x` is that norm's
+        output; the MLP's own copy of the residual stream is corrected through the norm."""
+        n_up, cols, _ = self.blocks[layer, part]
+        resid = self.pending.pop((layer, "resid"))
+        c = self._correction(n_up, cols)
+        return x + norm_deltas(resid, c, self.spec.ln1[layer], self.frozen)[0].to(x.dtype)
+
     def _heads(self, x: Tensor, layer: int) -> None:
         """The q/k/v corrections of `layer`: one GEMM for each run of adjacent column blocks."""
+        if self.spec.layout.shared_norm and (layer, "mlp") in self.blocks:
+            self.pending[layer, "resid"] = x
         parts = [p for p in "qkv" if (layer, p) in self.blocks]
         runs: list[list[str]] = []
         for p in parts:
@@ -249,32 +281,12 @@ class Patcher:
                 _, cols, W = self.blocks[layer, p]
                 n = len(range(*cols.indices(self.missing.shape[1])))
                 cp, at = c[at:at + n], at + n
-                self.pending[layer, p] = (head_projection_deltas(x, cp, W, norm) if self.fast
-                                          else projection_deltas(x, cp, W, norm, self.frozen))
+                self.pending[layer, p] = head_projection_deltas(x, cp, W, norm,
+                                                                not self.fast and self.frozen)
 
     def _add(self, x: Tensor, layer: int, part: str):
         d = self.pending.pop((layer, part), None)
         return None if d is None else x + d.to(x.dtype)
-
-
-def _norm(norm: Norm, x: Tensor, frozen: bool) -> Tensor:
-    if norm.kind is NormKind.LAYER_NORM:
-        x = x - x.mean(-1, keepdim=True)
-    inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
-    out = x * (inv.detach() if frozen else inv) * norm.weight
-    return out if norm.bias is None else out + norm.bias
-
-
-def projection_deltas(x: Float[Tensor, "B S d"], correction: Float[Tensor, "n B S d"],
-                      W: Float[Tensor, "n d dh"], norm: Norm, frozen: bool
-                      ) -> Float[Tensor, "B S n dh"]:
-    """Differentiable `(norm(x - c_h) - norm(x)) @ W[h]`; with `frozen` the norm's scale is a
-    constant for the gradient (GIM's `freeze_norm`), its value unchanged."""
-    n, B, S, d = correction.shape
-    x = x.float()
-    delta = _norm(norm, x - correction, frozen) - _norm(norm, x, frozen)
-    out = torch.bmm(delta.reshape(n, B * S, d), W.float())
-    return out.view(n, B, S, -1).permute(1, 2, 0, 3)
 
 
 def blocks(spec: ModelSpec, graph: Graph, missing_cpu: Bool[Tensor, "n_fwd n_bwd"]) -> dict:

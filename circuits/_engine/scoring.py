@@ -107,12 +107,16 @@ class Scorer:
                 for site in (Site.SCORES, Site.Z):
                     hooks.append((spec.hook(site, l), lambda x, hook, l=l, s=site: self._keep(x, l, s)))
             mlp_in = spec.hook(Site.LN2_IN, l)
-            hooks.append((mlp_in, lambda x, hook, l=l, s=mlp_in: self._dest(
-                x, s, l, self.graph.backward_index(l), point)))
+            if spec.layout.shared_norm:  # the MLP reads ln1: its input is ln1's output
+                hooks.append((mlp_in, lambda x, hook, l=l, s=mlp_in: self._shared_dest(
+                    x, s, l, self.graph.backward_index(l), point)))
+            else:
+                hooks.append((mlp_in, lambda x, hook, l=l, s=mlp_in: self._dest(
+                    x, s, l, self.graph.backward_index(l), point)))
         final = spec.hook(Site.LN_FINAL_IN)
         hooks.append((final, lambda x, hook: self._dest(
             x, final, spec.n_layers - 1, self.graph.n_backward - 1, point)))
-        if check_norm_once:
+        if check_norm_once and spec.hook(Site.LN1_OUT, 0) is not None:
             hooks.append((spec.hook(Site.LN1_OUT, 0), lambda x, hook: check_norm(
                 spec.ln1_out_norm(0), self.ln1_x0, x, "blocks.0.ln1")))
         return hooks
@@ -124,12 +128,14 @@ class Scorer:
 
     def _subtract(self, row: int, values: Tensor) -> None:
         self.diff[row] -= values
-        if self.keep_nodes and row > 0:
+        if self.keep_nodes and isinstance(row, int) and row > 0:
             self.clean_mlp[(row - 1) // (self.spec.n_heads + 1)] = values
 
     def _heads(self, layer: int, z: Tensor) -> None:
         if self.keep_nodes:
             self.clean_z[layer] = z
+        if self.spec.post and self.spec.post[layer] is not None:
+            return  # a post-norm layer's head rows arrive through `_subtract`
         head_outputs(self.ablated.z[layer], self.spec.attn[layer].W_O, minus=z,
                      out=self.diff[self.spec.head_rows(layer)])
 
@@ -193,6 +199,24 @@ class Scorer:
         y = self._interpolated(x, site, point)
         y = y.view_as(y) if y is x else y  # a tensor of its own: its gradient is this input's
         y.register_hook(lambda g: self._dest_arrive(g, layer, col))
+        return y
+
+    def _shared_dest(self, x: Tensor, site: str, layer: int, col: int, point: Point) -> Tensor:
+        """The MLP destination of a block whose attention and MLP read one norm (ln1): `x` is
+        ln1's output; its gradient goes back through ln1 (exact or frozen) to the MLP's own
+        copy of the residual stream."""
+        if not (point.clean or point.inputs or point.node is not None):  # joint interpolation
+            resid = self.clean_in[self.spec.hook(Site.LN1_IN, layer)].float()
+            target = self.spec.ln1[layer].forward(resid + (1 - point.alpha) * self._shift(site))
+            x = target.to(x.dtype) + (x - x.detach())
+        y = x.view_as(x)
+        norm, stats = self.spec.ln1[layer], self.stats[layer]
+
+        def arrive(g: Tensor) -> None:
+            g = (g.float() * norm.weight)[None]
+            self.acc.slot(layer, slice(col, col + 1))[0] = norm.backward(stats, g, self.frozen)[0]
+
+        y.register_hook(arrive)
         return y
 
     def _dest_arrive(self, g: Tensor, layer: int, col: int) -> None:

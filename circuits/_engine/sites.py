@@ -17,6 +17,15 @@ name other sites there:
 
 Folded norms (`LNPre`, `RMSPre`: `fold_ln=True`) read as a unit weight.
 
+**Block layouts** (`BlockLayout`, bridge only; see `docs/concepts/models.md`). Most families run
+attention on `ln1` and the MLP on `ln2`. Where a block has no such norm the destination moves:
+GPT-J and Phi-1.5/2 run attention and MLP in parallel on *one* norm (no `ln2`): the MLP's input
+edge is realised at `mlp.hook_in` (the norm's output) through ln1's own norm; OLMo-2 has no
+pre-norms: attention reads `attn.hook_in` and the MLP `mlp.hook_in` directly. Gemma 2/3 and
+OLMo-2 normalise each sublayer's output (`ln1_post`, `ln2_post`) before adding it to the
+residual stream: a head's output is its share of the normalised attention output (read at
+`ln1_post.hook_in`).
+
 Examples:
     >>> site_name(ModelKind.HOOKED_TRANSFORMER, Site.LN1_IN, 2, 12)
     'blocks.2.hook_resid_pre'
@@ -25,14 +34,15 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterator
 
 from gimlens.errors import GimlensError
 from gimlens.runtime import require_lens_model
 
-__all__ = ["CORE_SITES", "HOOKED_SITES", "ModelKind", "Site", "hook_modes", "model_kind",
-           "require_hooks", "site_name"]
+__all__ = ["BlockLayout", "CORE_SITES", "HOOKED_SITES", "ModelKind", "Site", "block_layout",
+           "hook_modes", "model_kind", "require_hooks", "site_name"]
 
 
 class Site(str, Enum):
@@ -50,6 +60,9 @@ class Site(str, Enum):
     LN2_IN = "blocks.{l}.ln2.hook_in"  #: residual stream entering ln2 (feeds only the MLP)
     MLP_OUT = "blocks.{l}.hook_mlp_out"
     LN_FINAL_IN = "ln_final.hook_in"  #: the `logits` destination
+    ATTN_IN = "blocks.{l}.attn.hook_in"  #: attention's input where there is no ln1 (OLMo-2)
+    MLP_IN = "blocks.{l}.mlp.hook_in"  #: the MLP's input where there is no ln2 (GPT-J, OLMo-2)
+    ATTN_POST_IN = "blocks.{l}.ln1_post.hook_in"  #: attention output before its post-norm
 
     def at(self, layer: int | None = None) -> str:
         return self.value.format(l=layer)
@@ -77,8 +90,8 @@ HOOKED_SITES = {
 
 
 def model_kind(model) -> ModelKind:
-    """`HOOKED_TRANSFORMER` for a model with `hook_resid_pre` / `hook_mlp_in` but no
-    `ln1.hook_in` (and a `set_use_hook_mlp_in` switch), else `BRIDGE`.
+    """`HOOKED_TRANSFORMER` for a model with `hook_resid_pre` / `hook_mlp_in` but neither
+    `ln1.hook_in` nor `attn.hook_in` (and a `set_use_hook_mlp_in` switch), else `BRIDGE`.
 
     Examples:
         >>> from gimlens.testing import tiny_model
@@ -86,7 +99,8 @@ def model_kind(model) -> ModelKind:
         'bridge'
     """
     hook_dict = model.hook_dict
-    if Site.LN1_IN.at(0) not in hook_dict and HOOKED_SITES[Site.LN2_IN].format(l=0) in hook_dict \
+    if Site.LN1_IN.at(0) not in hook_dict and Site.ATTN_IN.at(0) not in hook_dict \
+            and HOOKED_SITES[Site.LN2_IN].format(l=0) in hook_dict \
             and "blocks.0.hook_resid_pre" in hook_dict and hasattr(model, "set_use_hook_mlp_in"):
         return ModelKind.HOOKED_TRANSFORMER
     return ModelKind.BRIDGE
@@ -106,6 +120,46 @@ def site_name(kind: ModelKind, site: Site, layer: int | None, n_layers: int) -> 
     return site.at(layer)
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a model's blocks read and write the residual stream (see the module docstring).
+
+    Attributes:
+        remap: sites this model names differently (`None`: the site does not exist).
+        shared_norm: attention and MLP read one norm (`ln1`); the MLP's input edges are
+            realised at `mlp.hook_in` through that norm.
+        post_norm: each sublayer's output is normalised before it joins the residual stream.
+    """
+
+    remap: dict = field(default_factory=dict)
+    shared_norm: bool = False
+    post_norm: bool = False
+
+    def site(self, site: Site) -> Site | None:
+        return self.remap.get(site, site)
+
+
+def block_layout(model) -> BlockLayout:
+    """The block layout of `model`, read from its hook points (plain on a `HookedTransformer`).
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> block_layout(tiny_model("gptj")).shared_norm, block_layout(tiny_model("olmo2")).remap[Site.LN1_IN]
+        (True, <Site.ATTN_IN: 'blocks.{l}.attn.hook_in'>)
+    """
+    if model_kind(model) is ModelKind.HOOKED_TRANSFORMER:
+        return BlockLayout()
+    hook_dict = model.hook_dict
+    has = lambda site: site.at(0) in hook_dict  # noqa: E731
+    remap: dict = {}
+    if not has(Site.LN1_IN) and has(Site.ATTN_IN):  # no pre-norm (OLMo-2)
+        remap.update({Site.LN1_IN: Site.ATTN_IN, Site.LN1_OUT: None})
+    shared = has(Site.LN1_IN) and not has(Site.LN2_IN) and has(Site.MLP_IN)
+    if not has(Site.LN2_IN) and has(Site.MLP_IN):
+        remap[Site.LN2_IN] = Site.MLP_IN
+    return BlockLayout(remap, shared, has(Site.ATTN_POST_IN))
+
+
 def require_hooks(model, sites=CORE_SITES) -> None:
     """Raise [`GimlensError`][gimlens.errors.GimlensError] naming the hook points `model` lacks
     (or, on a `HookedTransformer`, the configuration edge attribution cannot follow)."""
@@ -115,7 +169,9 @@ def require_hooks(model, sites=CORE_SITES) -> None:
     if kind is ModelKind.HOOKED_TRANSFORMER:
         _check_hooked_config(cfg)
     hook_dict = model.hook_dict
-    names = {site_name(kind, s, l, L) for s in sites for l in range(L)}
+    layout = block_layout(model)
+    sites = [layout.site(s) for s in sites] + ([Site.ATTN_POST_IN] if layout.post_norm else [])
+    names = {site_name(kind, s, l, L) for s in sites if s is not None for l in range(L)}
     missing = sorted(n for n in names if n not in hook_dict)
     if missing:
         shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
