@@ -124,14 +124,25 @@ def resolve_budget(max_memory: int | str | None, device: torch.device | str) -> 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The plan for one kind of pass: rows per pass and the estimated bytes of one pass."""
+    """The plan for one kind of pass: rows per pass and the estimated bytes of one pass.
+
+    The one estimate type of both packages: token attribution's passes and the batches of
+    `circuits`' edge attribution are both planned by [`fit_rows`][gimlens.memory.fit_rows].
+
+    Examples:
+        >>> plan = MemoryEstimate("demo", per_row=1024, fixed=512, rows=2, n_rows=8, budget=None,
+        ...                       parts=(("activations", 1000), ("logits", 24)))
+        >>> plan.total, str(plan)
+        (2560, 'demo: about 2.5 KiB per pass (2 of 8 rows per pass, 1.0 KiB a row: activations 1000 B, logits 24 B)')
+    """
 
     what: str  #: the work, e.g. `integrated_gradients`
     per_row: int  #: estimated bytes of one row
     fixed: int  #: bytes independent of the rows per pass
     rows: int  #: rows per pass chosen
     n_rows: int  #: rows in all
-    budget: int  #: the budget the plan fits
+    budget: int | None  #: the budget the plan fits (`None`: not fitted to one)
+    parts: tuple[tuple[str, int], ...] = ()  #: `per_row` by buffer, where the estimate names them
 
     @property
     def total(self) -> int:
@@ -139,9 +150,10 @@ class MemoryEstimate:
         return self.fixed + self.per_row * self.rows
 
     def __str__(self) -> str:
+        parts = "".join(f"{', ' if i else ': '}{name} {format_bytes(n)}" for i, (name, n) in enumerate(self.parts))
+        budget = "" if self.budget is None else f"; budget {format_bytes(self.budget)}"
         return (f"{self.what}: about {format_bytes(self.total)} per pass ({self.rows} of "
-                f"{self.n_rows} rows per pass, {format_bytes(self.per_row)} a row; budget "
-                f"{format_bytes(self.budget)})")
+                f"{self.n_rows} rows per pass, {format_bytes(self.per_row)} a row{parts}{budget})")
 
 
 def fit_rows(
@@ -154,6 +166,7 @@ def fit_rows(
     upper: int | None = None,
     fixed: int = 0,
     show: bool = False,
+    parts: tuple[tuple[str, int], ...] = (),
 ) -> MemoryEstimate:
     """The most rows per pass (at most `upper` and `n_rows`) whose estimate fits the budget.
 
@@ -166,6 +179,7 @@ def fit_rows(
         upper: a cap on the rows per pass (the caller's `batch_size`).
         fixed: bytes needed whatever the rows per pass.
         show: print the estimate to stderr.
+        parts: `per_row` by buffer, shown in the printed estimate.
 
     Returns:
         A [`MemoryEstimate`][gimlens.memory.MemoryEstimate].
@@ -183,7 +197,7 @@ def fit_rows(
             "max_memory or shorten the prompt"
         )
     rows = min(n_rows, int((budget - fixed) // max(per_row, 1)), upper or n_rows)
-    plan = MemoryEstimate(what, per_row, fixed, max(1, rows), n_rows, budget)
+    plan = MemoryEstimate(what, per_row, fixed, max(1, rows), n_rows, budget, tuple(parts))
     if show:
         print(f"gimlens memory estimate: {plan}", file=sys.stderr)
     return plan
