@@ -67,6 +67,7 @@ from torch import Tensor
 
 from gimlens.distributed import all_reduce_sum, is_main_process, shard_range
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.quadrature import Quadrature, nodes_and_weights
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar, require_lens_model
@@ -92,10 +93,6 @@ class Method(str, Enum):
     EAP_IG_INPUTS = "EAP-IG-inputs"
     EAP_IG_ACTIVATIONS = "EAP-IG-activations"
     CLEAN_CORRUPTED = "clean-corrupted"
-
-    @classmethod
-    def coerce(cls, value: "Method | str") -> "Method":
-        return coerce_enum(cls, value, "method")
 
 
 class MLPGradient(str, Enum):
@@ -173,9 +170,7 @@ def _steps(steps: int | None, ig_steps: int | None) -> int:
         raise GimlensError("pass steps or ig_steps (the same setting), not both")
     value = DEFAULT_STEPS if steps is None and ig_steps is None else (
         steps if steps is not None else ig_steps)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GimlensError(f"steps (ig_steps) must be an int >= 1, got {value!r}")
-    return value
+    return check_int("steps (ig_steps)", value, minimum=1)
 
 
 def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,

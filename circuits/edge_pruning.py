@@ -54,6 +54,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from .graph import Graph
@@ -154,8 +155,7 @@ def edge_pruning(model, graph: Graph, clean, corrupted=None, metric=None, *, n_e
     check_n_edges(graph, n_edges)
     kind = coerce_enum(Loss, loss, "loss")
     for name, value, low in (("steps", steps, 1), ("ig_steps", ig_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise GimlensError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, minimum=low)
     for name, value in (("lr", lr), ("ramp", ramp)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                 or (name == "ramp" and value > 1):

@@ -68,7 +68,7 @@ def _setup(model, graph, clean, corrupted, metric, ablation, batch_size, attenti
         raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
     spec = ModelSpec.read(model)
     graph.check_matches(model)
-    ablation = Ablation.coerce(ablation)
+    ablation = coerce_enum(Ablation, ablation, "ablation")
     ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
     own = shard_range(len(ex))  # under torch.distributed: this rank's contiguous share
     return _Setup(spec, ex, ablation, batch_size, [i + own.start for i in ex.batches(batch_size, n=len(own))])

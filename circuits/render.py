@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import atomic_write
 
 from .files import Format, Include, format_of, register_format
@@ -41,8 +42,7 @@ def _selected_edges(graph: Graph, include: Include, top_k: int | None) -> tuple[
     mask = graph.valid if include == "all" else graph.in_graph.cpu() & graph.valid
     rows, cols = mask.nonzero(as_tuple=True)
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise GimlensError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+        check_int("top_k", top_k, minimum=0, allow_none=True)
         keep = graph.scores.cpu()[rows, cols].abs().argsort(descending=True, stable=True)[:top_k]
         rows, cols = rows[keep], cols[keep]
     return rows, cols

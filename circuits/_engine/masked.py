@@ -32,6 +32,7 @@ from torch import Tensor
 
 from gimlens.distributed import shard_range
 from gimlens.errors import GimlensError
+from gimlens.validation import coerce_enum
 from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.runtime import run_hooked
 
@@ -127,7 +128,7 @@ def prepare(model, graph: Graph, clean, corrupted=None, metric=None, *,
     if graph.kv_edges is KVEdges.PER_QUERY_HEAD and spec.n_kv_heads < spec.n_heads:
         raise GimlensError("learned and re-linearised circuits need one coefficient per key/value "
                            "projection: use a kv_edges='grouped' graph (graph.as_kv_edges('grouped'))")
-    ablation = Ablation.coerce(ablation)
+    ablation = coerce_enum(Ablation, ablation, "ablation")
     config = GIMConfig.coerce(gim)
     extra = [] if config.is_off else gim_hooks(model, config)
     ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
