@@ -96,7 +96,7 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
         try:
             scoring = Method(method)
         except ValueError:
-            raise GimlensError(f"unknown method {method!r}; expected one of {', '.join(map(repr, METHODS))}") from None
+            raise GimlensError(f"unknown method {method!r}; expected one of {str(METHODS)[1:-1]}") from None
         if options:
             raise GimlensError(f"method {scoring.value!r} takes no options {sorted(options)}")
         attribute(model, graph, clean, corrupted, metric, method=scoring, **common)

@@ -142,7 +142,8 @@ def from_eap_json(path: str | os.PathLike, *, model: Any = None,
             raise GimlensError(f"{str(path)!r}: node entries must be {{'in_graph': bool, 'score': float}} ({e})") from e
     else:
         graph.nodes_in_graph = m.any(1)
-    return graph.as_kv_edges(kv_edges) if coerce_enum(KVEdges, kv_edges, "kv_edges") is not graph.kv_edges else graph
+    kv = coerce_enum(KVEdges, kv_edges, "kv_edges")
+    return graph.as_kv_edges(kv_edges) if kv is not graph.kv_edges else graph
 
 
 # ---------------------------------------------------------------------- GraphML

@@ -139,8 +139,10 @@ class MemoryEstimate:
     Examples:
         >>> plan = MemoryEstimate("demo", per_row=1024, fixed=512, rows=2, n_rows=8, budget=None,
         ...                       parts=(("activations", 1000), ("logits", 24)))
-        >>> plan.total, str(plan)
-        (2560, 'demo: about 2.5 KiB per pass (2 of 8 rows per pass, 1.0 KiB a row: activations 1000 B, logits 24 B)')
+        >>> plan.total
+        2560
+        >>> print(plan)
+        demo: about 2.5 KiB per pass (2 of 8 rows per pass, 1.0 KiB a row: activations 1000 B, logits 24 B)
     """
 
     what: str  #: the work, e.g. `integrated_gradients`

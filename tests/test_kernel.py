@@ -38,7 +38,8 @@ def test_check_int_passes_ints_within_bounds(value, kw, expected):
     ("3", {}, "n must be an int, got '3'"),
     (None, {"minimum": 1}, "n must be an int >= 1, got None"),
     (0, {"minimum": 1, "allow_none": True}, "n must be an int >= 1 or None, got 0"),
-    (9, {"minimum": 0, "maximum": 4, "note": "the scored edges"}, "n must be an int in [0, 4] (the scored edges), got 9"),
+    (9, {"minimum": 0, "maximum": 4, "note": "the scored edges"},
+     "n must be an int in [0, 4] (the scored edges), got 9"),
 ])
 def test_check_int_names_the_argument_the_rule_and_the_value(value, kw, message):
     with pytest.raises(GimlensError) as err:
