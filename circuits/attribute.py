@@ -70,6 +70,7 @@ from jaxtyping import Float
 from gimlens.distributed import all_reduce_sum, is_main_process
 from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig
+from gimlens.validation import check_int
 from gimlens.quadrature import Quadrature, nodes_and_weights
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
@@ -97,10 +98,6 @@ class Method(str, Enum):
     EAP_IG_INPUTS = "EAP-IG-inputs"
     EAP_IG_ACTIVATIONS = "EAP-IG-activations"
     CLEAN_CORRUPTED = "clean-corrupted"
-
-    @classmethod
-    def coerce(cls, value: "Method | str") -> "Method":
-        return coerce_enum(cls, value, "method")
 
 
 class MLPGradient(str, Enum):
@@ -178,9 +175,7 @@ def _steps(steps: int | None, ig_steps: int | None) -> int:
         raise GimlensError("pass steps or ig_steps (the same setting), not both")
     value = DEFAULT_STEPS if steps is None and ig_steps is None else (
         steps if steps is not None else ig_steps)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GimlensError(f"steps (ig_steps) must be an int >= 1, got {value!r}")
-    return value
+    return check_int("steps (ig_steps)", value, minimum=1)
 
 
 def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,

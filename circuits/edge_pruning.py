@@ -54,6 +54,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
 from ._engine.masked import check_n_edges, check_run, gap, patched_logits
@@ -175,8 +176,7 @@ def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, step
     check_run(run)
     kind = coerce_enum(Loss, loss, "loss")
     for name, value, low in (("steps", steps, 1), ("ig_steps", ig_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise GimlensError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, minimum=low)
     for name, value in (("lr", lr), ("ramp", ramp)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                 or (name == "ramp" and value > 1):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gimlens.errors import GimlensError
+from gimlens.validation import coerce_enum
 from gimlens.runtime import atomic_write, read_text
 
 from .files import Format, Include
@@ -142,7 +143,8 @@ def from_eap_json(path: str | os.PathLike, *, model: Any = None,
             raise GimlensError(f"{str(path)!r}: node entries must be {{'in_graph': bool, 'score': float}} ({e})") from e
     else:
         graph.nodes_in_graph = m.any(1)
-    return graph.as_kv_edges(kv_edges) if KVEdges.coerce(kv_edges) is not graph.kv_edges else graph
+    kv = coerce_enum(KVEdges, kv_edges, "kv_edges")
+    return graph.as_kv_edges(kv_edges) if kv is not graph.kv_edges else graph
 
 
 # ---------------------------------------------------------------------- GraphML

@@ -32,7 +32,7 @@ import torch
 from gimlens.errors import GimlensError
 from gimlens.runtime import atomic_write, coerce_enum, read_text
 
-from .layout import NodeKind
+from .layout import KVEdges, NodeKind
 
 __all__ = ["Format", "Include", "FORMATS", "GraphFiles", "ViewEdge", "view_edges", "format_of"]
 

@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int, coerce_enum
 
 from . import prune as _prune
 from .files import Format, GraphFiles
@@ -88,8 +89,7 @@ class Graph(GraphFiles):
                  parallel_attn_mlp: bool = False, kv_edges: KVEdges | str = "grouped",
                  model_name: str | None = None) -> None:
         self.layout = Layout.of(n_layers, n_heads, n_kv_heads, parallel_attn_mlp, kv_edges)
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise GimlensError(f"d_model must be a positive integer, got {d_model!r}")
+        check_int("d_model", d_model, minimum=1)
         self._d_model = d_model
         self._model_name = model_name if isinstance(model_name, str) else None
         self._scores = torch.zeros(self.layout.valid.shape, dtype=torch.float32)
@@ -330,7 +330,7 @@ class Graph(GraphFiles):
         head of its group; `per_query_head -> grouped` takes the mean score (in float64, so copies
         come back exactly) and the any-membership over the group's query heads.
         """
-        kv = KVEdges.coerce(kv_edges)
+        kv = coerce_enum(KVEdges, kv_edges, "kv_edges")
         if kv is self.kv_edges:
             return self.copy()
         new = Graph(**{**self.cfg, "kv_edges": kv})

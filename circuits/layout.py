@@ -32,6 +32,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import coerce_enum
 
 __all__ = ["Layout", "KVEdges", "NodeKind", "QKV"]
@@ -45,11 +46,6 @@ class KVEdges(str, Enum):
     GROUPED = "grouped"  #: one k and one v slot per KV head: the computation as the model runs it
     PER_QUERY_HEAD = "per_query_head"  #: one per query head: the EAP-IG / MIB layout
 
-    @classmethod
-    def coerce(cls, value: "KVEdges | str") -> "KVEdges":
-        """A member from a member or its value, else `GimlensError`."""
-        return coerce_enum(cls, value, "kv_edges")
-
 
 class NodeKind(str, Enum):
     """What a node of the circuit graph is."""
@@ -62,9 +58,7 @@ class NodeKind(str, Enum):
 
 
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GimlensError(f"{what} must be a positive integer, got {value!r}")
-    return value
+    return check_int(what, value, minimum=1)
 
 
 def config_value(cfg: Any, key: str, default: Any = None) -> Any:
@@ -100,7 +94,7 @@ class Layout:
             raise GimlensError(f"n_kv_heads ({n_kv}) must divide n_heads ({n_heads})")
         if not isinstance(parallel_attn_mlp, bool):
             raise GimlensError(f"parallel_attn_mlp must be a bool, got {parallel_attn_mlp!r}")
-        return _cached(n_layers, n_heads, n_kv, parallel_attn_mlp, KVEdges.coerce(kv_edges))
+        return _cached(n_layers, n_heads, n_kv, parallel_attn_mlp, coerce_enum(KVEdges, kv_edges, "kv_edges"))
 
     @staticmethod
     def from_config(cfg: Any, kv_edges: KVEdges | str = "grouped") -> "Layout":
@@ -146,9 +140,7 @@ class Layout:
 
     # ------------------------------------------------------------------ indices
     def _check_layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise GimlensError(f"layer must be in [0, {self.n_layers}), got {layer!r}")
-        return layer
+        return check_int("layer", layer, minimum=0, maximum=self.n_layers - 1)
 
     def forward_index(self, layer: int | None = None, head: int | None = None) -> int:
         """Row of a source node: `layer=None` -> input (0); `head=None` -> the layer's MLP."""
@@ -157,8 +149,7 @@ class Layout:
         first = 1 + self._check_layer(layer) * (self.n_heads + 1)
         if head is None:
             return first + self.n_heads
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.n_heads:
-            raise GimlensError(f"head must be in [0, {self.n_heads}), got {head!r}")
+        check_int("head", head, minimum=0, maximum=self.n_heads - 1)
         return first + head
 
     def backward_index(self, layer: int | None = None, head: int | None = None, qkv: QKV | None = None) -> int:
@@ -176,8 +167,7 @@ class Layout:
             raise GimlensError(f"an attention slot needs qkv in 'q', 'k', 'v' and a head, got "
                                f"qkv={qkv!r}, head={head!r}")
         size = self.n_heads if qkv == "q" else self.n_slot_kv
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < size:
-            raise GimlensError(f"{qkv} slot index must be in [0, {size}), got {head!r}")
+        check_int(f"{qkv} slot index", head, minimum=0, maximum=size - 1)
         return base + {"q": 0, "k": self.n_heads, "v": self.n_heads + self.n_slot_kv}[qkv] + head
 
     def kv_slot(self, head: int) -> int:

@@ -56,6 +56,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 
 from ._engine.model import Ablation
 from .evaluate import evaluate_run
@@ -108,8 +109,7 @@ def mib_points(n_total: int, fractions: Sequence[float] = MIB_FRACTIONS) -> tupl
         >>> mib_points(110)
         (0, 0, 0, 1, 2, 5, 11, 22, 55, 110)
     """
-    if isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < 0:
-        raise GimlensError(f"n_total must be a non-negative int, got {n_total!r}")
+    check_int("n_total", n_total, minimum=0)
     return tuple(int(f * n_total) for f in _check_fractions(fractions))
 
 

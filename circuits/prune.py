@@ -53,6 +53,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import coerce_enum
 
 from .layout import Layout
@@ -103,10 +104,7 @@ def _ranked_scores(graph: ScoredGraph, absolute: bool) -> Tensor:
 
 
 def _edge_count(graph: ScoredGraph, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= graph.layout.n_valid_edges:
-        raise GimlensError(f"n must be an integer in [0, {graph.layout.n_valid_edges}] (the graph's valid "
-                           f"edges), got {n!r}")
-    return n
+    return check_int("n", n, minimum=0, maximum=graph.layout.n_valid_edges, note="the graph's valid edges")
 
 
 def select_topn(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Tensor, "n_forward n_backward"]:
@@ -208,8 +206,7 @@ def _select_scored(scores: Tensor | None, method: Selection | str, value: float,
     if method is not Selection.TOPN:
         raise GimlensError(f"{what}-level selection supports 'topn' and 'threshold', got {method.value!r}")
     n_scored = int(scored.sum())
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_scored:
-        raise GimlensError(f"n must be an integer in [0, {n_scored}] (the scored {what}s), got {value!r}")
+    check_int("n", value, minimum=0, maximum=n_scored, note=f"the scored {what}s")
     keep = torch.zeros(scored.numel(), dtype=torch.bool, device=scored.device)
     keep[torch.sort(ranked.flatten(), descending=True, stable=True).indices[:value]] = True
     return keep.view_as(scored) | ~scored

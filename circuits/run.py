@@ -49,6 +49,7 @@ from gimlens.distributed import shard_range
 from gimlens.errors import GimlensError
 from gimlens.gim import GIMConfig, gim_hooks
 from gimlens.runtime import require_lens_model, run_hooked
+from gimlens.validation import coerce_enum
 
 from ._engine.examples import Examples
 from ._engine.memory import fit_batch_size
@@ -123,7 +124,7 @@ class Run:
             raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
         spec = ModelSpec.read(model)
         graph.check_matches(model)
-        ablation = Ablation.coerce(ablation)
+        ablation = coerce_enum(Ablation, ablation, "ablation")
         config = GIMConfig.coerce(gim)
         ex = Examples.resolve(model, clean, corrupted, metric, attention_mask)
         own = shard_range(len(ex))  # under torch.distributed: this rank's contiguous share

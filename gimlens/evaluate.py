@@ -52,6 +52,7 @@ from .attribution.inputs import model_device
 from .attribution.targets import Readout, ResolvedTarget, TargetKind, with_continuation
 from .distributed import all_reduce_sum, is_main_process, shard_range
 from .errors import GimlensError
+from .validation import check_int
 from .memory import PassKind, fit_rows, row_bytes
 from .runtime import coerce_enum, parse_bytes, prepared, progress as progress_bar, require_lens_model, run_hooked
 
@@ -152,8 +153,7 @@ def attribution_faithfulness(
     short_rows = coerce_enum(ShortRows, short_rows, "short_rows")
     if max_memory is not None:
         parse_bytes(max_memory)
-    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
-        raise GimlensError(f"max_k must be a positive integer, got {max_k!r}")
+    check_int("max_k", max_k, minimum=1)
     ratios = tuple(float(r) for r in ratios)
     if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
         raise GimlensError(f"ratios must be fractions in [0, 1], got {ratios!r}")
@@ -316,8 +316,7 @@ def _average_ranks(v: Tensor) -> Tensor:
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise GimlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
 
 
 def _check(model, attribution) -> Attribution:

@@ -99,10 +99,9 @@ def attribution_html(attribution, row: int | None = None) -> str:
 
 
 def _row(a, row: int) -> int:
-    from .errors import GimlensError
+    from .validation import check_int
 
-    if isinstance(row, bool) or not isinstance(row, int) or not -len(a) <= row < len(a):
-        raise GimlensError(f"row must be an int in [{-len(a)}, {len(a)}), got {row!r}")
+    check_int("row", row, minimum=-len(a), maximum=len(a) - 1)
     return row % len(a)
 
 

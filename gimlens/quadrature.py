@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import GimlensError
+from .validation import check_int
 from .runtime import coerce_enum
 
 __all__ = ["Quadrature", "nodes_and_weights"]
@@ -65,8 +66,7 @@ def nodes_and_weights(
     Returns:
         `(alpha, weights)`, both of shape `[steps]`.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise GimlensError(f"steps must be a positive integer, got {steps!r}")
+    check_int("steps", steps, minimum=1)
     rule = coerce_enum(Quadrature, rule, "quadrature rule")
     if rule is Quadrature.GAUSS_LEGENDRE:
         x, w = np.polynomial.legendre.leggauss(steps)

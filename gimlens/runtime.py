@@ -11,7 +11,8 @@ exists once:
 - [`require_lens_model`][gimlens.runtime.require_lens_model] and
   [`check_tokens`][gimlens.runtime.check_tokens]: validation at the boundary, raising
   [`GimlensError`][gimlens.errors.GimlensError];
-- [`coerce_enum`][gimlens.runtime.coerce_enum]: a member or its value, or a clear error;
+- [`coerce_enum`][gimlens.validation.coerce_enum] (from [`gimlens.validation`][gimlens.validation]):
+  a member or its value, or a clear error;
 - [`atomic_write`][gimlens.runtime.atomic_write]: the old file or the complete new one, never a
   part; permissions follow the umask; the folder must exist; [`read_text`][gimlens.runtime.read_text]
   reads one back;
@@ -32,19 +33,19 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from .errors import GimlensError
+from .validation import coerce_enum  # noqa: F401  (the old import path; the helper lives in validation)
 
 __all__ = [
     "NORM_REBUILD_WARNING",
@@ -52,7 +53,6 @@ __all__ = [
     "available_memory",
     "check_tokens",
     "check_writable",
-    "coerce_enum",
     "format_bytes",
     "is_lens_model",
     "parse_bytes",
@@ -69,7 +69,6 @@ __all__ = [
 NORM_REBUILD_WARNING = r"A forward hook edited hook_scale/hook_normalized"
 
 Hook = tuple[str, Callable]
-E = TypeVar("E", bound=enum.Enum)
 
 
 # ------------------------------------------------------------------------------------- the model
@@ -168,24 +167,6 @@ def prepared(model: Any) -> Iterator[Any]:
 
 
 # ------------------------------------------------------------------------------------ validation
-
-
-def coerce_enum(cls: type[E], value: Any, what: str) -> E:
-    """`value` as a member of the enum `cls` (a member, or a member's value), else a
-    [`GimlensError`][gimlens.errors.GimlensError] naming `what` and the known values.
-
-    Examples:
-        >>> from gimlens.quadrature import Quadrature
-        >>> coerce_enum(Quadrature, "trapezoid", "quadrature rule").name
-        'TRAPEZOID'
-    """
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except (ValueError, TypeError):
-        known = ", ".join(repr(m.value) for m in cls)
-        raise GimlensError(f"unknown {what} {value!r}; expected one of {known}") from None
 
 
 def check_tokens(tokens: Any, model: Any, name: str = "input_ids", *, allow_1d: bool = True
@@ -340,19 +321,16 @@ def format_bytes(n: float) -> str:
 
 def available_memory(device: torch.device | str) -> int:
     """Bytes free for new tensors on `device`: the free memory of a CUDA device, else the
-    host's available RAM (`MemAvailable` on Linux, else physical pages)."""
+    host's available RAM (`psutil.virtual_memory().available`).
+
+    Examples:
+        >>> available_memory("cpu") > 0
+        True
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * 1024**3
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -13,7 +13,7 @@ from circuits.evaluate import faithfulness
 from circuits.graph import Graph
 from circuits.tasks import make
 from conftest import TINY
-from gimlens.cli import main
+from gimlens_cli import main
 from gimlens.models import load_model
 from gimlens.testing import tiny_hf_model, tiny_tokenizer
 

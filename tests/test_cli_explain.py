@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from conftest import TINY
 from gimlens.attribution import Attribution, LogitDiff, attribute
-from gimlens.cli import main
+from gimlens_cli import main
 from gimlens.models import load_model
 from gimlens.testing import tiny_hf_model, tiny_tokenizer
 

@@ -29,6 +29,7 @@ def _module_names() -> list[str]:
         names.append(package)
         for info in pkgutil.walk_packages(pkg.__path__, prefix=package + ".", onerror=lambda n: None):
             names.append(info.name)
+    names.append("gimlens_cli")  # the console script's dispatch, above both packages
     return sorted(set(names))
 
 

@@ -154,7 +154,7 @@ def test_smollm2_sized_circuit_picture_is_readable():
 def test_discover_graphml_option_writes_the_circuit(tmp_path):
     """`gimlens discover --graphml` ("GraphML file of the circuit") writes the circuit, not all edges."""
     from conftest import TINY
-    from gimlens.cli import main
+    from gimlens_cli import main
     from gimlens.testing import tiny_hf_model, tiny_tokenizer
 
     folder = tmp_path / "tiny-llama"

@@ -1,6 +1,5 @@
 """GIM on tiny bridges against the independent reference in tests/reference.py."""
 
-import warnings
 
 import pytest
 import torch

@@ -445,7 +445,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_cli_writes_json_and_plot(tiny_folder, tmp_path, capsys):
-    from gimlens.cli import main
+    from gimlens_cli import main
 
     out, png = tmp_path / "flows.json", tmp_path / "flows.png"
     code = main(["layerwise", PROMPT, "--model", tiny_folder, "--layers", "0,1", "--granularity",
@@ -461,7 +461,7 @@ def test_cli_writes_json_and_plot(tiny_folder, tmp_path, capsys):
 
 
 def test_cli_refuses_a_missing_output_folder_and_writes_nothing(tiny_folder, tmp_path, capsys):
-    from gimlens.cli import main
+    from gimlens_cli import main
 
     code = main(["layerwise", PROMPT, "--model", tiny_folder, "--steps", "4",
                  "-o", str(tmp_path / "missing" / "flows.json")])
@@ -470,7 +470,7 @@ def test_cli_refuses_a_missing_output_folder_and_writes_nothing(tiny_folder, tmp
 
 
 def test_cli_reports_bad_layers_with_exit_code_2(tiny_folder, capsys):
-    from gimlens.cli import main
+    from gimlens_cli import main
 
     assert main(["layerwise", PROMPT, "--model", tiny_folder, "--layers", "7"]) == 2
     assert "out of range" in capsys.readouterr().err

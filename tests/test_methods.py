@@ -184,7 +184,7 @@ def test_batch_size_changes_nothing(qwen2_model, method):
 
 
 def test_unknown_method_is_an_error_listing_the_known_ones(llama_model):
-    with pytest.raises(GimlensError, match="known methods: gradient_x_input, gim, integrated_gradients, feature_ablation"):
+    with pytest.raises(GimlensError, match="expected one of 'gradient_x_input', 'gim', 'integrated_gradients', 'feature_ablation'"):
         attribute(llama_model, PROMPT, method="saliency")
 
 

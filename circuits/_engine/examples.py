@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import check_tokens
 
 from .model import ModelSpec, Sources, mean_sources
@@ -78,8 +79,7 @@ class Examples:
         n = len(self) if n is None else n
         if batch_size is None:
             batch_size = max(n, 1)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise GimlensError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        check_int("batch_size", batch_size, minimum=1, allow_none=True)
         return list(torch.arange(n).split(batch_size))
 
     def tokens(self, which: str, idx: Tensor, device) -> tuple[Tensor, Tensor | None]:

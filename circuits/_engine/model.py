@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gimlens.errors import GimlensError
 from gimlens.heads import head_outputs as shared_head_outputs
-from gimlens.runtime import coerce_enum, run_hooked
+from gimlens.runtime import run_hooked
 
 from ..layout import Layout
 
@@ -56,10 +56,6 @@ class Ablation(str, Enum):
     CORRUPTED = "corrupted"  #: the source's activation on the corrupted example
     MEAN = "mean"  #: per position, its mean over the given corrupted examples (mask-weighted)
     ZERO = "zero"  #: zero
-
-    @classmethod
-    def coerce(cls, value: "Ablation | str") -> "Ablation":
-        return coerce_enum(cls, value, "ablation")
 
 
 @dataclass(frozen=True)

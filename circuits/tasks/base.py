@@ -27,6 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 
 from .kl import KLMetric, clean_log_probs
 
@@ -214,8 +215,7 @@ class Task:
 
     def batches(self, batch_size: int) -> Iterator[slice]:
         """Consecutive example slices of at most `batch_size` (use with `metric(logits, s)`)."""
-        if batch_size < 1:
-            raise GimlensError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, minimum=1)
         for start in range(0, len(self), batch_size):
             yield slice(start, min(start + batch_size, len(self)))
 

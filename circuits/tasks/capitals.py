@@ -18,6 +18,7 @@ import random
 import torch
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 
 from .base import Task, pair_batch, single_tokens, tokenizer_and_bos
 
@@ -73,8 +74,7 @@ def capitals(
         >>> tok.decode(task.labels[0, 0]) == " " + CAPITALS[task.info["country"][0]]
         True
     """
-    if n < 1:
-        raise GimlensError(f"capitals: n must be a positive int, got {n!r}")
+    check_int("capitals: n", n, minimum=1)
     if template.count("{country}") != 1:
         raise GimlensError(f"capitals: template {template!r} must contain {{country}} exactly once")
     tok, bos = tokenizer_and_bos(model_or_tokenizer, prepend_bos)

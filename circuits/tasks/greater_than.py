@@ -34,6 +34,7 @@ from typing import Literal, Sequence
 import torch
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 
 from .base import MetricKind, Task, encode, pair_batch, single_tokens, tokenizer_and_bos
 
@@ -92,8 +93,7 @@ def greater_than(
         >>> task.prompts[0].endswith(str(task.info["year"][0])[:3])
         True
     """
-    if n < 1:
-        raise GimlensError(f"greater_than: n must be a positive int, got {n!r}")
+    check_int("greater_than: n", n, minimum=1)
     if mode not in ("auto", "two_digit", "last_digit"):
         raise GimlensError(f"greater_than: unknown mode {mode!r}; expected 'auto', 'two_digit' or 'last_digit'")
     tok, bos = tokenizer_and_bos(model_or_tokenizer, prepend_bos)

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 
 from .base import Task, pair_batch, single_tokens, tokenizer_and_bos
 
@@ -104,8 +105,7 @@ def ioi(
         >>> tok.decode(task.labels[0, 0]) == " " + task.info["io"][0]
         True
     """
-    if n < 1:
-        raise GimlensError(f"ioi: n must be a positive int, got {n!r}")
+    check_int("ioi: n", n, minimum=1)
     if not templates:
         raise GimlensError("ioi: expected at least one template")
     fields = [_check_template(t) for t in templates]

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.validation import check_int
 from gimlens.runtime import prepared, require_lens_model, run_hooked
 
 __all__ = ["KLMetric", "clean_log_probs"]
@@ -46,8 +47,7 @@ def clean_log_probs(model, task, batch_size: int | None = None) -> Float[Tensor,
     require_lens_model(model)
     n = len(task)
     size = n if batch_size is None else batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise GimlensError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1, allow_none=True)
     device = next(iter(model.parameters())).device
     out = []
     with prepared(model), torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import check_int
 from ..gim import GIMConfig
 from ..quadrature import Quadrature, nodes_and_weights
 from ..runtime import parse_bytes
@@ -95,8 +96,7 @@ def attribute(
     steps = _steps(method, spec, steps if ig_steps is None else ig_steps, quadrature)
     if max_memory is not None:
         parse_bytes(max_memory)  # validated before any work
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise GimlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     if not isinstance(score_bos, bool):
         raise GimlensError(f"score_bos must be True or False, got {score_bos!r}")
     model = as_bridge(model, tokenizer)

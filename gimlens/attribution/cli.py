@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GimlensError
+from ..validation import check_int
 from ..runtime import atomic_write, check_writable
 from .methods import Method
 from .targets import LogitDiff, Readout, TokenTarget
@@ -86,10 +87,8 @@ def _validate(args) -> None:
         raise GimlensError("--target is empty; expected the text of a target token, e.g. ' Paris'")
     if args.steps is not None and args.method != Method.INTEGRATED_GRADIENTS.value:
         raise GimlensError(f"--steps applies to integrated_gradients only, not to {args.method}")
-    if args.steps is not None and args.steps < 1:
-        raise GimlensError(f"--steps must be a positive integer, got {args.steps}")
-    if args.batch_size < 1:
-        raise GimlensError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_int("--steps", args.steps, minimum=1, allow_none=True)
+    check_int("--batch-size", args.batch_size, minimum=1)
     out = check_writable(args.output, "-o")
     if out.suffix.lower() != ".json":
         raise GimlensError(f"-o {args.output!r}: expected a .json file name")

@@ -9,6 +9,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import check_int
 from ..gim import GIMConfig, gim_keywords
 from ..runtime import check_tokens
 from .attribute import attribute
@@ -118,5 +119,4 @@ def explain(
 
 def _check_token_id(token_id, model, name: str) -> None:
     vocab = int(model.cfg.d_vocab)
-    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
-        raise GimlensError(f"{name} must be a token id in [0, {vocab}), got {token_id!r}")
+    check_int(name, token_id, minimum=0, maximum=vocab - 1, note="a token id of the vocabulary")

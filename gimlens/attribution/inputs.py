@@ -19,6 +19,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import check_int
 from ..runtime import check_tokens
 from .gradients import check_mask, default_baseline_token
 
@@ -94,8 +95,7 @@ def resolve_baseline(baseline, tokenizer, vocab: int) -> int:
         token_id = int(baseline)
     else:
         token_id = baseline
-    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
-        raise GimlensError(f"baseline must be a token id in [0, {vocab}) or a one-token string, got {baseline!r}")
+    check_int("baseline", token_id, minimum=0, maximum=vocab - 1, note="a token id, or a one-token string")
     return token_id
 
 

@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import GimlensError
+from ..validation import coerce_enum
 from ..distributed import is_main_process
 from ..gim import GIMConfig
 from ..memory import PassKind, fit_rows, row_bytes
@@ -90,10 +90,7 @@ def known_methods() -> str:
 
 
 def as_method(name) -> Method:
-    try:
-        return Method(name)
-    except ValueError:
-        raise GimlensError(f"unknown attribution method {name!r}; known methods: {known_methods()}") from None
+    return coerce_enum(Method, name, "attribution method")
 
 
 def run_method(method: Method, job: Job) -> MethodOutput:
@@ -212,6 +209,7 @@ def _path_gradients(
         scores.index_add_(0, r, contrib)
         values[r] = vals.float()
         ids[r] = picked[0]
+        del grads, _  # the pass's logits: not alive during the next pass
     target.ids = ids.view(B, T)
     return scores.view(B, T, S), values.view(B, T)
 

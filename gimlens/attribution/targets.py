@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import check_int
 from ..runtime import coerce_enum
 from .gradients import resolve_positions
 
@@ -288,8 +289,7 @@ def _decode(tokenizer, token_id: int) -> str:
 
 
 def _check_id(token_id, vocab: int, what: str) -> int:
-    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
-        raise GimlensError(f"{what} must be a token id in the vocabulary [0, {vocab}), got {token_id!r}")
+    check_int(what, token_id, minimum=0, maximum=vocab - 1, note="a token id of the vocabulary")
     return token_id
 
 

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..runtime import coerce_enum, run_hooked
+from ..runtime import run_hooked
 
 __all__ = ["Granularity", "HeadScores", "Boundary", "BOUNDARIES", "run_block"]
 
@@ -41,11 +40,6 @@ class Granularity(str, Enum):
     LAYER = "layer"
     ATT = "att"
     MLP = "mlp"
-
-    @classmethod
-    def parse(cls, value) -> "Granularity":
-        """A member or its value, else a [`GimlensError`][gimlens.errors.GimlensError]."""
-        return coerce_enum(cls, value, "granularity")
 
 
 class HeadScores(str, Enum):
@@ -59,11 +53,6 @@ class HeadScores(str, Enum):
 
     OWN = "own"
     SHARED = "shared"
-
-    @classmethod
-    def parse(cls, value) -> "HeadScores":
-        """A member or its value, else a [`GimlensError`][gimlens.errors.GimlensError]."""
-        return coerce_enum(cls, value, "head_scores")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..distributed import is_main_process
-from ..errors import GimlensError
+from ..validation import check_int, coerce_enum
 from ..gim import GIMConfig, gim_hooks
 from ..heads import head_outputs
 from ..memory import PassKind, fit_rows, resolve_budget, row_bytes
@@ -117,11 +117,8 @@ def layerwise_ig(
         quadrature = Quadrature.GAUSS_LEGENDRE_GRADED if graded else Quadrature.GAUSS_LEGENDRE
     alpha, weights = _fold_zero_node(*nodes_and_weights(steps, quadrature))
     gim_cfg = GIMConfig.coerce(gim)
-    heads = HeadScores.parse(head_scores)
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise GimlensError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    heads = coerce_enum(HeadScores, head_scores, "head_scores")
+    check_int("batch_size", batch_size, minimum=1, allow_none=True)
     all_gim = [] if gim_cfg.is_off else gim_hooks(model, gim_cfg)  # validates the model first
     need_mid = Granularity.MLP in grans
     need_pattern = any(baselines[g] is Baseline.ITB_MAP_RATIO for g in grans)

@@ -11,6 +11,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import coerce_enum
 from ..runtime import check_tokens
 from .baselines import Baseline
 from .boundaries import Granularity
@@ -53,12 +54,12 @@ def granularity_list(granularity) -> list[Granularity]:
     items = [granularity] if isinstance(granularity, (str, Granularity)) else granularity
     if not is_sequence(items) or not items:
         raise GimlensError(f"granularity must be a name or a non-empty list, got {granularity!r}")
-    return list(dict.fromkeys(Granularity.parse(g) for g in items))
+    return list(dict.fromkeys(coerce_enum(Granularity, g, "granularity") for g in items))
 
 
 def baseline_map(baseline, grans: list[Granularity]) -> dict[Granularity, Baseline]:
     if isinstance(baseline, Mapping):
-        keys = {Granularity.parse(k): v for k, v in baseline.items()}
+        keys = {coerce_enum(Granularity, k, "granularity"): v for k, v in baseline.items()}
         chosen = {g: Baseline.parse(keys.get(g, Baseline.INPUT_TOKEN)) for g in grans}
     else:
         b = Baseline.parse(baseline)

@@ -56,6 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import GimlensError
+from ..validation import coerce_enum
 from ..gim import GIMConfig
 from ..runtime import atomic_write, read_text
 from .baselines import Baseline
@@ -130,7 +131,7 @@ class LayerwiseResult:
 
     def flow(self, layer: int, granularity: Granularity | str) -> Flow:
         """The flow of `layer` at `granularity`."""
-        key = (layer, Granularity.parse(granularity))
+        key = (layer, coerce_enum(Granularity, granularity, "granularity"))
         if key not in self.flows:
             have = ", ".join(f"({l}, {g.value})" for l, g in self.flows)
             raise GimlensError(f"no flow for layer {layer}, {key[1].value}; this result has {have}")
@@ -250,7 +251,7 @@ class LayerwiseResult:
             tokens=list(data["tokens"]), token_ids=list(data["token_ids"]), flows=flows,
             steps=int(cfg["num_steps"]), quadrature=cfg.get("quadrature", "gauss_legendre"),
             gim=None if gim is None else GIMConfig(**gim),
-            head_scores=HeadScores.parse(cfg.get("head_scores", "own")),
+            head_scores=coerce_enum(HeadScores, cfg.get("head_scores", "own"), "head_scores"),
             text=data.get("text"), model=data.get("model"),
         )
 
@@ -285,7 +286,7 @@ class LayerwiseResult:
         """
         from .plot import plot_flows
 
-        gran = None if granularity is None else Granularity.parse(granularity)
+        gran = None if granularity is None else coerce_enum(Granularity, granularity, "granularity")
         order = list(Granularity)
         chosen = [
             self.flows[(l, g)]
