@@ -360,14 +360,6 @@ IOI_TEMPLATES = [
 IOI_PAIRS = [("Mary", "John"), ("Alice", "Bob"), ("Sarah", "David"), ("Emma", "Paul")]
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return load_model()
-
-
 @pytest.mark.slow
 def test_default_model_is_smollm2(smollm2):
     cfg = smollm2.cfg
@@ -403,3 +395,32 @@ def test_smollm2_solves_ioi(smollm2):
     diffs = torch.cat(diffs)
     assert len(diffs) == 48
     assert diffs.mean() > 2, diffs.mean()
+
+
+# --- the real embedded Gemma 3 270M ---
+
+
+@pytest.mark.slow
+def test_gemma3_loads_and_its_logits_equal_huggingface(gemma3):
+    from transformers import AutoModelForCausalLM
+
+    cfg = gemma3.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_vocab) == (
+        18, 4, 1, 640, 262144)
+    assert not gemma3.training and cfg.device == "cpu" and cfg.dtype == torch.float32
+    (folder,) = models.default_cache_dir().glob("gemma-3-270m-*")  # the cache this load built
+    with models._quiet():  # eager attention, as the bridge runs it
+        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    assert sum(p.numel() for p in hf.parameters()) == 268_098_176
+    ids = gemma3.to_tokens(PROMPT)
+    assert ids[0, 0] == hf.config.bos_token_id == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gemma3(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gemma3_knows_the_capital_of_france(gemma3):
+    with torch.no_grad():
+        logits = gemma3(gemma3.to_tokens("The capital of France is"))[0, -1]
+    assert gemma3.to_single_token(" Paris") in logits.topk(3).indices.tolist()
