@@ -1,4 +1,4 @@
-"""Every attribution method on SmolLM2 over the shipped prompt set: faithfulness and time.
+"""Every attribution method on a real model (SmolLM2 or Gemma 3 270M) over the shipped prompt set: faithfulness and time.
 
 For each prompt of ``gimlens/data/prompts.jsonl`` (IOI, capitals, factual completions) the target
 is the expected answer's logit; as in the GIM paper, only prompts the model answers correctly
@@ -14,7 +14,7 @@ is the expected answer's logit; as in the GIM paper, only prompts the model answ
 A random ranking is included as a floor. Then the paired differences GIM − gradient × input and
 GIM − integrated gradients in comprehensiveness (mean ± standard error, and how often GIM wins).
 
-    python benchmarks/bench_attribution.py [--per-task 12] [--steps 32] [--ig-gim] [--threads 1]
+    python benchmarks/bench_attribution.py [--model gemma-3-270m] [--per-task 12] [--steps 32] [--ig-gim] [--threads 1]
 
 Cost on CPU: every method's faithfulness needs ~20 forwards per prompt, integrated gradients
 ``steps`` forward+backward passes (SmolLM2 needs about 32 Gauss-Legendre steps for a completeness
@@ -38,6 +38,8 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="a load_model() name: the embedded SmolLM2 (default) or gemma-3-270m")
     parser.add_argument("--per-task", type=int, default=12, help="correct prompts per task (0: all)")
     parser.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (Gauss-Legendre)")
     parser.add_argument("--ig-gim", action="store_true", help="also integrated gradients under GIM")
@@ -54,7 +56,7 @@ def main() -> None:
     from gimlens.models import load_model
 
     start = time.perf_counter()
-    model = load_model()
+    model = load_model(args.model)
     rows = load_prompts()
     tok = model.tokenizer
     answers = [tok.encode(r["answer"], add_special_tokens=False)[0] for r in rows]
@@ -64,7 +66,7 @@ def main() -> None:
             if int(model(model.to_tokens(r["prompt"]))[0, -1].argmax()) == a:
                 correct.append(r)
     counts = ", ".join(f"{t} {sum(r['task'] == t for r in correct)}" for t in ("ioi", "capitals", "factual"))
-    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads: {len(correct)} of {len(rows)} prompts "
+    print(f"{model.cfg.model_name}, {torch.get_num_threads()} threads: {len(correct)} of {len(rows)} prompts "
           f"answered correctly ({counts})")
     if args.per_task:
         correct = [r for t in ("ioi", "capitals", "factual") for r in [x for x in correct if x["task"] == t][: args.per_task]]

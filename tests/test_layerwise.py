@@ -482,10 +482,8 @@ def test_cli_reports_bad_layers_with_exit_code_2(tiny_folder, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_layer_and_att_flows_are_complete_and_causal():
-    from gimlens.models import load_model
-
-    model = load_model()
+def test_smollm2_layer_and_att_flows_are_complete_and_causal(smollm2):
+    model = smollm2
     text = "When Mary and John went to the store, John gave a drink to"
     with torch.no_grad():
         model(model.to_tokens(text))  # the bridge adds its own pre-hooks on first use

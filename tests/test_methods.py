@@ -189,8 +189,8 @@ def test_unknown_method_is_an_error_listing_the_known_ones(llama_model):
 
 
 @pytest.mark.slow
-def test_on_smollm2_ig_converges_and_ablation_matches_single_forwards():
-    model = load_model()
+def test_on_real_model_ig_converges_and_ablation_matches_single_forwards(real_model):
+    model = real_model
     text, answer = "When Emily and Peter went to the store, Peter gave a drink to", " Emily"
     ig = attribute(model, text, target=answer, method="integrated_gradients", steps=64)
     base = ig.token_ids.clone()

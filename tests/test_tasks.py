@@ -322,17 +322,10 @@ def test_kl_metric_has_zero_gradient_at_the_clean_run_so_eap_scores_vanish(gpt2_
     assert ig_max > 0 and float(eap.scores.abs().max()) < 1e-4 * ig_max
 
 
-# ----------------------------------------------------------------------------- SmolLM2
+# ------------------------------------------------------------------ the real models: SmolLM2, Gemma 3
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from gimlens.models import load_model
-
-    return load_model()
-
-
-def _clean_metric(model, task, batch_size=32):
+def _clean_metric(model, task, batch_size=16):
     out, top = [], []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -344,36 +337,45 @@ def _clean_metric(model, task, batch_size=32):
     return torch.cat(out), torch.cat(top).float()
 
 
+def _is_gemma(model) -> bool:
+    return "gemma" in model.cfg.model_name.lower()
+
+
 @pytest.mark.slow
-def test_smollm2_solves_ioi(smollm2):
-    metric, _ = _clean_metric(smollm2, ioi(smollm2, n=64, seed=0))
-    print(f"SmolLM2 IOI: logit diff {metric.mean():.3f}, accuracy {(metric > 0).float().mean():.3f}")
+def test_real_model_solves_ioi(real_model):
+    metric, _ = _clean_metric(real_model, ioi(real_model, n=64, seed=0))
+    print(f"{real_model.cfg.model_name} IOI: logit diff {metric.mean():.3f}, accuracy {(metric > 0).float().mean():.3f}")
     assert metric.mean() > 2 and (metric > 0).float().mean() > 0.8
 
 
 @pytest.mark.slow
-def test_smollm2_knows_capitals(smollm2):
-    task = capitals(smollm2, n=48, seed=0)
+def test_real_model_knows_capitals(real_model):
+    task = capitals(real_model, n=48, seed=0)
     assert len(set(task.info["country"])) >= 20
-    metric, top1 = _clean_metric(smollm2, task)
-    print(f"SmolLM2 capitals: top-1 {top1.mean():.3f}, logit diff {metric.mean():.3f}")
-    assert top1.mean() > 0.6
+    metric, top1 = _clean_metric(real_model, task)
+    print(f"{real_model.cfg.model_name} capitals: top-1 {top1.mean():.3f}, logit diff {metric.mean():.3f}")
+    assert (metric > 0).float().mean() > 0.9  # the country's capital over another country's
+    # Gemma 3 270M ranks the right capital over the wrong one on every prompt (logit difference
+    # 10.1) but mostly continues with " the" / " a" first (measured top-1 0.167)
+    assert top1.mean() > (0.1 if _is_gemma(real_model) else 0.6)
 
 
 @pytest.mark.slow
-def test_smollm2_does_induction_only_on_the_repeated_sequence(smollm2):
-    task = induction(smollm2, n=48, seed=0)
-    clean, _ = _clean_metric(smollm2, task)
-    corrupted, _ = _clean_metric(smollm2, Task(**{**task.__dict__, "clean": task.corrupted}))
-    print(f"SmolLM2 induction: logit diff {clean.mean():.3f} (corrupted {corrupted.mean():.3f})")
-    assert clean.mean() > 2 and corrupted.mean().abs() < 1
+def test_real_model_does_induction_mostly_on_the_repeated_sequence(real_model):
+    task = induction(real_model, n=48, seed=0)
+    clean, _ = _clean_metric(real_model, task)
+    corrupted, _ = _clean_metric(real_model, Task(**{**task.__dict__, "clean": task.corrupted}))
+    print(f"{real_model.cfg.model_name} induction: logit diff {clean.mean():.3f} (corrupted {corrupted.mean():.3f})")
+    assert clean.mean() > 2 and clean.mean() - corrupted.mean() > 5
+    # SmolLM2 has no preference without the repeat; Gemma 3 keeps some (measured 4.0 against 15.8)
+    assert corrupted.mean().abs() < (6 if _is_gemma(real_model) else 1)
 
 
 @pytest.mark.slow
-def test_smollm2_prefers_later_years(smollm2):
-    task = greater_than(smollm2, n=48, seed=0)
-    assert task.info["mode"][0] == "last_digit"  # SmolLM2 splits numbers into digits
-    clean, _ = _clean_metric(smollm2, task)
-    corrupted, _ = _clean_metric(smollm2, Task(**{**task.__dict__, "clean": task.corrupted}))
-    print(f"SmolLM2 greater-than: prob diff {clean.mean():.3f} (corrupted {corrupted.mean():.3f})")
+def test_real_model_prefers_later_years(real_model):
+    task = greater_than(real_model, n=48, seed=0)
+    assert task.info["mode"][0] == "last_digit"  # both split numbers into digits
+    clean, _ = _clean_metric(real_model, task)
+    corrupted, _ = _clean_metric(real_model, Task(**{**task.__dict__, "clean": task.corrupted}))
+    print(f"{real_model.cfg.model_name} greater-than: prob diff {clean.mean():.3f} (corrupted {corrupted.mean():.3f})")
     assert clean.mean() > 0.5 and clean.mean() - corrupted.mean() > 0.5

@@ -3,7 +3,6 @@ embeddings, and the gradient of an objective at the embedding leaf."""
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import torch
@@ -14,16 +13,13 @@ from ..errors import GimlensError
 from ..gim import GIMConfig, gim_hooks
 from ..runtime import is_lens_model, prepared, run_hooked
 
-#: Bridges booted around HuggingFace models passed in directly, so each is booted once.
-_BOOTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def as_bridge(model, tokenizer=None):
     """A TransformerLens model for `model`: returned as is, or booted around an HF model.
 
     Booting a `TransformerBridge` around a HuggingFace `PreTrainedModel` wraps it in place
-    (TransformerLens swaps its submodules for bridge components); the bridge is cached per HF
-    object, so later calls reuse it. Keep using the returned bridge rather than the HF object.
+    (TransformerLens swaps its submodules for bridge components); `load_model` keeps one bridge
+    per HF object, so later calls (and `load_model` itself) reuse it, and it refuses an HF
+    object wrapped outside gimlens. Keep using the returned bridge rather than the HF object.
     """
     if is_lens_model(model):
         return model
@@ -32,13 +28,9 @@ def as_bridge(model, tokenizer=None):
     except ImportError:  # pragma: no cover - transformers is a dependency of transformer-lens
         PreTrainedModel = ()
     if isinstance(model, PreTrainedModel):
-        bridge = _BOOTED.get(model)
-        if bridge is None:
-            from ..models import load_model
+        from ..models import load_model
 
-            bridge = load_model(model, tokenizer=tokenizer)
-            _BOOTED[model] = bridge
-        return bridge
+        return load_model(model, tokenizer=tokenizer)
     raise GimlensError(
         f"expected a TransformerLens model (TransformerBridge or HookedTransformer) or a "
         f"HuggingFace PreTrainedModel, got {type(model).__name__}"
