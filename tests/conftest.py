@@ -88,16 +88,3 @@ def gemma3():
 def real_model(request):
     """Each real model in turn, for slow tests that need "a real model"."""
     return request.getfixturevalue(request.param)
-
-
-#: Until circuits accepts the Gemma family (it refuses Gemma's `1 + weight` RMSNorm and
-#: post-norms today), its Gemma 3 runs are expected to fail; the mark goes once it lands.
-_GEMMA_CIRCUITS = pytest.mark.xfail(
-    strict=False, reason="circuits support for Gemma lands on the families branch"
-)
-
-
-@pytest.fixture(scope="session", params=["smollm2", pytest.param("gemma3", marks=_GEMMA_CIRCUITS)])
-def real_circuits_model(request):
-    """Each real model in turn, for slow tests of circuits."""
-    return request.getfixturevalue(request.param)

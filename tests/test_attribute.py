@@ -613,10 +613,10 @@ def test_model_without_needed_hooks_is_rejected(llama_model):
 
 
 @pytest.mark.slow
-def test_real_model_split_free_scores_equal_split_mode_scores(real_circuits_model):
+def test_real_model_split_free_scores_equal_split_mode_scores(real_model):
     from circuits.tasks import make
 
-    model = real_circuits_model
+    model = real_model
     task = make("ioi", model, n=3, seed=1)
     graph = attribute(model, Graph.from_model(model), task)
     expected = _split_mode_scores(model, task.clean, task.corrupted, task.metric)

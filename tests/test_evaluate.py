@@ -207,10 +207,10 @@ def test_bad_curve_arguments_raise_gimlens_error(kwargs, message, gpt2_model):
 
 
 @pytest.mark.slow
-def test_real_model_empty_and_full_circuits_reproduce_corrupted_and_clean_runs(real_circuits_model):
+def test_real_model_empty_and_full_circuits_reproduce_corrupted_and_clean_runs(real_model):
     from circuits.tasks import make
 
-    model = real_circuits_model
+    model = real_model
     task = make("ioi", model, n=3, seed=1)
     mask = task.attention_mask
     graph = Graph.from_model(model)
