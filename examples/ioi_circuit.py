@@ -34,7 +34,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import networkx as nx
 import torch
-from IPython.display import Image, display
+try:
+    from IPython.display import Image, display
+except ImportError:  # run as a plain script (IPython is not installed by the README's install)
+    Image, display = (lambda filename: f"image written to {filename}"), print
 
 import circuits
 import gimlens

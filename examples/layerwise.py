@@ -34,7 +34,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
+try:
+    from IPython.display import display
+except ImportError:  # run as a plain script (IPython is not installed by the README's install)
+    display = print
 
 import gimlens
 

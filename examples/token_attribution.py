@@ -26,7 +26,10 @@
 # %%
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
+try:
+    from IPython.display import display
+except ImportError:  # run as a plain script (IPython is not installed by the README's install)
+    display = print
 
 import gimlens
 from gimlens.attribution import Continuation, LogitDiff
