@@ -82,6 +82,8 @@ def test_readme_circuit_numbers_hold_on_smollm2(capsys):
     printed = float(capsys.readouterr().out.strip().splitlines()[-1])
     model, graph, held_out = scope["model"], scope["graph"], scope["held_out"]
     assert f"print(circuits.faithfulness(model, graph, held_out)) # {printed:.2f} on SmolLM2" in text
+    assert "4,946 of SmolLM2's 70,651 edges" in text
+    assert (graph.n_valid_edges, round(0.07 * graph.n_valid_edges)) == (70651, 4946)
     quick = _bootstrap(model, graph, held_out)
     assert quick[0] == pytest.approx(printed, abs=1e-6)
     _assert_claim(text, "the strongest 7 % of edges recover {p} on these held-out prompts (95 % bootstrap "
@@ -107,3 +109,21 @@ def test_examples_import_without_ipython(example, monkeypatch):
     exec(compile(imports, str(example), "exec"), scope)
     if "display" in scope:
         scope["display"]("shown")
+
+
+@pytest.mark.slow
+def test_readme_discover_command_finds_a_circuit_that_does_the_task(tmp_path, capsys):
+    """The README's `gimlens discover` command, run verbatim (output in a temporary folder), prints
+    the faithfulness the README states (about 10 CPU-minutes on SmolLM2)."""
+    from gimlens.cli import main
+
+    text = _readme_text()
+    command = re.search(r"`(gimlens discover [^`]*)` scores 64 IOI prompts and reports normalised "
+                        r"faithfulness (-?[0-9.]+)", text)
+    assert command, "README no longer states the discover command and its faithfulness"
+    argv = command.group(1).split()[1:]
+    argv[argv.index("-o") + 1] = str(tmp_path / "circuit.json")
+    assert main([*argv, "--no-progress"]) == 0
+    faith = float(re.search(r"normalised faithfulness (-?[0-9.]+)", capsys.readouterr().out).group(1))
+    assert faith == pytest.approx(float(command.group(2)), abs=0.0051)
+    assert (tmp_path / "circuit.json").is_file()
