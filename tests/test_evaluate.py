@@ -176,6 +176,7 @@ def test_model_left_as_found_after_success_and_after_a_failure(llama_model, monk
     clean, corrupted, _ = ioi(llama_model)
     metric = fingerprint(llama_model)
     circuit = random_circuit(llama_model, seed=5)
+    circuit.scores = torch.randn(circuit.scores.shape, generator=torch.Generator().manual_seed(5))
     before = model_state(llama_model)
     faithfulness_curve(llama_model, circuit, clean, corrupted, metric, sizes=(10, 100),
                        ablation="mean")
