@@ -25,8 +25,9 @@
 # residual dimension).
 #
 # Runs offline on the embedded SmolLM2-135M-Instruct with the default 32 Gauss-Legendre nodes (run times measured
-# on a busy 2-core machine: docs/examples.md). The completeness error falls fast with more nodes: on this prompt and layer about 20 %
-# (largest over targets) with 16 nodes, 3 % with 32 and 0.02 % with 64 — pass `steps=64` when it matters.
+# on a busy 2-core machine: docs/examples.md). The completeness error falls fast with more nodes: on this prompt
+# and layer about 20 % (largest over targets) with 16 nodes, 3 % with 32 and 0.02 % with 64 — pass `steps=64`
+# when it matters.
 
 # %%
 import tempfile
