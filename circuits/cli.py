@@ -5,8 +5,11 @@ model), builds the task, finds a circuit of at most `--edges` edges with `circui
 (a scoring method: top-n by absolute score; or `edge-pruning` / `EAP-IG-iterative`; dangling
 edges pruned), reports the circuit's normalised
 faithfulness (exact edge patching on the same examples) and writes the circuit. All outputs are
-written together at the end, each atomically; a failure leaves none of them. Bad arguments raise
-[`GimlensError`][gimlens.errors.GimlensError] before the model is loaded.
+written together at the end, each atomically; a failure leaves none of them. Bad arguments (an
+unknown or absent `--device`, an output path that cannot be written) raise
+[`GimlensError`][gimlens.errors.GimlensError] before the model is loaded. Progress bars (the
+scoring, edge pruning's warm start and steps, the final evaluation) go to stderr unless
+`--no-progress`.
 
 Examples:
     >>> import argparse
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 
 from gimlens.errors import GimlensError
+from gimlens.runtime import check_device, check_writable
 
 from ._engine.model import Ablation
 from .discover import ALGORITHMS
@@ -88,16 +92,10 @@ def _check(args: argparse.Namespace) -> dict[str, Path]:
         value = getattr(args, key)
         if value is None:
             continue
-        path = Path(value).expanduser()
         flag = "-o/--output" if key == "output" else f"--{key.replace('_', '-')}"
+        path = check_writable(value, flag)
         if path.suffix.lower() not in suffixes:
             raise GimlensError(f"{flag} {value!r}: expected a file ending in {' or '.join(suffixes)}")
-        if not path.parent.is_dir():
-            raise GimlensError(f"{flag} {value!r}: folder {str(path.parent)!r} does not exist")
-        if path.is_dir():
-            raise GimlensError(f"{flag} {value!r} is a folder; expected a file name")
-        if not os.access(path.parent, os.W_OK):
-            raise GimlensError(f"{flag} {value!r}: folder {str(path.parent)!r} is not writable")
         if path.resolve() in {p.resolve() for p in outputs.values()}:
             raise GimlensError(f"{flag} {value!r} is also given for another output; expected distinct files")
         outputs[key] = path
@@ -131,6 +129,7 @@ def _write_all(graph, outputs: dict[str, Path]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `gimlens discover`; returns the exit status (0)."""
     outputs = _check(args)
+    check_device(args.device)
 
     from gimlens.models import load_model
 
@@ -154,10 +153,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
               file=sys.stderr)
     options = {k: getattr(args, k) for k in ("steps", "lr", "rounds") if getattr(args, k, None) is not None}
-    discover(model, graph, task, n_edges=args.edges, method=args.method, ig_steps=args.ig_steps,
-             gim=args.gim or None, batch_size=args.batch_size, ablation=args.ablation,
-             progress=not args.no_progress, **options)
-    faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation)
+    show = not args.no_progress
+    common = dict(ig_steps=args.ig_steps, gim=args.gim or None, batch_size=args.batch_size,
+                  ablation=args.ablation, progress=show)
+    discover(model, graph, task, n_edges=args.edges, method=args.method, **common, **options)
+    if main and show:
+        print("evaluating the circuit (exact edge patching)", file=sys.stderr)
+    faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation,
+                         progress=show)
     if not main:  # every rank holds the same circuit; rank 0 writes it
         return 0
     _write_all(graph, outputs)

@@ -107,7 +107,7 @@ def _loss(run: Run, i: int, missing: Tensor, kind: Loss, gap: float) -> Tensor:
 
 
 def _warm_log_alpha(run: Run, graph: Graph, warm_start: str | Graph, ig_steps: int, n_edges: int,
-                    init: float) -> Tensor:
+                    init: float, progress: bool = False) -> Tensor:
     """The start: `init + 4 (q - 1 + n_edges / N)` by the rank quantile `q` of |score| (module
     docstring); the scores are `warm_start`'s, or the run's attribution by that method."""
     if isinstance(warm_start, Graph):
@@ -115,7 +115,8 @@ def _warm_log_alpha(run: Run, graph: Graph, warm_start: str | Graph, ig_steps: i
             raise GimlensError("warm_start graph has another layout than graph")
         scored = warm_start
     else:
-        scored = attribute_run(run, graph.copy(), method=warm_start, ig_steps=ig_steps)
+        scored = attribute_run(run, graph.copy(), method=warm_start, ig_steps=ig_steps,
+                               progress=progress)
     ranked = scored.scores.detach().cpu().abs().masked_fill(~graph.valid, -1.0).flatten()
     order = torch.empty(ranked.numel())
     order[ranked.argsort(stable=True)] = torch.arange(ranked.numel(), dtype=torch.float32)
@@ -187,7 +188,7 @@ def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, step
         if warm_start is None:
             start = torch.full(valid.shape, float(init))
         else:
-            start = _warm_log_alpha(run, graph, warm_start, ig_steps, n_edges, init)
+            start = _warm_log_alpha(run, graph, warm_start, ig_steps, n_edges, init, progress)
         log_alpha = _fit(run, start.to(run.spec.device), kind, steps, lr, ramp, n_edges, seed,
                          progress)
     scores = log_alpha.detach().cpu().masked_fill(~valid, 0.0)

@@ -20,8 +20,8 @@
 # values do not move, and shows which gradients change: per layer at the residual stream, for all rules together
 # and for each rule alone.
 #
-# It runs offline on the embedded SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads) in well under a minute
-# on a laptop CPU.
+# It runs offline on the embedded SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads); measured: 150 s with one
+# torch thread on a busy 2-core machine (docs/examples.md lists every notebook's time).
 
 # %%
 import matplotlib.pyplot as plt

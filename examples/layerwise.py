@@ -24,9 +24,10 @@
 # Granularities: `layer` (the whole block, z → z), `att` (the attention sublayer, per head), `mlp` (per
 # residual dimension).
 #
-# Runs offline on the embedded SmolLM2-135M-Instruct in a minute or two on a laptop CPU with the default 32
-# Gauss-Legendre nodes. The completeness error falls fast with more nodes: on this prompt and layer about 20 %
-# (largest over targets) with 16 nodes, 3 % with 32 and 0.02 % with 64 — pass `steps=64` when it matters.
+# Runs offline on the embedded SmolLM2-135M-Instruct with the default 32 Gauss-Legendre nodes (run times measured
+# on a busy 2-core machine: docs/examples.md). The completeness error falls fast with more nodes: on this prompt
+# and layer about 20 % (largest over targets) with 16 nodes, 3 % with 32 and 0.02 % with 64 — pass `steps=64`
+# when it matters.
 
 # %%
 import tempfile
@@ -34,7 +35,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
+try:
+    from IPython.display import display
+except ImportError:  # run as a plain script (IPython is not installed by the README's install)
+    display = print
 
 import gimlens
 

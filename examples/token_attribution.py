@@ -19,14 +19,18 @@
 # 3. targets beyond one token: a logit difference and a multi-token continuation;
 # 4. faithfulness: comprehensiveness, sufficiency and agreement with leave-one-out ablation.
 #
-# Everything runs offline on the embedded SmolLM2-135M-Instruct in a few minutes on a laptop CPU. The data sets
-# here are deliberately tiny (8 prompts, 16 integration steps) so that it runs in CI in a minute: more prompts and
+# Everything runs offline on the embedded SmolLM2-135M-Instruct (measured: 1,056 s with one torch thread on a busy
+# 2-core machine; docs/examples.md lists every notebook's time). The data sets
+# here are deliberately tiny (8 prompts, 16 integration steps) so that CI stays fast: more prompts and
 # more steps give better estimates of the faithfulness numbers.
 
 # %%
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
+try:
+    from IPython.display import display
+except ImportError:  # run as a plain script (IPython is not installed by the README's install)
+    display = print
 
 import gimlens
 from gimlens.attribution import Continuation, LogitDiff

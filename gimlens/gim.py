@@ -13,10 +13,10 @@ forward pass run inside the block:
 
 **One table.** Each rule is one [`Rule`][gimlens.gim.Rule] entry of
 [`RULES`][gimlens.gim.RULES]: its config field, default, "off" value, validation, hook points
-and hook functions. [`GIMConfig`][gimlens.gim.GIMConfig]'s fields, their validation,
-`GIMConfig.off()`, `is_off`, [`gim_hooks`][gimlens.gim.gim_hooks] and the GIM keywords of
-[`explain`][gimlens.attribution.explain.explain] are all built from it, so adding a rule is one
-entry.
+and hook functions. [`GIMConfig`][gimlens.gim.GIMConfig]'s validation, `GIMConfig.off()`,
+`is_off` and [`gim_hooks`][gimlens.gim.gim_hooks] read it; the config's fields and the GIM
+keywords of [`explain`][gimlens.attribution.explain.explain] are written out and checked
+against it by a test, so adding a rule is one entry, one field and one keyword.
 
 **Families.** A rule acts where the model has its component: gate/up only on gated MLPs,
 the softmax rule only where the bridge fires `hook_attn_scores` and `hook_pattern` (not GPT-J or
@@ -31,19 +31,17 @@ block is plain, whatever block its backward runs in.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
 from .runtime import quiet_norm_rebuild, require_lens_model
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "config_class", "gim_hooks", "gim_keywords", "unhooked_norms",
-           "per_layer", "scale_hooks"]
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "gim_hooks", "unhooked_norms", "per_layer", "scale_hooks"]
 
 Hook = tuple[str, Callable]
 
@@ -169,14 +167,15 @@ class Rule:
 
 def _scale(field: str, default: float, template: str, doc: str, gated: bool = False) -> Rule:
     names = _gated(template) if gated else per_layer(template)
-    return Rule(field, default, None, doc, names, scale_hooks)
+    return Rule(field, default, None, doc, names, scale_hooks,
+                valid=lambda v: _finite(v) and v >= 0, expects="a finite number >= 0 or None")
 
 
 RULES: tuple[Rule, ...] = (
     Rule("freeze_norm", True, False,
          "treat every LayerNorm/RMSNorm scale as a constant in the backward pass.",
          _norm_scale_names, _freeze_hooks, valid=lambda v: isinstance(v, bool),
-         expects="True or False", kind=bool, is_on=bool),
+         expects="True, False or None", kind=bool, is_on=bool),
     Rule("softmax_temperature", 2.0, None,
          "temperature `T` of the attention-softmax gradient.",
          per_layer("blocks.{l}.attn.hook_attn_scores", "blocks.{l}.attn.hook_pattern"),
@@ -191,49 +190,85 @@ RULES: tuple[Rule, ...] = (
            "gradient multiplier at `mlp.hook_pre_linear` (gated MLPs only).", gated=True),
 )
 """Every GIM rule, in the order of [`GIMConfig`][gimlens.gim.GIMConfig]'s fields. Adding a rule
-is adding an entry here."""
+is adding an entry here and a field (and an `explain` keyword) of the same name."""
 
 
 # ---------------------------------------------------------------------------------------------
-# The config, built from the table.
+# The config: one field per rule, in the table's order (a test checks the two agree).
 
 
-class _ConfigMethods:
-    """The methods of a GIM config class; its fields and `RULES` come from
-    [`config_class`][gimlens.gim.config_class]."""
+@dataclass(frozen=True)
+class GIMConfig:
+    """Which GIM rules run, with their constants: one field per entry of [`RULES`][gimlens.gim.RULES].
 
-    RULES: tuple[Rule, ...] = ()
+    Args:
+        freeze_norm: treat every LayerNorm/RMSNorm scale as a constant in the backward pass.
+            `False` or `None` switches it off.
+        softmax_temperature: temperature `T` (> 0) of the attention-softmax gradient.
+        q_scale: gradient multiplier (>= 0) at `attn.hook_q`.
+        k_scale: gradient multiplier (>= 0) at `attn.hook_k`.
+        v_scale: gradient multiplier (>= 0) at `attn.hook_v`.
+        gate_scale: gradient multiplier (>= 0) at `mlp.hook_pre` (gated MLPs only).
+        up_scale: gradient multiplier (>= 0) at `mlp.hook_pre_linear` (gated MLPs only).
+
+    `None` switches any rule off (`None` for `freeze_norm` is stored as `False`); so does a
+    scale of 1. A wrong value (a negative scale, a temperature <= 0, a string, ...) is a
+    [`GimlensError`][gimlens.errors.GimlensError] naming the field.
+
+    Methods: `GIMConfig.off()` (every rule off), `GIMConfig.coerce(gim)` (`True` -> defaults,
+    `False`/`None` -> off, a dict -> overrides of the defaults), `GIMConfig.replace_defaults(**kw)`,
+    `config.with_overrides(**kw)` (unknown names are an error) and `config.is_off`.
+
+    Examples:
+        >>> GIMConfig().softmax_temperature, GIMConfig(q_scale=0.1).q_scale
+        (2.0, 0.1)
+        >>> GIMConfig.off().is_off, GIMConfig(freeze_norm=None).freeze_norm
+        (True, False)
+    """
+
+    freeze_norm: bool | None = True
+    softmax_temperature: float | None = 2.0
+    q_scale: float | None = 0.25
+    k_scale: float | None = 0.25
+    v_scale: float | None = 0.5
+    gate_scale: float | None = 0.5
+    up_scale: float | None = 0.5
+
+    #: the rules behind the fields, in field order
+    RULES: ClassVar[tuple[Rule, ...]] = RULES
 
     def __post_init__(self) -> None:
         for rule in self.RULES:
             v = getattr(self, rule.field)
-            if not ((v is None and rule.off is None) or rule.valid(v)):
+            if v is None:  # None switches every rule off
+                object.__setattr__(self, rule.field, rule.off)
+            elif not rule.valid(v):
                 raise GimlensError(f"{rule.field} must be {rule.expects}, got {v!r}")
 
     @classmethod
-    def off(cls):
+    def off(cls) -> "GIMConfig":
         """Every rule switched off: gradients are plain autograd."""
         return cls(**{r.field: r.off for r in cls.RULES})
 
     @classmethod
-    def coerce(cls, gim):
+    def coerce(cls, gim) -> "GIMConfig":
         """`True` -> the defaults, `False`/`None` -> `off()`, a dict -> overrides of the defaults."""
         if gim is None or gim is False:
             return cls.off()
         if gim is True:
             return cls()
-        if isinstance(gim, _ConfigMethods):  # GIMConfig, or a config_class of another table
+        if isinstance(gim, GIMConfig):
             return gim
         if isinstance(gim, dict):
             return cls.replace_defaults(**gim)
         raise GimlensError(f"gim must be a GIMConfig, True/False, a dict or None; got {gim!r}")
 
     @classmethod
-    def replace_defaults(cls, **overrides):
+    def replace_defaults(cls, **overrides) -> "GIMConfig":
         """The defaults with some fields replaced; unknown names are an error."""
         return cls().with_overrides(**overrides)
 
-    def with_overrides(self, **overrides):
+    def with_overrides(self, **overrides) -> "GIMConfig":
         """This config with some fields replaced; unknown names are an error."""
         known = [r.field for r in self.RULES]
         unknown = sorted(set(overrides) - set(known))
@@ -245,65 +280,6 @@ class _ConfigMethods:
     def is_off(self) -> bool:
         """Whether every rule is switched off (a scale of 1 counts as off)."""
         return not any(r.is_on(getattr(self, r.field)) for r in self.RULES)
-
-
-def config_class(rules: Sequence[Rule], name: str = "GIMConfig") -> type:
-    """A frozen dataclass with one field per rule (its default, validation, `off()`, `is_off`).
-
-    [`GIMConfig`][gimlens.gim.GIMConfig] is `config_class(RULES)`.
-
-    Examples:
-        >>> Cfg = config_class(RULES[:1], "NormOnly")
-        >>> Cfg(), Cfg.off().is_off
-        (NormOnly(freeze_norm=True), True)
-    """
-    rules = tuple(rules)
-    args = "\n".join(f"    {r.field}: {r.doc} Default `{r.default!r}`; `{r.off!r}` switches it off."
-                     for r in rules)
-    doc = (
-        "Which GIM rules run, with their constants (one field per entry of `RULES`).\n\n"
-        f"Args:\n{args}\n\n"
-        "Example:\n"
-        "    >>> GIMConfig().softmax_temperature\n"
-        "    2.0\n"
-        "    >>> GIMConfig.off().is_off, GIMConfig.off().with_overrides(q_scale=1.0).is_off\n"
-        "    (True, True)\n"
-    )
-    fields = [(r.field, r.kind, dataclasses.field(default=r.default)) for r in rules]
-    return dataclasses.make_dataclass(
-        name, fields, bases=(_ConfigMethods,), frozen=True,
-        namespace={"RULES": rules, "__doc__": doc, "__module__": __name__},
-    )
-
-
-GIMConfig = config_class(RULES)
-"""Which GIM rules run, with their constants: a frozen dataclass with one field per entry of
-[`RULES`][gimlens.gim.RULES], built by [`config_class`][gimlens.gim.config_class].
-
-Fields and defaults: `freeze_norm=True`, `softmax_temperature=2.0`, `q_scale=0.25`,
-`k_scale=0.25`, `v_scale=0.5`, `gate_scale=0.5`, `up_scale=0.5` (gate/up act on gated MLPs
-only). `None` (`False` for `freeze_norm`; 1 for a scale) switches a rule off; a wrong value is
-a [`GimlensError`][gimlens.errors.GimlensError] naming the field.
-
-Methods: `GIMConfig.off()` (every rule off), `GIMConfig.coerce(gim)` (`True` -> defaults,
-`False`/`None` -> off, a dict -> overrides of the defaults), `GIMConfig.replace_defaults(**kw)`,
-`config.with_overrides(**kw)` (unknown names are an error) and `config.is_off`.
-
-Examples:
-    >>> GIMConfig(q_scale=0.1).q_scale, GIMConfig.off().is_off
-    (0.1, True)
-"""
-
-
-def gim_keywords(rules: Sequence[Rule] = RULES) -> list[inspect.Parameter]:
-    """The keyword-only parameters (one per rule, with its default) that `explain` takes.
-
-    Examples:
-        >>> [p.name for p in gim_keywords()][:2]
-        ['freeze_norm', 'softmax_temperature']
-    """
-    return [inspect.Parameter(r.field, inspect.Parameter.KEYWORD_ONLY, default=r.default,
-                              annotation=r.kind) for r in rules]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ._embedded import (
     _quiet,
 )
 from .errors import GimlensError
-from .runtime import is_lens_model
+from .runtime import _is_current, _outer_components, check_current, is_lens_model  # noqa: F401
 
 __all__ = ["load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "EMBEDDED_MODELS"]
 
@@ -170,27 +170,6 @@ def _check_causal_lm(hf) -> None:
         )
 
 
-def _outer_components(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The TransformerLens bridge components that wrapping put into `module`, outermost only."""
-    try:
-        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-    except ImportError:  # pragma: no cover - a TransformerLens without the bridge
-        return []
-    found, todo = [], list(module.children())
-    while todo:
-        child = todo.pop()
-        if isinstance(child, GeneralizedComponent):
-            found.append(child)
-        else:
-            todo.extend(child.children())
-    return found
-
-
-def _is_current(bridge, outer: list[torch.nn.Module]) -> bool:
-    own = {id(m) for m in bridge.modules()}
-    return bool(outer) and all(id(c) in own for c in outer)
-
-
 def wrapped_bridge(hf):
     """The bridge `load_model` booted around the HF model `hf`, or `None` if it never did.
 
@@ -210,28 +189,6 @@ def wrapped_bridge(hf):
             "of the HuggingFace model"
         )
     return bridge
-
-
-def check_current(model) -> None:
-    """Raise [`GimlensError`][gimlens.errors.GimlensError] if `model` is a stale bridge.
-
-    A `TransformerBridge` goes stale when its HF model is wrapped again by TransformerLens:
-    the new bridge's components replace its own inside the HF model, so its logits stay right
-    while its hooks, and everything built on them, silently stop running. HookedTransformers
-    and other models pass.
-
-    Examples:
-        >>> from gimlens.testing import tiny_model
-        >>> check_current(tiny_model("gpt2"))
-    """
-    hf = getattr(model, "original_model", None)
-    if not isinstance(hf, torch.nn.Module) or _is_current(model, _outer_components(hf)):
-        return
-    raise GimlensError(
-        f"this TransformerBridge is stale: its {type(hf).__name__} was wrapped in another "
-        "TransformerBridge after it, which replaced its components, so its hooks (GIM, edge "
-        "scores, patching) would no longer run; use the newest bridge, or load the model afresh"
-    )
 
 
 def _load_pretrained(source: str, dtype: torch.dtype):

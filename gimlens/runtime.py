@@ -13,6 +13,9 @@ exists once:
   [`GimlensError`][gimlens.errors.GimlensError];
 - [`coerce_enum`][gimlens.validation.coerce_enum] (from [`gimlens.validation`][gimlens.validation]):
   a member or its value, or a clear error;
+- [`check_writable`][gimlens.runtime.check_writable] and
+  [`check_device`][gimlens.runtime.check_device]: an output path or a device refused before any
+  work starts;
 - [`atomic_write`][gimlens.runtime.atomic_write]: the old file or the complete new one, never a
   part; permissions follow the umask; the folder must exist; [`read_text`][gimlens.runtime.read_text]
   reads one back;
@@ -51,6 +54,7 @@ __all__ = [
     "NORM_REBUILD_WARNING",
     "atomic_write",
     "available_memory",
+    "check_device",
     "check_tokens",
     "check_writable",
     "format_bytes",
@@ -80,6 +84,49 @@ def is_lens_model(model: Any) -> bool:
     return hasattr(model, "hook_dict") and hasattr(model, "cfg") and hasattr(model, "hooks")
 
 
+def _outer_components(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The TransformerLens bridge components that wrapping put into `module`, outermost only."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    except ImportError:  # pragma: no cover - a TransformerLens without the bridge
+        return []
+    found, todo = [], list(module.children())
+    while todo:
+        child = todo.pop()
+        if isinstance(child, GeneralizedComponent):
+            found.append(child)
+        else:
+            todo.extend(child.children())
+    return found
+
+
+def _is_current(bridge, outer: list[torch.nn.Module]) -> bool:
+    own = {id(m) for m in bridge.modules()}
+    return bool(outer) and all(id(c) in own for c in outer)
+
+
+def check_current(model) -> None:
+    """Raise [`GimlensError`][gimlens.errors.GimlensError] if `model` is a stale bridge.
+
+    A `TransformerBridge` goes stale when its HF model is wrapped again by TransformerLens:
+    the new bridge's components replace its own inside the HF model, so its logits stay right
+    while its hooks, and everything built on them, silently stop running. HookedTransformers
+    and other models pass.
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> check_current(tiny_model("gpt2"))
+    """
+    hf = getattr(model, "original_model", None)
+    if not isinstance(hf, torch.nn.Module) or _is_current(model, _outer_components(hf)):
+        return
+    raise GimlensError(
+        f"this TransformerBridge is stale: its {type(hf).__name__} was wrapped in another "
+        "TransformerBridge after it, which replaced its components, so its hooks (GIM, edge "
+        "scores, patching) would no longer run; use the newest bridge, or load the model afresh"
+    )
+
+
 def require_lens_model(model: Any) -> None:
     """Raise [`GimlensError`][gimlens.errors.GimlensError] unless `model` is a TransformerLens
     model whose hooks run (not a bridge gone stale by a second wrap of its HF model)."""
@@ -88,8 +135,6 @@ def require_lens_model(model: Any) -> None:
             "expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
             f"{type(model).__name__}"
         )
-    from .models import check_current  # models imports this module
-
     check_current(model)
 
 
@@ -156,8 +201,6 @@ def prepared(model: Any) -> Iterator[Any]:
         True
     """
     if is_lens_model(model):  # a stale bridge must not compute silently
-        from .models import check_current
-
         check_current(model)
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -208,16 +251,80 @@ def check_tokens(tokens: Any, model: Any, name: str = "input_ids", *, allow_1d: 
 # ------------------------------------------------------------------------------------- the disk
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """`path` as a `Path`, after checking that its folder exists and that it is not a folder."""
-    p = Path(path)
+def check_writable(path: str | os.PathLike, what: str = "output", *, probe: bool = True) -> Path:
+    """`path` as a `Path`, after checking that a file can be written there.
+
+    The one check every command and `save` uses before any work: `path` is not a folder, its
+    folder exists (and is a folder, not a file), and, with `probe`, a file can be created in
+    that folder (a temporary file is made and removed: this also holds for root and read-only
+    file systems, where permission bits say nothing). Raises
+    [`GimlensError`][gimlens.errors.GimlensError] naming `what` and the path.
+
+    Examples:
+        >>> import os, tempfile
+        >>> check_writable(os.path.join(tempfile.mkdtemp(), "out.json")).suffix
+        '.json'
+        >>> check_writable("/no/such/folder/out.json", "-o")
+        Traceback (most recent call last):
+        ...
+        gimlens.errors.GimlensError: the folder '/no/such/folder' of -o path '/no/such/folder/out.json' does not exist; create it first
+    """
+    p = Path(path).expanduser()
     if p.is_dir():
         raise GimlensError(f"{what} path {str(p)!r} is a folder; expected a file name")
     folder = p.parent if str(p.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise GimlensError(f"{what} path {str(p)!r} cannot be written: {str(folder)!r} is a file, "
+                           "not a folder")
     if not folder.is_dir():
         raise GimlensError(f"the folder {str(folder)!r} of {what} path {str(p)!r} does not exist; "
                            "create it first")
+    if probe:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=folder)
+        except OSError as err:
+            raise GimlensError(f"{what} path {str(p)!r} cannot be written: the folder "
+                               f"{str(folder)!r} is not writable ({err.strerror})") from None
+        os.close(fd)
+        os.unlink(tmp)
     return p
+
+
+def check_device(device: str | torch.device | None, what: str = "--device") -> torch.device | None:
+    """`device` as a `torch.device` after checking that this build of PyTorch has it (`None` stays
+    `None`: the caller's default).
+
+    Raises [`GimlensError`][gimlens.errors.GimlensError] naming `what` for a name torch does not
+    know (`"bogus"`) and for a device this machine lacks (`"cuda"` on a CPU build, `"cuda:3"`
+    with two GPUs, `"mps"` off Apple silicon).
+
+    Examples:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("bogus")
+        Traceback (most recent call last):
+        ...
+        gimlens.errors.GimlensError: --device 'bogus' is not a torch device; expected e.g. cpu, cuda, cuda:1 or mps
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise GimlensError(f"{what} {device!r} is not a torch device; expected e.g. cpu, cuda, "
+                           "cuda:1 or mps") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+    if not available:
+        raise GimlensError(f"{what} {str(device)!r}: this PyTorch build or machine has no {dev.type} "
+                           "device; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise GimlensError(f"{what} {str(device)!r}: this machine has {count()} {dev.type} "
+                           f"device(s), numbered from 0")
+    return dev
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
@@ -226,7 +333,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
 
     A reader sees the old file or the complete new one; on any error the temporary file is
     removed and `path` is left as it was. The file gets the permissions `open()` would give
-    (`0o666` less the umask). The folder must exist.
+    (`0o666` less the umask). The folder must exist. A path that cannot be written (a missing
+    or read-only folder, a full disk) is a [`GimlensError`][gimlens.errors.GimlensError] naming
+    it, never a raw `OSError`.
 
     Examples:
         >>> import os, tempfile
@@ -234,9 +343,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         >>> p.read_text()
         'hello'
     """
-    p = check_writable(path)
+    p = check_writable(path, probe=False)
     folder = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise GimlensError(f"cannot write {str(p)!r}: the folder {str(folder)!r} is not writable "
+                           f"({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
@@ -245,9 +358,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise GimlensError(f"cannot write {str(p)!r}: {err.strerror or err}") from err
         raise
     return p
 

@@ -130,13 +130,44 @@ def test_baseline_inference_prefers_space_then_pad_then_unk(llama_model):
         (dict(baseline_token_id=10**6), "baseline_token_id"),
         (dict(target_token_id=torch.tensor([1, 2])), "target_token_id"),
         (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
-        (dict(temprature=2.0), "unknown keyword"),
         (dict(q_scale="half"), "q_scale"),
+        (dict(q_scale=-0.25), "q_scale"),
+        (dict(v_scale=float("nan")), "v_scale"),
+        (dict(softmax_temperature=0.0), "softmax_temperature"),
+        (dict(softmax_temperature=-2.0), "softmax_temperature"),
+        (dict(target_token_id=" the capital of France"), "exactly one token"),
     ],
 )
 def test_bad_input_is_a_gimlens_error(llama_model, kwargs, match):
     with pytest.raises(GimlensError, match=match):
         gimlens.explain(llama_model, _rows(llama_model)[1], **kwargs)
+
+
+def test_a_misspelt_gim_keyword_is_a_type_error(llama_model):
+    with pytest.raises(TypeError, match="temprature"):
+        gimlens.explain(llama_model, _rows(llama_model)[1], temprature=2.0)
+
+
+def test_target_token_id_takes_the_text_of_one_token(llama_model):
+    ids = _rows(llama_model)[1]
+    text = " the"
+    (token,) = llama_model.tokenizer.encode(text, add_special_tokens=False)
+    by_text = gimlens.explain(llama_model, ids, target_token_id=text)
+    by_id = gimlens.explain(llama_model, ids, target_token_id=token)
+    top = gimlens.explain(llama_model, ids)
+    assert torch.equal(by_text, by_id) and not torch.equal(by_id, top)
+
+
+def test_none_switches_any_rule_off_freeze_norm_included(llama_model):
+    ids = _rows(llama_model)[1]
+    none = gimlens.explain(llama_model, ids, freeze_norm=None)
+    false = gimlens.explain(llama_model, ids, freeze_norm=False)
+    on = gimlens.explain(llama_model, ids)
+    assert torch.equal(none, false) and not torch.equal(none, on)
+    all_none = {f: None for f in ("freeze_norm", "softmax_temperature", "q_scale", "k_scale",
+                                  "v_scale", "gate_scale", "up_scale")}
+    plain = gimlens.attribute(llama_model, ids, method="gradient_x_input", score_bos=True).scores[0]
+    assert_close(gimlens.explain(llama_model, ids, **all_none), plain)
 
 
 def test_float_input_ids_are_rejected(llama_model):

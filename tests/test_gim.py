@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 
 from gimlens import GIM, GIMConfig, GimlensError, explain
-from gimlens.gim import RULES, Rule, config_class, gim_hooks, gim_keywords, scale_hooks
+from gimlens.gim import RULES, Rule, gim_hooks, scale_hooks
 from gimlens.testing import tiny_hf_model
 from reference import Rules, reference_forward, token_embeddings
 
@@ -164,33 +164,55 @@ def test_gim_config_coercion():
     assert GIMConfig.off().with_overrides(q_scale=1.0).is_off  # a scale of 1 is off
 
 
-def test_config_off_validation_and_explain_keywords_come_from_the_rule_table():
-    fields = [f.name for f in dataclasses.fields(GIMConfig)]
-    assert fields == [r.field for r in RULES]
+def test_config_fields_and_explain_keywords_agree_with_the_rule_table():
+    """GIMConfig's written-out fields and explain's written-out GIM keywords are the rule table's
+    fields, in its order, with its defaults; validation, off() and is_off come from the table."""
+    fields = dataclasses.fields(GIMConfig)
+    assert [f.name for f in fields] == [r.field for r in RULES]
+    assert [f.default for f in fields] == [r.default for r in RULES]
+    assert GIMConfig.RULES is RULES
     assert GIMConfig() == GIMConfig(**{r.field: r.default for r in RULES})
     assert GIMConfig.off() == GIMConfig(**{r.field: r.off for r in RULES})
+    assert GIMConfig.__dataclass_params__.frozen
     for rule in RULES:  # each rule alone switches is_off, and refuses a wrong value by name
         assert not GIMConfig.off().with_overrides(**{rule.field: rule.default}).is_off
+        assert GIMConfig().with_overrides(**{rule.field: None}) == GIMConfig().with_overrides(
+            **{rule.field: rule.off})  # None switches any rule off
         with pytest.raises(GimlensError, match=rule.field):
             GIMConfig.off().with_overrides(**{rule.field: "wrong"})
-    params = {n: p for n, p in inspect.signature(explain).parameters.items() if n in fields}
-    assert list(params) == fields and all(params[r.field].default == r.default for r in RULES)
+    params = {n: p for n, p in inspect.signature(explain).parameters.items() if n in [f.name for f in fields]}
+    assert list(params) == [r.field for r in RULES]
+    assert all(params[r.field].default == r.default and params[r.field].kind is p.KEYWORD_ONLY
+               for r in RULES for p in [params[r.field]])
 
 
-def test_a_new_rule_is_one_table_entry(llama_model):
-    """A rule added to the table (here: the gradient at the last block's output halved) gets a
-    config field, validation, off(), is_off, hooks and an explain keyword with no other edit."""
+@pytest.mark.parametrize("field, value", [("q_scale", -0.25), ("k_scale", -1.0), ("v_scale", -1e-9),
+                                          ("gate_scale", -0.5), ("up_scale", float("-inf")),
+                                          ("softmax_temperature", 0.0), ("softmax_temperature", -2.0),
+                                          ("freeze_norm", 1)])
+def test_negative_scales_and_non_positive_temperatures_are_refused(field, value):
+    with pytest.raises(GimlensError, match=field):
+        GIMConfig(**{field: value})
+    assert GIMConfig(q_scale=0.0).q_scale == 0.0  # a zero scale is allowed: it stops the gradient
+
+
+def test_a_new_rule_is_one_table_entry_and_one_field(llama_model):
+    """A rule added to the table (here: the gradient at the last block's output halved) and one
+    field of a config subclass get validation, off(), is_off and hooks with no other edit."""
     last = f"blocks.{llama_model.cfg.n_layers - 1}.hook_resid_post"
     extra = Rule("resid_scale", 0.5, None, "gradient multiplier at the last block's output.",
                  lambda model: [last], scale_hooks)
-    Config = config_class((*RULES, extra))
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(GIMConfig):
+        resid_scale: float | None = 0.5
+        RULES = (*RULES, extra)
+
     assert Config().resid_scale == 0.5 and Config.off().resid_scale is None and Config.off().is_off
-    assert "resid_scale" in Config.__doc__
     only = Config.off().with_overrides(resid_scale=0.5)
     assert not only.is_off and [n for n, _ in gim_hooks(llama_model, only)] == [last]
     with pytest.raises(GimlensError, match="resid_scale"):
         Config(resid_scale=float("inf"))
-    assert gim_keywords((*RULES, extra))[-1].name == "resid_scale"
     # and the hook does what the entry says: every embedding gradient halved
     tokens = _tokens(llama_model)
     emb = llama_model.embed(tokens).detach()

@@ -78,6 +78,7 @@ def _data(model) -> Data:
     g.in_graph = torch.rand(g.valid.shape, generator=gen) < 0.5
     g.nodes_in_graph = torch.rand(g.n_forward, generator=gen) < 0.7
     g.neurons_in_graph = torch.rand(g.n_forward, model.cfg.d_model, generator=gen) < 0.7
+    g.scores = torch.randn(g.valid.shape, generator=gen)  # scored: selection refuses an unscored graph
     return Data(model, clean, corrupted, metric, attribution, g)
 
 

@@ -7,8 +7,9 @@ gimlens explain "The capital of France is" --target " Paris" --contrast " Rome" 
     -o paris.json --plot paris.png
 ```
 
-Everything is validated before the model loads; the JSON and the image are written only after
-the attribution succeeded, each atomically (a failed run leaves no file behind).
+Everything is validated before the model loads (the device, and that every output path can be
+written); the JSON and the image are written only after the attribution succeeded, each
+atomically (a failed run leaves no file behind, not even the JSON when the image fails).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..errors import GimlensError
 from ..validation import check_int
-from ..runtime import atomic_write, check_writable
+from ..runtime import atomic_write, check_device, check_writable
 from .methods import Method
 from .targets import LogitDiff, Readout, TokenTarget
 
@@ -64,9 +65,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     image = _render(result, args.plot) if args.plot else None
+    existed = Path(args.output).exists()
     result.save(args.output, indent=1)
     if image is not None:
-        atomic_write(args.plot, image)
+        try:
+            atomic_write(args.plot, image)
+        except BaseException:  # all or nothing: no JSON left without its image
+            if not existed:
+                Path(args.output).unlink(missing_ok=True)
+            raise
     _print(result, args)
     return 0
 
@@ -89,6 +96,7 @@ def _validate(args) -> None:
         raise GimlensError(f"--steps applies to integrated_gradients only, not to {args.method}")
     check_int("--steps", args.steps, minimum=1, allow_none=True)
     check_int("--batch-size", args.batch_size, minimum=1)
+    check_device(args.device)
     out = check_writable(args.output, "-o")
     if out.suffix.lower() != ".json":
         raise GimlensError(f"-o {args.output!r}: expected a .json file name")

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
-
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import GimlensError
 from ..validation import check_int
-from ..gim import GIMConfig, gim_keywords
+from ..gim import GIMConfig
 from ..runtime import check_tokens
 from .attribute import attribute
 from .gradients import as_bridge
 from .inputs import model_device
-from .targets import TokenTarget
+from .targets import TokenTarget, _per_row_ids
 
 __all__ = ["explain"]
 
 
-def _with_gim_keywords(fn):
-    """Show the rule table's GIM keywords in `fn`'s signature (for `help()` and IDEs) in place
-    of `**gim_options`."""
-    sig = inspect.signature(fn)
-    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    fn.__signature__ = sig.replace(parameters=params + gim_keywords(GIMConfig.RULES))
-    return fn
-
-
-@_with_gim_keywords
 def explain(
     model,
     input_ids: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
@@ -39,7 +25,13 @@ def explain(
     baseline_token_id: int | None = None,
     tokenizer=None,
     attention_mask: Tensor | None = None,
-    **gim_options,
+    freeze_norm: bool | None = True,
+    softmax_temperature: float | None = 2.0,
+    q_scale: float | None = 0.25,
+    k_scale: float | None = 0.25,
+    v_scale: float | None = 0.5,
+    gate_scale: float | None = 0.5,
+    up_scale: float | None = 0.5,
 ) -> Float[Tensor, "batch pos"] | Float[Tensor, " pos"]:
     """GIM attribution of one target logit to every input token.
 
@@ -57,16 +49,19 @@ def explain(
             afterwards).
         input_ids: token ids `[pos]` or `[batch, pos]`.
         target_token_id: the token whose logit is explained: an int, or one per row
-            (`[batch]`). Default: the model's top prediction at `target_position`.
+            (`[batch]`), or the token's text if it is exactly one token for the tokenizer
+            (`" Paris"`; a string of several tokens is refused: use
+            [`attribute`][gimlens.attribution.attribute.attribute] for continuations).
+            Default: the model's top prediction at `target_position`.
         target_position: position of the target logit (int or `[batch]`); with an
             `attention_mask` it counts real tokens only, so `-1` is each row's last real
             token whatever the padding side.
         baseline_token_id: the reference token; default the token of `" "`, else pad, else unk.
         tokenizer: used to infer the baseline (default: the model's tokenizer).
         attention_mask: `[batch, pos]` of 0/1 for padded batches; padded positions score 0.
-        **gim_options: GIM's rules, one keyword per [`GIMConfig`][gimlens.gim.GIMConfig] field
-            (`freeze_norm`, `softmax_temperature`, `q_scale`, `k_scale`, `v_scale`,
-            `gate_scale`, `up_scale`), with its defaults; `None` switches a rule off.
+        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale:
+            GIM's rules, the fields of [`GIMConfig`][gimlens.gim.GIMConfig] with its defaults;
+            `None` switches a rule off.
 
     Returns:
         Scores `[pos]` for a 1-D input, else `[batch, pos]`; float32, on the model's device.
@@ -79,13 +74,9 @@ def explain(
         >>> gimlens.explain(model, ids[0], q_scale=0.5).shape == ids[0].shape
         True
     """
-    known = {p.name for p in gim_keywords(GIMConfig.RULES)}
-    unknown = sorted(set(gim_options) - known)
-    if unknown:
-        raise GimlensError(
-            f"explain() got unknown keyword(s) {unknown}; its GIM options are {sorted(known)}"
-        )
-    config = GIMConfig.replace_defaults(**gim_options)
+    config = GIMConfig(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                       q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                       gate_scale=gate_scale, up_scale=up_scale)
     model = as_bridge(model, tokenizer)
     single = isinstance(input_ids, Tensor) and input_ids.ndim == 1
     batch = check_tokens(input_ids, model).shape[0]
@@ -93,14 +84,8 @@ def explain(
         _check_token_id(baseline_token_id, model, "baseline_token_id")
     targets = None
     if target_token_id is not None:
-        targets = torch.as_tensor(target_token_id).long()
-        targets = targets.expand(batch) if targets.ndim == 0 else targets
-        if targets.shape != (batch,):
-            raise GimlensError(
-                f"target_token_id must be an int or have shape [{batch}], got {tuple(targets.shape)}"
-            )
-        for t in targets.tolist():
-            _check_token_id(t, model, "target_token_id")
+        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        targets = _per_row_ids(target_token_id, tok, batch, int(model.cfg.d_vocab), "target_token_id")
     result = attribute(
         model,
         input_ids,

@@ -7,8 +7,10 @@ gimlens layerwise "When Mary and John went to the store" --layers 0,5 \\
     --granularity layer,att -o flows.json --plot flows.png
 ```
 
-Without `--model` the embedded SmolLM2-135M-Instruct is used (offline). The output paths are
-checked before the model loads; each file is written atomically.
+Without `--model` the embedded SmolLM2-135M-Instruct is used (offline). The device and every
+output path are checked before the model loads; each file is written atomically, and a failed
+image removes the JSON written just before it. A progress bar (one step per layer and
+granularity) goes to stderr unless `--no-progress`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 
 from ..errors import GimlensError
 from ..quadrature import Quadrature
-from ..runtime import check_writable
+from ..runtime import check_device, check_writable
 from .baselines import Baseline
 from .boundaries import HeadScores
 
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="att: each head's own norm (own, as LIG) or shares of the whole output")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per forward/backward")
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (by default one bar on stderr, a step per flow)")
     parser.add_argument("-o", "--output", default=None, help="write the JSON result here")
     parser.add_argument("--plot", default=None, help="write a heatmap image here (png, svg, pdf)")
 
@@ -55,21 +59,35 @@ def run(args: argparse.Namespace) -> int:
     layers = _int_list(args.layers, "--layers")
     granularity = [g.strip() for g in args.granularity.split(",") if g.strip()]
     baseline = _baseline(args.baseline)
-    if args.output:
-        check_writable(args.output, "-o")
-    if args.plot:
-        check_writable(args.plot, "--plot")
+    check_device(args.device)
+    out = check_writable(args.output, "-o") if args.output else None
+    plot = check_writable(args.plot, "--plot") if args.plot else None
+    if plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix.lower().lstrip(".") not in kinds:
+            raise GimlensError(f"--plot {args.plot!r}: unknown image type; expected one of "
+                               f"{', '.join(sorted('.' + k for k in kinds))}")
+    if out is not None and plot is not None and out.resolve() == plot.resolve():
+        raise GimlensError("--plot and -o name the same file")
     model = load_model(args.model, device=args.device)
     result = layerwise_ig(
         model, args.text, layers=layers,
         granularity=granularity[0] if granularity == ["all"] else granularity,
         baseline=baseline, steps=args.steps, quadrature=args.quadrature, gim=bool(args.gim),
-        head_scores=args.head_scores, batch_size=args.batch_size,
+        head_scores=args.head_scores, batch_size=args.batch_size, progress=not args.no_progress,
     )
-    if args.output:
-        result.save(args.output)
-    if args.plot:
-        result.save_plot(args.plot)
+    existed = out is not None and out.exists()
+    if out is not None:
+        result.save(out)
+    if plot is not None:
+        try:
+            result.save_plot(plot)
+        except BaseException:  # all or nothing: no JSON left without its image
+            if out is not None and not existed:
+                out.unlink(missing_ok=True)
+            raise
     for (layer, g), flow in sorted(result.flows.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
         err = flow.completeness_error.abs()
         rel = (err / flow.total.clamp_min(1e-12))[flow.total > 1e-6]

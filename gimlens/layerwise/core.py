@@ -46,7 +46,7 @@ from ..gim import GIMConfig, gim_hooks
 from ..heads import head_outputs
 from ..memory import PassKind, fit_rows, resolve_budget, row_bytes
 from ..quadrature import Quadrature, nodes_and_weights
-from ..runtime import prepared, progress as progress_bar, run_hooked
+from ..runtime import prepared, progress as progress_bar, require_lens_model, run_hooked
 from .baselines import Baseline, map_ratio, zero_ratio
 from .options import baseline_map, granularity_list, layer_list, prompt_tokens
 from .boundaries import BOUNDARIES, Granularity, HeadScores, run_block
@@ -107,6 +107,7 @@ def layerwise_ig(
         gives `matrix` (`[source, target]`; `mlp`: `[target, d_model]`), `heads`
         (`att`: `[head, source, target]`), `total` and `completeness_error` per target.
     """
+    require_lens_model(model)
     tokens, text_str = prompt_tokens(model, text)
     layer_ids = layer_list(model, layers)
     grans = granularity_list(granularity)
