@@ -56,10 +56,10 @@ SEARCH = ("EAP-IG-iterative", "edge-pruning")
 
 
 def load(name: str):
-    if name == "smollm2":
+    if name in ("smollm2", "gemma-3-270m"):
         from gimlens.models import load_model
 
-        return load_model()
+        return load_model(None if name == "smollm2" else name)
     from gimlens.testing import tiny_model
 
     arch = name.removeprefix("tiny-")
@@ -254,7 +254,7 @@ def write(rows: list[dict], header: str, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-gpt2", help="smollm2, tiny-gpt2, tiny-llama or tiny-qwen2")
+    parser.add_argument("--model", default="tiny-gpt2", help="smollm2, gemma-3-270m, tiny-gpt2, tiny-llama or tiny-qwen2")
     parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "capitals", "induction"])
     parser.add_argument("--methods", nargs="+", default=["EAP", "EAP-IG-inputs", *SEARCH])
     parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=["off", "on"])
