@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
-from .runtime import quiet_norm_rebuild, require_lens_model
+from .runtime import list_names, quiet_norm_rebuild, require_lens_model
 
 __all__ = ["GIMConfig", "GIM", "Rule", "RULES", "gim_hooks", "unhooked_norms", "per_layer", "scale_hooks"]
 
@@ -333,7 +333,7 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
                           f"have no hook_scale hook point (their scale stays differentiable): "
                           f"{', '.join(unreached[:4])}", stacklevel=2)
     if missing:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        shown = list_names(missing)
         raise GimlensError(
             f"this model lacks hook points that the switched-on GIM rules need: {shown}. "
             "Switch those rules off (set them to None) or use a TransformerLens model that "

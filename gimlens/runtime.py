@@ -78,6 +78,16 @@ Hook = tuple[str, Callable]
 # ------------------------------------------------------------------------------------- the model
 
 
+def list_names(names: Sequence[str], limit: int = 8) -> str:
+    """`names` joined for an error message, the first `limit` of them and the count of the rest.
+
+    Examples:
+        >>> list_names(["a", "b", "c"], limit=2)
+        'a, b, ... (3 in all)'
+    """
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def is_lens_model(model: Any) -> bool:
     """Whether `model` is a TransformerLens model (`TransformerBridge` or
     `HookedTransformer`): it has hook points, a config and the `hooks` context."""

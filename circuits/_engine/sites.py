@@ -39,7 +39,7 @@ from enum import Enum
 from typing import Iterator
 
 from gimlens.errors import GimlensError
-from gimlens.runtime import require_lens_model
+from gimlens.runtime import list_names, require_lens_model
 
 __all__ = ["BlockLayout", "CORE_SITES", "HOOKED_SITES", "ModelKind", "Site", "block_layout",
            "hook_modes", "model_kind", "require_hooks", "site_name"]
@@ -174,7 +174,7 @@ def require_hooks(model, sites=CORE_SITES) -> None:
     names = {site_name(kind, s, l, L) for s in sites if s is not None for l in range(L)}
     missing = sorted(n for n in names if n not in hook_dict)
     if missing:
-        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        shown = list_names(missing, limit=6)
         raise GimlensError(
             f"this model lacks hook points that edge attribution needs: {shown}. Expected a "
             "TransformerLens model (TransformerBridge or HookedTransformer) with separate ln1/ln2 "
