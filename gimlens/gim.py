@@ -33,15 +33,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 from .errors import GimlensError
 from .rules import freeze, scale_grad, temperature_softmax
-from .runtime import list_names, quiet_norm_rebuild, require_lens_model
+from .runtime import list_names, quiet_norm_rebuild, require_lens_model, run_hooked
 
-__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "gim_hooks", "unhooked_norms", "per_layer", "scale_hooks"]
+__all__ = ["GIMConfig", "GIM", "Rule", "RULES", "fired_hooks", "gim_hooks", "unhooked_norms", "per_layer",
+           "scale_hooks"]
 
 Hook = tuple[str, Callable]
 
@@ -305,6 +307,41 @@ def _rule_hooks(model, config) -> list[tuple[Rule, list[Hook] | list[str]]]:
     return out
 
 
+#: Per model: whether each probed hook point fires in a forward pass (bridges of some families
+#: keep hook points that their attention never calls, e.g. GPT-J's and OPT's softmax hooks).
+_FIRES: "weakref.WeakKeyDictionary[Any, dict[str, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _is_module(model) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def fired_hooks(model, names: Sequence[str]) -> set[str]:
+    """The hook points among `names` that fire in a forward pass of `model`, found by one probe
+    (two tokens, no grad) the first time a name is asked about, then remembered per model.
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> model = tiny_model("gptj", n_layers=1)
+        >>> sorted(fired_hooks(model, ["blocks.0.attn.hook_q", "blocks.0.attn.hook_pattern"]))
+        ['blocks.0.attn.hook_q']
+    """
+    import torch
+
+    known = _FIRES.setdefault(model, {})
+    todo = [n for n in dict.fromkeys(names) if n not in known]
+    if todo:
+        seen: set[str] = set()
+        probes = [(n, lambda x, hook, n=n: seen.add(n)) for n in todo]
+        tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+        with torch.no_grad(), quiet_norm_rebuild():
+            run_hooked(model, tokens, fwd_hooks=probes)
+        known.update({n: n in seen for n in todo})
+    return {n for n in names if known[n]}
+
+
 def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """The forward hooks `(name, fn)` that implement `config` on `model`.
 
@@ -321,25 +358,25 @@ def gim_hooks(model, config: "GIMConfig | None" = None) -> list[Hook]:
     """
     require_lens_model(model)
     config = GIMConfig() if config is None else GIMConfig.coerce(config)
-    hooks: list[Hook] = []
-    missing: list[str] = []
-    for rule, made in _rule_hooks(model, config):
-        if made and isinstance(made[0], str):
-            missing += [f"{n} (for {rule.field})" for n in made]
-        else:
-            hooks += made
+    made = _rule_hooks(model, config)
+    missing = [f"{n} (for {rule.field})" for rule, hooks in made if hooks and isinstance(hooks[0], str)
+               for n in hooks]
+    if missing:
+        raise GimlensError(
+            f"this model lacks hook points that the switched-on GIM rules need: {list_names(missing)}. "
+            "Switch those rules off (set them to None) or use a TransformerLens model that "
+            "exposes these hooks."
+        )
+    probe = _is_module(model)  # a real model (not a view of one) can be probed for idle hooks
+    for rule, hooks in made:
+        if probe and hooks and not fired_hooks(model, [name for name, _ in hooks]):
+            warnings.warn(f"GIM's {rule.field} cannot act on this model: its hook points exist "
+                          f"but never fire ({hooks[0][0]}, ...); see gimlens.gim_report", stacklevel=2)
         if rule.field == "freeze_norm" and (unreached := unhooked_norms(model)):
             warnings.warn(f"GIM's freeze_norm cannot reach {len(unreached)} norm module(s) that "
                           f"have no hook_scale hook point (their scale stays differentiable): "
                           f"{', '.join(unreached[:4])}", stacklevel=2)
-    if missing:
-        shown = list_names(missing)
-        raise GimlensError(
-            f"this model lacks hook points that the switched-on GIM rules need: {shown}. "
-            "Switch those rules off (set them to None) or use a TransformerLens model that "
-            "exposes these hooks."
-        )
-    return hooks
+    return [hook for _, hooks in made for hook in hooks]
 
 
 class GIM:

@@ -13,10 +13,7 @@ Examples:
 
 from __future__ import annotations
 
-import torch
-
-from .gim import GIMConfig, Hook, _rule_hooks, gim_hooks, unhooked_norms
-from .runtime import run_hooked
+from .gim import GIMConfig, _rule_hooks, fired_hooks, gim_hooks, unhooked_norms
 
 __all__ = ["gim_report"]
 
@@ -36,26 +33,16 @@ def gim_report(model, config: "GIMConfig | None" = None) -> dict[str, str]:
         >>> report["q_scale"], report["gate_scale"]
         ('acts at 1 hook point', 'not applicable: the model has no gated MLP')
     """
-    config = GIMConfig() if config is None else config
-    gim_hooks(model, config)  # validates
-    fired: dict[str, set[str]] = {}
-    probes: list[Hook] = []
+    config = GIMConfig() if config is None else GIMConfig.coerce(config)
+    gim_hooks(model, config)  # validates (and warns as it does)
     report: dict[str, str] = {}
     for rule, hooks in _rule_hooks(model, config):
         if not hooks:
             report[rule.field] = f"not applicable: the model has no {_COMPONENT[rule.field]}"
             continue
-        fired[rule.field] = set()
-        probes += [(name, lambda x, hook, f=rule.field, n=name: fired[f].add(n))
-                   for name in dict.fromkeys(name for name, _ in hooks)]
-    if probes:
-        tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
-        with torch.no_grad():
-            run_hooked(model, tokens, fwd_hooks=probes)
-    for field, names in fired.items():
-        n = len(names)
-        report[field] = (f"acts at {n} hook point{'s' if n != 1 else ''}" if n else
-                         f"not applicable: this model's {_COMPONENT[field]} hook points never fire")
+        n = len(fired_hooks(model, list(dict.fromkeys(name for name, _ in hooks))))
+        report[rule.field] = (f"acts at {n} hook point{'s' if n != 1 else ''}" if n else
+                              f"not applicable: this model's {_COMPONENT[rule.field]} hook points never fire")
     if "freeze_norm" in report and (unreached := unhooked_norms(model)):
         report["freeze_norm"] += (f"; cannot reach {len(unreached)} norm module(s) without a "
                                   f"hook_scale: {', '.join(unreached[:4])}")

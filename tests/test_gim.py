@@ -1,6 +1,8 @@
 """GIM on tiny bridges against the independent reference in tests/reference.py."""
 
 
+import warnings
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -225,3 +227,21 @@ def test_a_new_rule_is_one_table_entry_and_one_field(llama_model):
 def test_a_model_without_hook_points_is_a_gimlens_error():
     with pytest.raises(GimlensError, match="TransformerLens model"):
         GIM(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family,idle", [("gptj", True), ("opt", True), ("gpt2", False), ("llama", False)])
+def test_a_rule_whose_hook_points_never_fire_is_reported_not_skipped(family, idle):
+    """GPT-J's and OPT's bridges keep `hook_attn_scores` / `hook_pattern` but never call them:
+    the softmax rule cannot act there, and gim_hooks (so GIM, explain, circuits) says so."""
+    from gimlens.gim import fired_hooks
+    from gimlens.testing import tiny_model
+
+    model = tiny_model(family, n_layers=1)
+    pattern = "blocks.0.attn.hook_pattern"
+    assert (pattern in fired_hooks(model, [pattern])) is not idle
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gim_hooks(model, GIMConfig(freeze_norm=None, q_scale=None, k_scale=None, v_scale=None,
+                                   gate_scale=None, up_scale=None))
+    said = [str(w.message) for w in caught if "softmax_temperature cannot act" in str(w.message)]
+    assert bool(said) is idle
