@@ -119,3 +119,35 @@ def test_bad_sizes_raise(gpt2_model, task, sizes):
 def test_faithfulness_curve_rejects_an_empty_mapping(gpt2_model, task):
     with pytest.raises(GimlensError, match="size: Graph"):
         faithfulness_curve(gpt2_model, {}, task)
+
+
+def test_cli_discover_writes_one_file_per_size_from_one_search(tmp_path, capsys):
+    from conftest import TINY
+    from gimlens.cli import main
+    from gimlens.models import load_model
+    from gimlens.testing import tiny_hf_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_hf_model(**TINY["gpt2"]).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = main(["discover", "--model", str(folder), "--task", "ioi", "--n", "8", "--edges", "40", "10",
+               "--method", "EAP", "--no-progress", "-o", str(out / "circuit.json")])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["circuit-10.json", "circuit-40.json"]
+    model = load_model(str(folder))
+    expected = discover(model, Graph.from_model(model), make("ioi", model, n=8, seed=0),
+                        n_edges=[40, 10], method="EAP", batch_size=16)
+    for n in (40, 10):
+        got = Graph.load(out / f"circuit-{n}.json")
+        assert torch.equal(got.in_graph, expected[n].in_graph)
+    assert capsys.readouterr().out.count("circuit:") == 2
+
+
+def test_cli_discover_rejects_repeated_sizes(tmp_path, capsys):
+    from gimlens.cli import main
+
+    rc = main(["discover", "--task", "ioi", "--edges", "10", "10", "-o", str(tmp_path / "c.json")])
+    assert rc != 0 and "--edges sizes must be distinct" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
