@@ -22,6 +22,9 @@ clean-minus-ablated metric of the discovery set), or `"kl"`: the KL divergence f
 the patched next-token distribution at each example's last real token. The circuit is the
 `n_edges` edges of largest `log_alpha`, then pruned.
 
+A curve: `edge_pruning_curve_run` (or `discover(..., n_edges=[...])`) runs one search whose
+target passes through several sizes (`schedule`) and reads each size's circuit after a plateau.
+
 Warm start (`warm_start="EAP-IG-inputs"`, optionally with GIM): `log_alpha` starts as an affine
 function of each edge's rank by |EAP-IG score|, `init + 4 (q - 1 + n_edges / N)` with `q` the
 rank quantile (1 = best), so the ranks' top `n_edges` start above `init`.
