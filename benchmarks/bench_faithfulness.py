@@ -102,6 +102,8 @@ def passes(method: str, n_batches: int, args) -> str:
         return f"{n_batches} F + {2 * n_batches} FB"
     if method == "EAP-IG-iterative":
         return f"{2 * n_batches} F + {n_batches * args.rounds * args.ig_steps} FB"
+    if args.curve_steps:
+        return f"{2 * n_batches} F + {args.curve_steps} FB (+ warm start) for the whole curve"
     return f"{2 * n_batches} F + {args.steps} FB (+ warm start)"
 
 
@@ -128,7 +130,7 @@ def run_task(model, task_name: str, args):
         for gim in args.gim:
             label = method + (" + GIM" if gim == "on" else "")
             wall, cpu, metrics, kept, on_train = 0.0, 0.0, [], [], []
-            scored = None
+            scored, curve = None, None
             for n_edges in sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
                 common = dict(gim=gim == "on" or None, ig_steps=args.ig_steps, batch_size=bs)
@@ -139,6 +141,12 @@ def run_task(model, task_name: str, args):
                 elif method == "EAP-IG-iterative":
                     circuit = discover(model, Graph.from_model(model), train, n_edges=n_edges,
                                        method=method, rounds=args.rounds, **common)
+                elif args.curve_steps:  # one search through every size (discover(n_edges=[...]))
+                    if curve is None:
+                        curve = discover(model, Graph.from_model(model), train, n_edges=sizes,
+                                         method=method, steps=args.curve_steps, lr=args.lr,
+                                         progress=args.progress, **common)
+                    circuit = curve[n_edges]
                 else:
                     if scored is None and args.warm_start:  # the warm start's scores, once
                         scored = attribute(model, Graph.from_model(model), train,
@@ -266,6 +274,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="EAP-IG-iterative rounds")
     parser.add_argument("--steps", type=int, default=300, help="edge-pruning steps")
     parser.add_argument("--lr", type=float, default=0.1, help="edge-pruning learning rate")
+    parser.add_argument("--curve-steps", type=int, default=None,
+                        help="edge-pruning: ONE search of this many steps through every size (a curve)")
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

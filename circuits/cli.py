@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="EAP-IG-inputs", choices=list(ALGORITHMS),
                         help="discovery method (circuits.discover)")
     parser.add_argument("--gim", action="store_true", help="gradients follow GIM's backward rules")
-    parser.add_argument("--edges", type=int, default=500, help="edges in the circuit (top-n by |score|)")
+    parser.add_argument("--edges", type=int, nargs="+", default=500,
+                        help="edges in the circuit (top-n by |score|); several sizes: one circuit each from one "
+                             "search (circuits.discover), written to files named with the size (circuit-500.json)")
     parser.add_argument("--n-examples", "--n", dest="n", type=int, default=64,
                         help="number of task examples (spell it --n-examples under torchrun, "
                              "whose own options --nnodes/--nproc-per-node make --n ambiguous)")
@@ -81,7 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> dict[str, Path]:
     """Validate everything that can be checked without the model; return the output paths."""
-    for name, low in (("edges", 1), ("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0),
+    for value in _sizes(args):
+        if value < 1:
+            raise GimlensError(f"--edges must be >= 1, got {value}")
+    if len(set(_sizes(args))) != len(_sizes(args)):
+        raise GimlensError(f"--edges sizes must be distinct, got {_sizes(args)}")
+    for name, low in (("n", 1), ("batch_size", 1), ("ig_steps", 1), ("seed", 0),
                       ("steps", 1), ("rounds", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
@@ -106,6 +113,15 @@ def _check(args: argparse.Namespace) -> dict[str, Path]:
     if getattr(args, "lr", None) is not None and not args.lr > 0:
         raise GimlensError(f"--lr must be > 0, got {args.lr}")
     return outputs
+
+
+def _sizes(args: argparse.Namespace) -> list[int]:
+    return args.edges if isinstance(args.edges, list) else [args.edges]
+
+
+def _per_size(outputs: dict[str, Path], size: int) -> dict[str, Path]:
+    """The output paths of one size of a curve: `circuit.json` -> `circuit-500.json`."""
+    return {key: path.with_name(f"{path.stem}-{size}{path.suffix}") for key, path in outputs.items()}
 
 
 def _write_all(graph, outputs: dict[str, Path]) -> None:
@@ -146,25 +162,31 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     task = make(args.task, model, n=args.n, seed=args.seed)
     graph = Graph.from_model(model, kv_edges=args.kv_edges)
-    if args.edges > graph.n_valid_edges:
-        raise GimlensError(f"--edges {args.edges} exceeds the {graph.n_valid_edges} edges of this model's graph")
+    sizes = _sizes(args)
+    if max(sizes) > graph.n_valid_edges:
+        raise GimlensError(f"--edges {max(sizes)} exceeds the {graph.n_valid_edges} edges of this model's graph")
     method = f"{args.method}{' + GIM' if args.gim else ''}"
     if main:
         print(f"{args.task}: {len(task)} examples, {graph.n_valid_edges} edges, scoring with {method}",
               file=sys.stderr)
     options = {k: getattr(args, k) for k in ("steps", "lr", "rounds") if getattr(args, k, None) is not None}
     show = not args.no_progress
-    common = dict(ig_steps=args.ig_steps, gim=args.gim or None, batch_size=args.batch_size,
-                  ablation=args.ablation, progress=show)
-    discover(model, graph, task, n_edges=args.edges, method=args.method, **common, **options)
+    found = discover(model, graph, task, n_edges=sizes if len(sizes) > 1 else sizes[0], method=args.method,
+                     ig_steps=args.ig_steps, gim=args.gim or None, batch_size=args.batch_size,
+                     ablation=args.ablation, progress=show, **options)
+    circuits = found if len(sizes) > 1 else {sizes[0]: graph}
     if main and show:
-        print("evaluating the circuit (exact edge patching)", file=sys.stderr)
-    faith = faithfulness(model, graph, task, batch_size=args.batch_size, ablation=args.ablation,
-                         progress=show)
+        print("evaluating the circuit" + ("s" if len(circuits) > 1 else "") + " (exact edge patching)",
+              file=sys.stderr)
+    faith = {n: faithfulness(model, g, task, batch_size=args.batch_size, ablation=args.ablation,
+                             progress=show) for n, g in circuits.items()}
     if not main:  # every rank holds the same circuit; rank 0 writes it
         return 0
-    _write_all(graph, outputs)
-    print(f"circuit: {graph.n_edges_in_graph} edges (at most {args.edges} by {args.method}, dangling pruned), "
-          f"{int(graph.nodes_in_graph.sum())} nodes; normalised faithfulness {faith:.3f}")
-    print(f"wrote {', '.join(str(p) for p in outputs.values())} in {time.perf_counter() - start:.1f} s")
+    files = {n: _per_size(outputs, n) if len(sizes) > 1 else outputs for n in sizes}
+    for n, g in circuits.items():
+        _write_all(g, files[n])
+        print(f"circuit: {g.n_edges_in_graph} edges (at most {n} by {args.method}, dangling pruned), "
+              f"{int(g.nodes_in_graph.sum())} nodes; normalised faithfulness {faith[n]:.3f}")
+    written = [str(p) for f in files.values() for p in f.values()]
+    print(f"wrote {', '.join(written)} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -30,22 +30,25 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from enum import Enum
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from torch import Tensor
 
 from gimlens.errors import GimlensError
+from gimlens.gim import RULES, GIMConfig
 
-from ._engine.masked import check_n_edges
+from ._engine.masked import check_n_edges, check_sizes
 from .attribute import Method, attribute_run
-from .edge_pruning import edge_pruning_run
+from .edge_pruning import edge_pruning_curve_run, edge_pruning_run
 from .graph import Graph
 from .iterative import iterative_run
 from .run import Run
 
-__all__ = ["discover", "Algorithm", "ALGORITHMS", "Search", "METHODS"]
+__all__ = ["discover", "Algorithm", "ALGORITHMS", "Search", "METHODS", "GIM_DEFAULTS", "GIM_HURTS", "gim_for"]
 
 
 class Search(str, Enum):
@@ -65,6 +68,9 @@ class Algorithm:
     find: Callable[..., Graph]
     options: frozenset[str] = frozenset()
     keep_sources: bool = False
+    #: `curve(run, graph, *, sizes, ig_steps, progress, **options) -> {size: Graph}` finds
+    #: circuits of several sizes in one search; `None`: one `find` per size on the same run
+    curve: Callable[..., dict[int, Graph]] | None = None
 
 
 def _score_and_select(method: Method) -> Callable[..., Graph]:
@@ -76,24 +82,84 @@ def _score_and_select(method: Method) -> Callable[..., Graph]:
     return find
 
 
+def _score_and_select_curve(method: Method) -> Callable[..., dict[int, Graph]]:
+    def curve(run: Run, graph: Graph, *, sizes: list[int], ig_steps: int = 5,
+              progress: bool = False) -> dict[int, Graph]:
+        attribute_run(run, graph, method=method, ig_steps=ig_steps, progress=progress)
+        found = {n: graph.copy().apply_topn(n, absolute=True) for n in sizes}
+        graph.apply_topn(sizes[-1], absolute=True)
+        return found
+    curve.__doc__ = f"`{method.value}` scores once, then the top `n` by |score| for each size."
+    return curve
+
+
 #: every discovery method, by name: `discover` and the `gimlens discover` CLI read this table
 ALGORITHMS: dict[str, Algorithm] = {
-    **{m.value: Algorithm(_score_and_select(m)) for m in Method},
+    **{m.value: Algorithm(_score_and_select(m), curve=_score_and_select_curve(m)) for m in Method},
     Search.ITERATIVE.value: Algorithm(iterative_run, frozenset({"rounds", "quadrature"}), True),
     Search.EDGE_PRUNING.value: Algorithm(
-        edge_pruning_run, frozenset({"steps", "lr", "loss", "warm_start", "ramp", "init", "seed"}), True),
+        edge_pruning_run, frozenset({"steps", "lr", "loss", "warm_start", "ramp", "init", "seed"}), True,
+        edge_pruning_curve_run),
 }
 
 #: every method name `discover` accepts
 METHODS: tuple[str, ...] = tuple(ALGORITHMS)
 
+#: what `gim=True` means per method, as overrides of every rule's default (`GIMConfig()`), where
+#: measured per rule (SmolLM2, IOI and greater-than, held out: docs/performance.md, "GIM per rule");
+#: a method not listed gets every rule
+GIM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "EAP": {},  # every rule: the best measured setting on both tasks
+    # the q/k/v scales hurt it (IOI); note: on greater-than GIM off was better still (docs)
+    "EAP-IG-inputs": {"q_scale": None, "k_scale": None, "v_scale": None},
+}
 
-def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int,
+#: GIM rules measured to hurt a method's circuits (`"q_scale/k_scale/v_scale"`: measured together;
+#: `"any"`: GIM as a whole, no rule measured alone), with the measurement: `discover` warns once per
+#: process and (method, rules) when one is on
+GIM_HURTS: dict[str, dict[str, str]] = {
+    "EAP-IG-inputs": {"q_scale/k_scale/v_scale": "SmolLM2 IOI held out, the q/k/v scales alone: 1% / 5% "
+                      "faithfulness 0.18 / 0.51 -> -0.07 / 0.24, completeness 0.95 -> 0.07 "
+                      "(docs/performance.md, 'GIM per rule')"},
+    "EAP-IG-iterative": {"any": "SmolLM2 IOI held out, every rule on: mean faithfulness 0.25 -> 0.14 "
+                                "(docs/performance.md, 'Circuit discovery'); no rule was measured alone"},
+    "edge-pruning": {"any": "SmolLM2 IOI held out, every rule on: CPR 0.92 -> 0.56 (docs/performance.md, "
+                            "'Circuit discovery'); no rule was measured alone"},
+}
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def gim_for(method: str, gim) -> GIMConfig:
+    """The GIM config `discover` uses: `gim=True` means `method`'s measured defaults
+    (`GIM_DEFAULTS`); a `GIMConfig` or dict is taken as given. Warns (`UserWarning`, once per
+    process and combination) when a rule in `GIM_HURTS[method]` is on.
+
+    Examples:
+        >>> gim_for("EAP", None).is_off
+        True
+    """
+    config = GIMConfig.coerce(gim)
+    if gim is True and method in GIM_DEFAULTS:
+        config = GIMConfig().with_overrides(**GIM_DEFAULTS[method])
+    for rule, measured in GIM_HURTS.get(method, {}).items():
+        found = [r for r in RULES if r.field in rule.split("/")]
+        on = not config.is_off if not found else any(r.is_on(getattr(config, r.field)) for r in found)
+        if on and (method, rule) not in _WARNED:
+            _WARNED.add((method, rule))
+            what, fix = ("GIM", "gim=None") if not found else \
+                (f"GIM's {rule}", "gim={" + ", ".join(f"'{r.field}': {r.off!r}" for r in found) + "}")
+            warnings.warn(f"{what} was measured to make {method} circuits less faithful: {measured}. "
+                          f"Switch it off with {fix}.", UserWarning, stacklevel=3)
+    return config
+
+
+def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int | Sequence[int],
              method: str = "EAP-IG-inputs", gim=None, ig_steps: int = 5,
              ablation: str = "corrupted", batch_size: int | None = None,
              attention_mask: Tensor | None = None, progress: bool = False,
-             max_memory: int | str | None = None, **options: Any) -> Graph:
-    """Find a circuit of at most `n_edges` edges.
+             max_memory: int | str | None = None, **options: Any) -> Graph | dict[int, Graph]:
+    """Find a circuit of at most `n_edges` edges (or one per size of a list: a curve).
 
     Args:
         model: a TransformerLens model (left as found).
@@ -101,17 +167,27 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
             need `kv_edges="grouped"` on grouped-KV models).
         clean, corrupted, metric, attention_mask, ablation, batch_size, max_memory: as in
             `circuits.attribute`.
-        n_edges: the circuit's edges before pruning dangling ones.
+        n_edges: the circuit's edges before pruning dangling ones; a list of sizes asks for one
+            circuit per size from one search: the scoring methods score once and take the top `n`
+            per size; `edge-pruning` runs ONE search whose target passes through every size
+            ([`edge_pruning_curve_run`][circuits.edge_pruning.edge_pruning_curve_run], `steps`
+            then counts the whole curve, default 450 = 1.5x a single search);
+            `EAP-IG-iterative` runs one search per size on the same run (shared forwards).
         method: one of `METHODS` (table in the module docstring; registered in `ALGORITHMS`).
-        gim: GIM's backward rules for the gradients (`True`, a `GIMConfig` or a dict).
+        gim: GIM's backward rules for the gradients: `True` for the method's measured defaults
+            (`GIM_DEFAULTS`, else every rule), a `GIMConfig` or a dict (overrides of every rule's
+            default); a rule measured to hurt the method (`GIM_HURTS`) warns once.
         ig_steps: interpolation steps of the IG methods (and of the warm start / re-scoring).
         progress: show a progress bar.
         **options: method-specific options (module docstring).
 
     Returns:
-        `graph`, with `in_graph` the circuit and `scores` the method's edge scores.
+        `graph`, with `in_graph` the circuit and `scores` the method's edge scores; for a list of
+        sizes, `{size: Graph}` in the order given (each a copy holding that size's circuit and
+        scores; `graph` itself ends with the smallest circuit).
     """
-    check_n_edges(graph, n_edges)
+    curve = not isinstance(n_edges, int)
+    sizes = check_sizes(graph, n_edges) if curve else check_n_edges(graph, n_edges)
     name = method.value if isinstance(method, Enum) else method
     algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
     if algorithm is None:
@@ -122,8 +198,16 @@ def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges
     if unknown:
         raise GimlensError(f"method {name!r} takes no option(s) {sorted(unknown)}; known: "
                            f"{sorted(algorithm.options)}")
-    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim_for(name, gim),
                     batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory,
                     keep_sources=algorithm.keep_sources)
-    return algorithm.find(run, graph, n_edges=n_edges, ig_steps=ig_steps, progress=progress,
-                          **options)
+    if not curve:
+        return algorithm.find(run, graph, n_edges=n_edges, ig_steps=ig_steps, progress=progress,
+                              **options)
+    if algorithm.curve is not None:
+        found = algorithm.curve(run, graph, sizes=sizes, ig_steps=ig_steps, progress=progress, **options)
+    else:
+        found = {n: algorithm.find(run, graph.copy(), n_edges=n, ig_steps=ig_steps, progress=progress,
+                                   **options) for n in sizes}
+        graph.scores, graph.in_graph = found[sizes[-1]].scores.clone(), found[sizes[-1]].in_graph.clone()
+    return {int(n): found[int(n)] for n in n_edges}

@@ -22,6 +22,9 @@ clean-minus-ablated metric of the discovery set), or `"kl"`: the KL divergence f
 the patched next-token distribution at each example's last real token. The circuit is the
 `n_edges` edges of largest `log_alpha`, then pruned.
 
+A curve: `edge_pruning_curve_run` (or `discover(..., n_edges=[...])`) runs one search whose
+target passes through several sizes (`schedule`) and reads each size's circuit after a plateau.
+
 Warm start (`warm_start="EAP-IG-inputs"`, optionally with GIM): `log_alpha` starts as an affine
 function of each edge's rank by |EAP-IG score|, `init + 4 (q - 1 + n_edges / N)` with `q` the
 rank quantile (1 = best), so the ranks' top `n_edges` start above `init`.
@@ -47,6 +50,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -57,12 +61,13 @@ from gimlens.errors import GimlensError
 from gimlens.validation import check_int
 from gimlens.runtime import coerce_enum, prepared, progress as progress_bar
 
-from ._engine.masked import check_n_edges, check_run, gap, patched_logits
+from ._engine.masked import check_n_edges, check_run, check_sizes, gap, patched_logits
 from .attribute import attribute_run
 from .graph import Graph
 from .run import Run
 
-__all__ = ["edge_pruning", "edge_pruning_run", "Loss", "hard_concrete", "expected_open"]
+__all__ = ["edge_pruning", "edge_pruning_run", "edge_pruning_curve_run", "CURVE_STEPS", "schedule", "Loss",
+           "hard_concrete", "expected_open"]
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -174,6 +179,56 @@ def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, step
     `graph` (default the run's) gets the circuit."""
     graph = run.check_graph(graph)
     check_n_edges(graph, n_edges)
+    (log_alpha,) = _search(run, graph, [n_edges], steps, lr, loss, warm_start, ig_steps, ramp, init,
+                           seed, progress)
+    return _select(graph, log_alpha, n_edges)
+
+
+#: optimisation steps of a curve search (`edge_pruning_curve_run`): 1.5x a single search's
+CURVE_STEPS = 450
+
+
+def edge_pruning_curve_run(run: Run, graph: Graph | None = None, *, sizes: Sequence[int],
+                           steps: int = CURVE_STEPS, lr: float = 0.1, loss: Loss | str = "metric",
+                           warm_start: str | Graph | None = "EAP-IG-inputs", ig_steps: int = 5,
+                           ramp: float = 0.7, init: float = 1.0, seed: int = 0,
+                           progress: bool = False) -> dict[int, Graph]:
+    """Circuits of several sizes from ONE edge-pruning search (a faithfulness curve).
+
+    The sparsity target passes through `sizes` from the largest down (`schedule`: the `ramp`
+    share of `steps` moves it, each size then holds for an equal share of the rest so the masks
+    settle) and each size's circuit is the `n` largest `log_alpha` at the end of its plateau,
+    pruned, as a single search selects. The warm start (ranked for the largest size) and the
+    run's forwards are shared: the whole curve costs `steps` (default `CURVE_STEPS` = 450, 1.5x a
+    single search's 300) forward-and-backward passes of one batch, whatever the number of sizes.
+
+    Returns:
+        `{size: Graph}` in the order of `sizes`, each a copy of `graph` holding that circuit and
+        its snapshot's `log_alpha` as scores; `graph` (default the run's) gets the smallest.
+
+    Examples:
+        >>> from gimlens.testing import tiny_model
+        >>> from circuits.run import Run
+        >>> model = tiny_model("gpt2")
+        >>> clean, corrupted = model.to_tokens(["When Mary and John went"]), model.to_tokens(["When Anna and John went"])
+        >>> metric = lambda logits, idx: logits[:, -1, 0] - logits[:, -1, 1]
+        >>> run = Run.build(model, Graph.from_model(model), clean, corrupted, metric, keep_sources=True)
+        >>> curve = edge_pruning_curve_run(run, sizes=[40, 10], steps=20)
+        >>> [g.n_edges_in_graph <= n for n, g in curve.items()]
+        [True, True]
+    """
+    graph = run.check_graph(graph)
+    ordered = check_sizes(graph, sizes)
+    snapshots = _search(run, graph, ordered, steps, lr, loss, warm_start, ig_steps, ramp, init,
+                        seed, progress)
+    found = {n: _select(graph.copy(), log_alpha, n) for n, log_alpha in zip(ordered, snapshots)}
+    _select(graph, snapshots[-1], ordered[-1])
+    return {int(n): found[int(n)] for n in sizes}
+
+
+def _search(run: Run, graph: Graph, sizes: list[int], steps, lr, loss, warm_start, ig_steps,
+            ramp, init, seed, progress) -> list[Tensor]:
+    """Validate the options, warm-start and fit; `log_alpha` at each size (largest first)."""
     check_run(run)
     kind = coerce_enum(Loss, loss, "loss")
     for name, value, low in (("steps", steps, 1), ("ig_steps", ig_steps, 1)):
@@ -183,14 +238,20 @@ def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, step
                 or (name == "ramp" and value > 1):
             raise GimlensError(f"{name} must be a number > 0{' and <= 1' if name == 'ramp' else ''}, "
                                f"got {value!r}")
-    valid = graph.valid
+    if steps < len(sizes):
+        raise GimlensError(f"steps must be at least the number of sizes ({len(sizes)}), got {steps}")
     with prepared(run.model):
         if warm_start is None:
-            start = torch.full(valid.shape, float(init))
+            start = torch.full(graph.valid.shape, float(init))
         else:
-            start = _warm_log_alpha(run, graph, warm_start, ig_steps, n_edges, init, progress)
-        log_alpha = _fit(run, start.to(run.spec.device), kind, steps, lr, ramp, n_edges, seed,
-                         progress)
+            start = _warm_log_alpha(run, graph, warm_start, ig_steps, sizes[0], init,
+                                    progress)
+        return _fit(run, start.to(run.spec.device), kind, steps, lr, ramp, sizes, seed, progress)
+
+
+def _select(graph: Graph, log_alpha: Tensor, n_edges: int) -> Graph:
+    """`graph` with scores `log_alpha` (0 off `valid`) and the `n_edges` largest selected, pruned."""
+    valid = graph.valid
     scores = log_alpha.detach().cpu().masked_fill(~valid, 0.0)
     graph.scores = scores.to(graph.scores.device)
     ranked = graph.copy()
@@ -201,8 +262,38 @@ def edge_pruning_run(run: Run, graph: Graph | None = None, *, n_edges: int, step
     return graph
 
 
+def schedule(first: float, sizes: list[int], steps: int, ramp: float) -> tuple[list[float], list[int]]:
+    """The per-step edge targets and the steps after which each size (largest first) is read.
+
+    The `ramp` share of the steps moves the target geometrically from `first` down through the
+    sizes (each size's share of those steps proportional to its log-ratio to the previous one);
+    the rest are split equally into a plateau after each size, at whose end it is read. One size:
+    the single search's schedule (the target reaches `n_edges` after `ramp * steps`, read at the end).
+
+    Examples:
+        >>> targets, reads = schedule(1000.0, [100, 10], steps=10, ramp=0.6)
+        >>> reads, [round(t) for t in targets]
+        ([5, 10], [464, 215, 100, 100, 100, 46, 22, 10, 10, 10])
+    """
+    lengths = [math.log(max(a, b) / b) for a, b in zip([first] + sizes[:-1], sizes)]
+    total = sum(lengths)
+    lengths = [ramp * steps * (v / total if total > 0 else 1 / len(sizes)) for v in lengths]
+    plateau = (1 - ramp) * steps / len(sizes)
+    targets, reads, begin, prev = [], [], 0.0, first
+    for size, length in zip(sizes, lengths):
+        end = begin + length + plateau
+        stop = steps if size == sizes[-1] else round(end)
+        for t in range(len(targets), stop):
+            share = min(1.0, (t + 1 - round(begin)) / max(1.0, length))
+            targets.append(max(prev, size) * (size / max(prev, size)) ** share)
+        reads.append(stop)
+        begin, prev = end, size
+    return targets, reads
+
+
 def _fit(run: Run, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float,
-         n_edges: int, seed: int, show: bool) -> Float[Tensor, "n_fwd n_bwd"]:
+         sizes: list[int], seed: int, show: bool) -> list[Float[Tensor, "n_fwd n_bwd"]]:
+    """Optimise `log_alpha` from `start`; its value at each size's read step (`schedule`)."""
     valid = run.graph.valid.to(start.device)
     N = run.graph.n_valid_edges
     scale = abs(gap(run)) or 1.0
@@ -212,10 +303,11 @@ def _fit(run: Run, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float
     opt_lambda = torch.optim.Adam([lambdas], lr=lr, maximize=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the schedule starts where the (warm) start is
-        first = min(float(N), max(float(n_edges), float((expected_open(log_alpha) * valid).sum())))
+        first = min(float(N), max(float(sizes[0]), float((expected_open(log_alpha) * valid).sum())))
+    targets, reads = schedule(first, sizes, steps, ramp)
+    snapshots = []
     with torch.enable_grad(), progress_bar(steps, show=show, desc="edge pruning", unit="step") as bar:
-        for t in range(steps):
-            target = first * (n_edges / first) ** min(1.0, (t + 1) / max(1.0, ramp * steps))
+        for t, target in enumerate(targets):
             m = hard_concrete(log_alpha, generator)
             missing = (1.0 - m) * valid
             faith = _loss(run, t % len(run.batches), missing, kind, scale)
@@ -227,7 +319,8 @@ def _fit(run: Run, start: Tensor, kind: Loss, steps: int, lr: float, ramp: float
             total.backward()
             opt.step()
             opt_lambda.step()
+            snapshots += [log_alpha.detach().clone() for read in reads if read == t + 1]
             bar.set_postfix(loss=f"{float(faith.detach()):.4f}", edges=int(expected.detach()),
                             target=int(target))
             bar.update(1)
-    return log_alpha.detach()
+    return snapshots

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -206,7 +206,7 @@ class FaithfulnessCurve:
 _SELECT = {Selection.TOPN: Graph.apply_topn, Selection.GREEDY: Graph.apply_greedy}
 
 
-def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, *,
+def faithfulness_curve(model, graph: Graph | Mapping[int, Graph], clean, corrupted=None, metric=None, *,
                        sizes: Sequence[float] = DEFAULT_SIZES, selection: Selection | str = "topn",
                        absolute: bool = True, ablation: Ablation | str = "corrupted",
                        batch_size: int | None = None,
@@ -220,6 +220,10 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
     `apply_topn(level=...)` and evaluated at that level (`selection` must be `"topn"`). All circuits of a batch share
     one corrupted and one clean forward pass; `progress` shows a bar over the patched runs.
 
+    `graph` may instead be `{size: Graph}` of circuits already selected (the curve of
+    [`discover`][circuits.discover.discover] with a list of sizes): each is evaluated as it is, at
+    edge level, and `sizes` (then ignored) are reported as the percentages `100 size / N`.
+
     Examples:
         >>> from gimlens.testing import tiny_model
         >>> from circuits import attribute
@@ -232,6 +236,11 @@ def faithfulness_curve(model, graph: Graph, clean, corrupted=None, metric=None, 
         >>> abs(curve.faithfulness[0]) < 1e-3, abs(curve.faithfulness[-1] - 1) < 1e-6
         (True, True)
     """
+    if isinstance(graph, Mapping):
+        circuits = _given_circuits(graph)
+        run = Run.build(model, circuits[0][1], clean, corrupted, metric, ablation=ablation,
+                        batch_size=batch_size, attention_mask=attention_mask)
+        return _curve(run, circuits, progress)
     if not isinstance(graph, Graph):
         raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
     options = _curve_options(selection, sizes, level)  # bad options fail before the model is read
@@ -278,6 +287,28 @@ def faithfulness_curve_run(run: Run, graph: Graph | None = None, *,
     f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in circuits]
     x = [size / 100 for size in sizes]
     return FaithfulnessCurve(tuple(sizes), tuple(n_edges), tuple(f), float(np.trapezoid(f, x)),
+                             float(np.trapezoid([abs(1 - v) for v in f], x)),
+                             float(clean_m.mean()), float(base_m.mean()))
+
+
+def _given_circuits(circuits: Mapping[int, Graph]) -> list[tuple[int, Graph]]:
+    """`{size: Graph}` as (size, circuit) pairs by increasing size, checked."""
+    items = sorted(circuits.items(), key=lambda kv: kv[0]) if circuits else []
+    if not items or not all(isinstance(g, Graph) and isinstance(n, int) for n, g in items):
+        raise GimlensError("graph must be a circuits.Graph or a non-empty {size: Graph} of circuits "
+                           f"(discover(..., n_edges=[...])), got {circuits!r:.80}")
+    if any(not g.same_layout(items[0][1]) for _, g in items):
+        raise GimlensError("the circuits of a {size: Graph} curve must share one graph layout")
+    return items
+
+
+def _curve(run: Run, circuits: list[tuple[int, Graph]], progress: bool) -> FaithfulnessCurve:
+    masks = [_ablated_parts(g, Level.EDGE) for _, g in circuits]
+    found, clean_m, base_m = _run_circuits(run, run.graph, masks, reference=True, show=progress)
+    f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in found]
+    x = [n / run.graph.n_valid_edges for n, _ in circuits]
+    return FaithfulnessCurve(tuple(100 * v for v in x), tuple(g.n_edges_in_graph for _, g in circuits),
+                             tuple(f), float(np.trapezoid(f, x)),
                              float(np.trapezoid([abs(1 - v) for v in f], x)),
                              float(clean_m.mean()), float(base_m.mean()))
 

@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from circuits.attribute import attribute
+from circuits.discover import gim_for
 from circuits.evaluate import faithfulness
 from circuits.graph import Graph
 from circuits.tasks import make
@@ -48,7 +49,8 @@ def test_discover_writes_the_circuit_a_direct_library_run_finds(model_dir, tmp_p
     expected = Graph.from_model(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        attribute(model, expected, task, method="EAP-IG-inputs", ig_steps=2, gim=True, batch_size=4)
+        attribute(model, expected, task, method="EAP-IG-inputs", ig_steps=2, gim=gim_for("EAP-IG-inputs", True),
+                  batch_size=4)  # `--gim`: the method's measured defaults
         expected.apply_topn(40, absolute=True)
         faith = faithfulness(model, expected, task, batch_size=4)
 

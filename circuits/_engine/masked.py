@@ -34,7 +34,7 @@ from ..layout import KVEdges
 from .model import run_model
 from .patching import Patcher, blocks
 
-__all__ = ["check_run", "patched_logits", "patched_metric", "gap", "check_n_edges"]
+__all__ = ["check_run", "patched_logits", "patched_metric", "gap", "check_n_edges", "check_sizes"]
 
 
 def check_run(run) -> None:
@@ -92,3 +92,14 @@ def check_n_edges(graph: Graph, n_edges) -> None:
     if isinstance(n_edges, bool) or not isinstance(n_edges, int) or not 0 < n_edges <= graph.n_valid_edges:
         raise GimlensError(f"n_edges must be an int in [1, {graph.n_valid_edges}] (the graph's valid "
                            f"edges), got {n_edges!r}")
+
+
+def check_sizes(graph: Graph, sizes) -> list[int]:
+    """`sizes` as distinct valid edge counts, largest first (raise `GimlensError` otherwise)."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__") or not list(sizes):
+        raise GimlensError(f"sizes must be a non-empty list of edge counts, got {sizes!r}")
+    for n in sizes:
+        check_n_edges(graph, n)
+    if len(set(sizes)) != len(list(sizes)):
+        raise GimlensError(f"sizes must be distinct, got {list(sizes)!r}")
+    return sorted((int(n) for n in sizes), reverse=True)

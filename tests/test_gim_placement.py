@@ -1,0 +1,93 @@
+"""GIM where it was measured to help: per-method defaults for `gim=True` and a warning, once, for
+a rule measured to hurt a method (docs/performance.md, "GIM per rule").
+
+References: `circuits.attribute` with the explicit config the defaults name.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import importlib
+from circuits import attribute, discover
+from circuits.discover import GIM_DEFAULTS, GIM_HURTS, gim_for
+from circuits.graph import Graph
+from circuits.tasks import make
+from gimlens.gim import GIMConfig
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A process that has not warned yet."""
+    monkeypatch.setattr(importlib.import_module("circuits.discover"), "_WARNED", set())
+
+
+@pytest.fixture(scope="module")
+def task(llama_model):
+    return make("ioi", llama_model, n=4, seed=0)
+
+
+def _gim_warnings(record):
+    return [w for w in record if issubclass(w.category, UserWarning) and "was measured" in str(w.message)]
+
+
+def test_no_default_switches_on_a_rule_measured_to_hurt_its_method():
+    assert "EAP-IG-inputs" in GIM_DEFAULTS and GIM_HURTS["EAP-IG-inputs"]
+    for method, defaults in GIM_DEFAULTS.items():
+        config = GIMConfig().with_overrides(**defaults)
+        assert not config.is_off
+        for rule in GIM_HURTS.get(method, {}):
+            for field in rule.split("/"):
+                assert rule == "any" or getattr(config, field) in (None, False), (method, field)
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_gim_true_uses_the_methods_measured_defaults(llama_model, task, method, fresh):
+    expected = GIMConfig().with_overrides(**GIM_DEFAULTS.get(method, {}))
+    assert gim_for(method, True) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = discover(llama_model, Graph.from_model(llama_model), task, n_edges=20, method=method,
+                       gim=True, ig_steps=2)
+        ref = attribute(llama_model, Graph.from_model(llama_model), task, method=method, gim=expected,
+                        ig_steps=2)
+        every_rule = attribute(llama_model, Graph.from_model(llama_model), task, method=method,
+                               gim=GIMConfig(), ig_steps=2)
+    torch.testing.assert_close(got.scores, ref.scores)
+    if expected != GIMConfig():
+        assert not torch.allclose(got.scores, every_rule.scores)
+
+
+def test_a_rule_measured_to_hurt_warns_once_per_process(llama_model, task, fresh):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            discover(llama_model, Graph.from_model(llama_model), task, n_edges=20, method="EAP-IG-inputs",
+                     gim=GIMConfig(), ig_steps=2)
+    hits = _gim_warnings(record)
+    assert len(hits) == len(GIM_HURTS["EAP-IG-inputs"]) >= 1  # once per rule, not once per call
+    for rule in GIM_HURTS["EAP-IG-inputs"]:
+        assert any(rule in str(w.message) and "EAP-IG-inputs" in str(w.message) for w in hits)
+
+
+@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP", GIMConfig()), ("EAP-IG-inputs", True),
+                                         ("EAP-IG-inputs", None)])
+def test_a_helping_or_neutral_combination_does_not_warn(llama_model, task, method, gim, fresh):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        discover(llama_model, Graph.from_model(llama_model), task, n_edges=20, method=method, gim=gim,
+                 ig_steps=2)
+    assert not _gim_warnings(record)
+
+
+@pytest.mark.parametrize("method", ["EAP-IG-iterative", "edge-pruning"])
+def test_the_search_methods_warn_with_gim_on_and_not_off(method, fresh):
+    with pytest.warns(UserWarning, match=f"GIM was measured to make {method}"):
+        gim_for(method, True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        gim_for(method, None)
+    assert not _gim_warnings(record)
