@@ -305,9 +305,6 @@ class Graph(GraphFiles):
     def apply_topn(self, n: int, absolute: bool = True, *, prune: bool = True, level: str = "edge") -> "Graph":
         """Keep the `n` best-scoring valid edges (or, `level="node"`, source nodes and the edges
         between them: [`circuits.prune`][circuits.prune]), then (`prune`) drop dangling ones; all-zero scores are refused."""
-        if level == "edge" and n != 0 and not bool(self._scores.ne(0).any()):
-            raise GimlensError("apply_topn: every edge score is 0 (the graph was never scored, or its scores carry no signal): score it "
-                               "first with circuits.attribute or circuits.discover, or set graph.scores")
         return _prune.select(self, _prune.Selection.TOPN, n, absolute=absolute, prune=prune, level=level)
 
     def apply_threshold(self, t: float, absolute: bool = True, *, prune: bool = True, level: str = "edge") -> "Graph":

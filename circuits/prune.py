@@ -119,6 +119,9 @@ def select_topn(graph: ScoredGraph, n: int, absolute: bool = True) -> Bool[Tenso
     """
     n = _edge_count(graph, n)
     ranked = _ranked_scores(graph, absolute)
+    if n and not bool(graph.scores.ne(0).any()):
+        raise GimlensError("apply_topn: every edge score is 0 (the graph was never scored, or its scores carry no "
+                           "signal): score it first with circuits.attribute or circuits.discover, or set graph.scores")
     mask = torch.zeros(ranked.numel(), dtype=torch.bool, device=ranked.device)
     mask[torch.topk(ranked.flatten(), n, sorted=False).indices] = True
     return mask.view_as(ranked)

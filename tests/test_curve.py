@@ -123,7 +123,7 @@ def test_faithfulness_curve_rejects_an_empty_mapping(gpt2_model, task):
 
 def test_cli_discover_writes_one_file_per_size_from_one_search(tmp_path, capsys):
     from conftest import TINY
-    from gimlens.cli import main
+    from gimlens_cli import main
     from gimlens.models import load_model
     from gimlens.testing import tiny_hf_model, tiny_tokenizer
 
@@ -146,7 +146,7 @@ def test_cli_discover_writes_one_file_per_size_from_one_search(tmp_path, capsys)
 
 
 def test_cli_discover_rejects_repeated_sizes(tmp_path, capsys):
-    from gimlens.cli import main
+    from gimlens_cli import main
 
     rc = main(["discover", "--task", "ioi", "--edges", "10", "10", "-o", str(tmp_path / "c.json")])
     assert rc != 0 and "--edges sizes must be distinct" in capsys.readouterr().err
