@@ -106,7 +106,8 @@ class Run:
               ablation: Ablation | str = "corrupted", gim: GIMConfig | bool | dict | None = None,
               batch_size: int | None = None, attention_mask: Tensor | None = None,
               max_memory: int | str | None = None, keep_sources: bool = False) -> "Run":
-        """Check every input (bad ones raise `GimlensError`); runs nothing.
+        """Check every input (bad ones raise `GimlensError`); runs nothing but, with GIM on, the
+        one two-token probe per model by which `gim_hooks` finds hook points that never fire.
 
         Args:
             model: a TransformerLens `TransformerBridge` (or `HookedTransformer`).
