@@ -79,6 +79,7 @@ from ._engine.memory import estimate_memory
 from ._engine.model import Ablation, run_model
 from ._engine.scoring import Point, Scorer
 from ._engine.sites import Site
+from .gim_advice import warn_if_measured_to_hurt
 from .graph import Graph
 from .layout import KVEdges
 from .prune import Level
@@ -205,7 +206,10 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             [`Quadrature`][gimlens.quadrature.Quadrature] or its value, e.g. `"gauss_legendre"`,
             `"riemann_right"`); `None`: EAP-IG's (module docstring).
         activations: `"per_node"` (EAP-IG's) or `"joint"`, for `EAP-IG-activations`.
-        gim: `True`, a [`GIMConfig`][gimlens.gim.GIMConfig] or a dict: gradients follow GIM.
+        gim: `True` (every rule), a [`GIMConfig`][gimlens.gim.GIMConfig] or a dict: gradients
+            follow GIM. A rule measured to make this method's circuits less faithful
+            ([`GIM_HURTS`][circuits.gim_advice.GIM_HURTS]: the q/k/v scales with
+            `EAP-IG-inputs`) warns once; `circuits.discover(gim=True)` leaves it off.
         batch_size: examples per forward pass (`None`: all at once).
         ablation: `"corrupted"`, `"mean"` or `"zero"`.
         attention_mask: `[n, pos]` 1 for real tokens (both runs).
@@ -249,7 +253,11 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> bool(torch.allclose(n.node_scores, n.scores.sum(1), atol=1e-6))  # row sums
         True
     """
-    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=gim,
+    config = GIMConfig.coerce(gim)
+    if not config.is_off:
+        name = method.value if isinstance(method, Method) else method
+        warn_if_measured_to_hurt(name if isinstance(name, str) else "", config)
+    run = Run.build(model, graph, clean, corrupted, metric, ablation=ablation, gim=config,
                     batch_size=batch_size, attention_mask=attention_mask, max_memory=max_memory)
     return attribute_run(run, method=method, steps=steps, ig_steps=ig_steps, quadrature=quadrature,
                          activations=activations, level=level, mlp_gradient=mlp_gradient,

@@ -30,7 +30,6 @@ Examples:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from collections.abc import Sequence
@@ -39,11 +38,11 @@ from typing import Any, Callable
 from torch import Tensor
 
 from gimlens.errors import GimlensError
-from gimlens.gim import RULES, GIMConfig
 
 from ._engine.masked import check_n_edges, check_sizes
 from .attribute import Method, attribute_run
 from .edge_pruning import edge_pruning_curve_run, edge_pruning_run
+from .gim_advice import GIM_DEFAULTS, GIM_HURTS, gim_for
 from .graph import Graph
 from .iterative import iterative_run
 from .run import Run
@@ -104,55 +103,6 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 #: every method name `discover` accepts
 METHODS: tuple[str, ...] = tuple(ALGORITHMS)
-
-#: what `gim=True` means per method, as overrides of every rule's default (`GIMConfig()`), where
-#: measured per rule (SmolLM2, IOI and greater-than, held out: docs/performance.md, "GIM per rule");
-#: a method not listed gets every rule
-GIM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "EAP": {},  # every rule: the best measured setting on both tasks
-    # the q/k/v scales hurt it (IOI); note: on greater-than GIM off was better still (docs)
-    "EAP-IG-inputs": {"q_scale": None, "k_scale": None, "v_scale": None},
-}
-
-#: GIM rules measured to hurt a method's circuits (`"q_scale/k_scale/v_scale"`: measured together;
-#: `"any"`: GIM as a whole, no rule measured alone), with the measurement: `discover` warns once per
-#: process and (method, rules) when one is on
-GIM_HURTS: dict[str, dict[str, str]] = {
-    "EAP-IG-inputs": {"q_scale/k_scale/v_scale": "SmolLM2 IOI held out, the q/k/v scales alone: 1% / 5% "
-                      "faithfulness 0.18 / 0.51 -> -0.07 / 0.24, completeness 0.95 -> 0.07 "
-                      "(docs/performance.md, 'GIM per rule')"},
-    "EAP-IG-iterative": {"any": "SmolLM2 IOI held out, every rule on: mean faithfulness 0.25 -> 0.14 "
-                                "(docs/performance.md, 'Circuit discovery'); no rule was measured alone"},
-    "edge-pruning": {"any": "SmolLM2 IOI held out, every rule on: CPR 0.92 -> 0.56 (docs/performance.md, "
-                            "'Circuit discovery'); no rule was measured alone"},
-}
-
-_WARNED: set[tuple[str, str]] = set()
-
-
-def gim_for(method: str, gim) -> GIMConfig:
-    """The GIM config `discover` uses: `gim=True` means `method`'s measured defaults
-    (`GIM_DEFAULTS`); a `GIMConfig` or dict is taken as given. Warns (`UserWarning`, once per
-    process and combination) when a rule in `GIM_HURTS[method]` is on.
-
-    Examples:
-        >>> gim_for("EAP", None).is_off
-        True
-    """
-    config = GIMConfig.coerce(gim)
-    if gim is True and method in GIM_DEFAULTS:
-        config = GIMConfig().with_overrides(**GIM_DEFAULTS[method])
-    for rule, measured in GIM_HURTS.get(method, {}).items():
-        found = [r for r in RULES if r.field in rule.split("/")]
-        on = not config.is_off if not found else any(r.is_on(getattr(config, r.field)) for r in found)
-        if on and (method, rule) not in _WARNED:
-            _WARNED.add((method, rule))
-            what, fix = ("GIM", "gim=None") if not found else \
-                (f"GIM's {rule}", "gim={" + ", ".join(f"'{r.field}': {r.off!r}" for r in found) + "}")
-            warnings.warn(f"{what} was measured to make {method} circuits less faithful: {measured}. "
-                          f"Switch it off with {fix}.", UserWarning, stacklevel=3)
-    return config
-
 
 def discover(model, graph: Graph, clean, corrupted=None, metric=None, *, n_edges: int | Sequence[int],
              method: str = "EAP-IG-inputs", gim=None, ig_steps: int = 5,

@@ -13,7 +13,7 @@ import torch
 
 import importlib
 from circuits import attribute, discover
-from circuits.discover import GIM_DEFAULTS, GIM_HURTS, gim_for
+from circuits.gim_advice import GIM_DEFAULTS, GIM_HURTS, gim_for
 from circuits.graph import Graph
 from circuits.tasks import make
 from gimlens.gim import GIMConfig
@@ -22,7 +22,7 @@ from gimlens.gim import GIMConfig
 @pytest.fixture
 def fresh(monkeypatch):
     """A process that has not warned yet."""
-    monkeypatch.setattr(importlib.import_module("circuits.discover"), "_WARNED", set())
+    monkeypatch.setattr(importlib.import_module("circuits.gim_advice"), "_WARNED", set())
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def test_a_rule_measured_to_hurt_warns_once_per_process(llama_model, task, fresh
                      gim=GIMConfig(), ig_steps=2)
     hits = _gim_warnings(record)
     assert len(hits) == len(GIM_HURTS["EAP-IG-inputs"]) >= 1  # once per rule, not once per call
+    assert all(w.filename == __file__ for w in hits)  # points at the caller of discover
     for rule in GIM_HURTS["EAP-IG-inputs"]:
         assert any(rule in str(w.message) and "EAP-IG-inputs" in str(w.message) for w in hits)
 
@@ -90,4 +91,29 @@ def test_the_search_methods_warn_with_gim_on_and_not_off(method, fresh):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         gim_for(method, None)
+    assert not _gim_warnings(record)
+
+
+def test_attribute_keeps_every_rule_for_gim_true_but_warns_where_measured_to_hurt(llama_model, task, fresh):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = attribute(llama_model, Graph.from_model(llama_model), task, method="EAP-IG-inputs", gim=True,
+                        ig_steps=2)
+        again = attribute(llama_model, Graph.from_model(llama_model), task, method="EAP-IG-inputs",
+                          gim=True, ig_steps=2)
+    ref = attribute(llama_model, Graph.from_model(llama_model), task, method="EAP-IG-inputs", gim=GIMConfig(),
+                    ig_steps=2)
+    torch.testing.assert_close(got.scores, ref.scores)  # gim=True is GIM's definition: every rule
+    torch.testing.assert_close(again.scores, ref.scores)
+    hits = _gim_warnings(record)
+    assert len(hits) == 1 and "q_scale/k_scale/v_scale" in str(hits[0].message)
+    assert hits[0].filename == __file__  # points at the caller
+
+
+@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP-IG-inputs", GIM_DEFAULTS["EAP-IG-inputs"]),
+                                         ("EAP-IG-inputs", None)])
+def test_attribute_does_not_warn_where_gim_was_not_measured_to_hurt(llama_model, task, method, gim, fresh):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        attribute(llama_model, Graph.from_model(llama_model), task, method=method, gim=gim, ig_steps=2)
     assert not _gim_warnings(record)
