@@ -237,10 +237,10 @@ def faithfulness_curve(model, graph: Graph | Mapping[int, Graph], clean, corrupt
         (True, True)
     """
     if isinstance(graph, Mapping):
-        circuits = _given_circuits(graph)
+        circuits = given_circuits(graph)
         run = Run.build(model, circuits[0][1], clean, corrupted, metric, ablation=ablation,
                         batch_size=batch_size, attention_mask=attention_mask)
-        return _curve(run, circuits, progress)
+        return given_curve(run, circuits, progress)
     if not isinstance(graph, Graph):
         raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
     options = _curve_options(selection, sizes, level)  # bad options fail before the model is read
@@ -291,7 +291,7 @@ def faithfulness_curve_run(run: Run, graph: Graph | None = None, *,
                              float(clean_m.mean()), float(base_m.mean()))
 
 
-def _given_circuits(circuits: Mapping[int, Graph]) -> list[tuple[int, Graph]]:
+def given_circuits(circuits: Mapping[int, Graph]) -> list[tuple[int, Graph]]:
     """`{size: Graph}` as (size, circuit) pairs by increasing size, checked."""
     items = sorted(circuits.items(), key=lambda kv: kv[0]) if circuits else []
     if not items or not all(isinstance(g, Graph) and isinstance(n, int) for n, g in items):
@@ -302,7 +302,9 @@ def _given_circuits(circuits: Mapping[int, Graph]) -> list[tuple[int, Graph]]:
     return items
 
 
-def _curve(run: Run, circuits: list[tuple[int, Graph]], progress: bool) -> FaithfulnessCurve:
+def given_curve(run: Run, circuits: list[tuple[int, Graph]], progress: bool) -> FaithfulnessCurve:
+    """The faithfulness curve of circuits already selected (`given_circuits`' pairs), each patched
+    as it is at edge level; one clean and one corrupted forward per batch for all of them."""
     masks = [_ablated_parts(g, Level.EDGE) for _, g in circuits]
     found, clean_m, base_m = _run_circuits(run, run.graph, masks, reference=True, show=progress)
     f = [_normalise(c.mean(), clean_m.mean(), base_m.mean()) for c in found]

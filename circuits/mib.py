@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from gimlens.errors import GimlensError
 from gimlens.validation import check_int
 
 from ._engine.model import Ablation
-from .evaluate import evaluate_run
+from .evaluate import evaluate_run, given_circuits, given_curve
 from .graph import Graph
 from .layout import KVEdges
 from .prune import Selection
@@ -210,6 +210,12 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
             [`circuits.attribute`][circuits.attribute.attribute]); not changed. Score it with
             `kv_edges="per_query_head"` on GQA models to rank k/v edges per query head as MIB
             does: a grouped graph is expanded (each KV-head score copied to its query heads).
+            Or `{size: Graph}`, circuits already found (the curve of
+            [`discover`][circuits.discover.discover] with a list of sizes, such as
+            `mib_points(N)`): each is patched as it is, at the fraction `size / N` of its own
+            graph's valid edges (grouped k/v edges counted once on GQA models), and both runs
+            (`signed`, `absolute`) are that one curve; `fractions`, `selection` and `loss` are
+            then ignored.
         clean, corrupted, metric, attention_mask: as in
             [`circuits.evaluate`][circuits.evaluate.evaluate] (a task object works as `clean`).
             MIB's leaderboard uses the logit difference, one value per example.
@@ -237,6 +243,12 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
         >>> result.n_total, result.n_requested[-1], round(result.signed.faithfulness[-1], 6)
         (110, 110, 1.0)
     """
+    if isinstance(graph, Mapping):
+        circuits = given_circuits(graph)
+        circuits[0][1].check_matches(model)
+        run = Run.build(model, circuits[0][1].as_kv_edges(KVEdges.GROUPED), clean, corrupted, metric,
+                        ablation=ablation, batch_size=batch_size, attention_mask=attention_mask)
+        return _given_curve(run, circuits)
     if not isinstance(graph, Graph):
         raise GimlensError(f"graph must be a circuits.Graph, got {type(graph).__name__}")
     _options(selection, loss, fractions)  # bad options fail before the model is read
@@ -244,6 +256,22 @@ def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
     run = Run.build(model, graph.as_kv_edges(KVEdges.GROUPED), clean, corrupted, metric,
                     ablation=ablation, batch_size=batch_size, attention_mask=attention_mask)
     return mib_metrics_run(run, graph, fractions=fractions, selection=selection, loss=loss)
+
+
+def _given_curve(run: Run, circuits: list[tuple[int, Graph]]) -> MIBMetrics:
+    """MIB's metrics of circuits already selected (`{size: Graph}`), each patched as it is (one
+    clean and one corrupted forward per batch for all of them: `faithfulness_curve`'s)."""
+    if len(circuits) < 2:
+        raise GimlensError(f"a {{size: Graph}} curve needs at least two sizes, got {[n for n, _ in circuits]}")
+    patched = [(n, c.as_kv_edges(KVEdges.GROUPED)) for n, c in circuits]
+    found = given_curve(run, patched, progress=False)  # raises where clean = empty circuit
+    fractions = [n / run.graph.n_valid_edges for n, _ in circuits]
+    counts = tuple(c.as_kv_edges(KVEdges.PER_QUERY_HEAD).n_edges_in_graph for _, c in patched)
+    under, from_1, mean = curve_areas(fractions, found.faithfulness)
+    curves = [MIBCurve(absolute, counts, counts, found.faithfulness, under, from_1, mean)
+              for absolute in (False, True)]
+    return MIBMetrics(tuple(fractions), run.graph.as_kv_edges(KVEdges.PER_QUERY_HEAD).n_valid_edges,
+                      tuple(n for n, _ in circuits), *curves, found.clean_metric, found.ablated_metric)
 
 
 def _options(selection, loss, fractions) -> tuple[Selection, list[float]]:

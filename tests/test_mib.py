@@ -165,3 +165,39 @@ def test_bad_arguments_raise_gimlens_errors(gpt2_model):
         mib_points(-1)
     with pytest.raises(GimlensError, match="increasing"):
         curve_areas([0.5, 0.5], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_curve_of_found_circuits_is_patched_as_given_at_its_own_fractions(request, name):
+    model = request.getfixturevalue(f"{name}_model")
+    task = make("ioi", model, n=6, seed=1)
+    N = Graph.from_model(model).n_valid_edges  # grouped on the GQA llama: what a search finds
+    sizes = mib_points(N, (0.05, 0.2, 1.0))
+    found = circuits.discover(model, Graph.from_model(model), task, n_edges=list(sizes), method="EAP")
+    got = mib_metrics(model, found, task)
+
+    clean_m, corrupt_m = _model_metric(model, task, task.clean), _model_metric(model, task, task.corrupted)
+    f = [(float(circuits.evaluate(model, found[n], task).mean()) - corrupt_m) / (clean_m - corrupt_m)
+         for n in sizes]
+    x = [n / N for n in sizes]
+    assert got.fractions == pytest.approx(x) and got.n_requested == sizes
+    assert got.n_total == mib_edge_count(model)
+    for curve in (got.signed, got.absolute):
+        assert_close(torch.tensor(curve.faithfulness), torch.tensor(f), atol=1e-4, rtol=1e-4)
+        assert curve.area_under == pytest.approx(np.trapezoid(f, x), abs=1e-4)
+        assert curve.area_from_1 == pytest.approx(np.trapezoid(np.abs(1 - np.array(f)), x), abs=1e-4)
+        expanded = [found[n].as_kv_edges("per_query_head").n_edges_in_graph for n in sizes]
+        assert curve.n_edges == tuple(expanded)
+    assert got.absolute.faithfulness[-1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_curve_needs_two_circuits_of_one_layout(gpt2_model, llama_model):
+    task = make("ioi", gpt2_model, n=4, seed=1)
+    one = {10: Graph.from_model(gpt2_model).reset(empty=False)}
+    with pytest.raises(GimlensError, match="two sizes"):
+        mib_metrics(gpt2_model, one, task)
+    with pytest.raises(GimlensError, match="size: Graph"):
+        mib_metrics(gpt2_model, {}, task)
+    mixed = {10: Graph.from_model(gpt2_model), 20: Graph.from_model(llama_model)}
+    with pytest.raises(GimlensError, match="one graph layout"):
+        mib_metrics(gpt2_model, mixed, task)
