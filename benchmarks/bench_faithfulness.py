@@ -109,8 +109,9 @@ def passes(method: str, n_batches: int, args) -> str:
 
 def run_task(model, task_name: str, args):
     """Yield one result row per method and GIM setting."""
-    task = make(task_name, model, n=args.n + args.n_eval, seed=args.seed)
-    train, held = task.subset(slice(0, args.n)), task.subset(slice(args.n, args.n + args.n_eval))
+    pool = args.pool or args.n  # the evaluation set is the last n_eval of pool + n_eval examples
+    task = make(task_name, model, n=pool + args.n_eval, seed=args.seed)
+    train, held = task.subset(slice(0, args.n)), task.subset(slice(pool, pool + args.n_eval))
     graph = Graph.from_model(model)
     N = graph.n_valid_edges
     sizes = [max(1, int(p / 100 * N)) for p in args.percents]
@@ -128,12 +129,14 @@ def run_task(model, task_name: str, args):
           f"{float(clean.mean()):.3f}, corrupted {float(base.mean()):.3f}", flush=True)
     for method in args.methods:
         for gim in args.gim:
-            label = method + (" + GIM" if gim == "on" else "")
+            label = method + (" + GIM" if gim == "on" else "") + (f" ({args.tag})" if args.tag else "")
             wall, cpu, metrics, kept, on_train = 0.0, 0.0, [], [], []
             scored, curve = None, None
             for n_edges in sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
                 common = dict(gim=gim == "on" or None, ig_steps=args.ig_steps, batch_size=bs)
+                warm_gim = common["gim"] if args.warm_gim is None else args.warm_gim == "on" or None
+                searched = dict(lr=args.lr, loss=args.loss, progress=args.progress)
                 if method in SCORING:
                     if scored is None:
                         scored = attribute(model, Graph.from_model(model), train, method=method, **common)
@@ -143,18 +146,17 @@ def run_task(model, task_name: str, args):
                                        method=method, rounds=args.rounds, **common)
                 elif args.curve_steps:  # one search through every size (discover(n_edges=[...]))
                     if curve is None:
+                        warm = warm_start(model, train, args, warm_gim, common)
                         curve = discover(model, Graph.from_model(model), train, n_edges=sizes,
-                                         method=method, steps=args.curve_steps, lr=args.lr,
-                                         progress=args.progress, **common)
+                                         method=method, steps=args.curve_steps, warm_start=warm,
+                                         **searched, **common)
                     circuit = curve[n_edges]
                 else:
-                    if scored is None and args.warm_start:  # the warm start's scores, once
-                        scored = attribute(model, Graph.from_model(model), train,
-                                           method="EAP-IG-inputs", **common)
+                    if scored is None:  # the warm start's scores, once
+                        scored = warm_start(model, train, args, warm_gim, common)
                     circuit = discover(model, Graph.from_model(model), train, n_edges=n_edges,
-                                       method=method, steps=args.steps, lr=args.lr,
-                                       warm_start=scored if args.warm_start else None,
-                                       progress=args.progress, **common)
+                                       method=method, steps=args.steps, warm_start=scored,
+                                       **searched, **common)
                 wall += time.perf_counter() - t0
                 cpu += time.process_time() - c0
                 metrics.append(evaluate(model, circuit, held, batch_size=bs))
@@ -167,6 +169,23 @@ def run_task(model, task_name: str, args):
             cpr, cmd, _ = areas(args.percents, f)
             print(f"  {label}: " + ", ".join(f"{p}%: {float(v):.3f}" for p, v in zip(args.percents, f[0]))
                   + f"; CPR {float(cpr[0]):.3f}, CMD {float(cmd[0]):.3f}; {wall:.0f} s", flush=True)
+
+
+def warm_start(model, train, args, gim, common) -> Graph | None:
+    """Edge pruning's warm-start scores: `--warm-start` (`none`, a scoring method, or `mean`: the
+    mean of the EAP and EAP-IG-inputs ranks) with `gim`, on the discovery set."""
+    if args.warm_start == "none":
+        return None
+    options = dict(common, gim=gim)
+    if args.warm_start != "mean":
+        return attribute(model, Graph.from_model(model), train, method=args.warm_start, **options)
+    ranks = []
+    for method in ("EAP", "EAP-IG-inputs"):
+        scores = attribute(model, Graph.from_model(model), train, method=method, **options).scores.abs()
+        ranks.append(scores.flatten().argsort().argsort().float().view_as(scores))
+    graph = Graph.from_model(model)
+    graph.scores = torch.stack(ranks).mean(0).masked_fill(~graph.valid, 0.0)
+    return graph
 
 
 def interval(t: torch.Tensor) -> str:
@@ -228,7 +247,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def merge(runs: list[dict]) -> tuple[list[dict], str]:
     """One list of rows from several saved runs (see the module docstring)."""
-    keys = ("model", "seed", "n", "n_eval", "bootstrap")
+    keys = ("model", "seed", "pool", "n_eval", "bootstrap")
+    for run in runs:  # runs saved before --pool: the evaluation set followed n
+        run["meta"].setdefault("pool", run["meta"]["n"])
     first = runs[0]["meta"]
     for run in runs[1:]:
         bad = [k for k in keys if run["meta"][k] != first[k]]
@@ -276,7 +297,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="edge-pruning learning rate")
     parser.add_argument("--curve-steps", type=int, default=None,
                         help="edge-pruning: ONE search of this many steps through every size (a curve)")
-    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
+    parser.add_argument("--warm-start", default="EAP-IG-inputs",
+                        choices=["none", "mean", "EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted"],
+                        help="edge pruning's warm start (mean: the mean rank of EAP and EAP-IG-inputs)")
+    parser.add_argument("--warm-gim", choices=["off", "on"], default=None,
+                        help="GIM for the warm start only (default: the row's GIM setting)")
+    parser.add_argument("--loss", choices=["metric", "kl"], default="metric", help="edge-pruning loss")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="evaluate on examples pool..pool+n_eval (default pool = n): runs with "
+                             "different --n then share one evaluation set")
+    parser.add_argument("--tag", default="", help="appended to each row's label, e.g. the lever tried")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -304,14 +334,16 @@ def main() -> None:
             setup = (f"{args.model}: discovery {args.n} / evaluation {args.n_eval} examples per task "
                      f"(disjoint, seed {args.seed}), batch {args.batch_size}, {args.ig_steps} IG steps, "
                      f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
-                     f"warm start {'EAP-IG-inputs' if args.warm_start else 'none'}), {args.threads} "
+                     f"{args.loss} loss, warm start {args.warm_start}"
+                     f"{'' if args.warm_gim is None else ' GIM ' + args.warm_gim}), {args.threads} "
                      f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
                      f"{args.bootstrap} resamples] (edges after pruning). CPR / CMD: MIB's trapezoid areas "
                      f"over the sizes measured divided by the range's width; mean f: MIB's mean over the "
                      f"points; discovery f: the same circuits on the discovery examples.")
             write(rows, f"{setup} Total {(time.perf_counter() - start) / 60:.1f} min.", args)
             if args.save is not None:  # the setup without the total, so merged tables list each once
-                meta = dict(model=args.model, seed=args.seed, n=args.n, n_eval=args.n_eval,
+                meta = dict(model=args.model, seed=args.seed, n=args.n, pool=args.pool or args.n,
+                            n_eval=args.n_eval,
                             bootstrap=args.bootstrap, header=setup)
                 atomic_write(args.save, lambda fh: torch.save(dict(meta=meta, rows=rows), fh))
     print("\n" + args.out.read_text())
