@@ -42,12 +42,12 @@ from gimlens.errors import GimlensError
 from ._engine.masked import check_n_edges, check_sizes
 from .attribute import Method, attribute_run
 from .edge_pruning import edge_pruning_curve_run, edge_pruning_run
-from .gim_advice import GIM_DEFAULTS, GIM_HURTS, gim_for
+from .gim_advice import gim_for
 from .graph import Graph
 from .iterative import iterative_run
 from .run import Run
 
-__all__ = ["discover", "Algorithm", "ALGORITHMS", "Search", "METHODS", "GIM_DEFAULTS", "GIM_HURTS", "gim_for"]
+__all__ = ["discover", "Algorithm", "ALGORITHMS", "Search", "METHODS"]
 
 
 class Search(str, Enum):

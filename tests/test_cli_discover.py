@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from circuits.attribute import attribute
-from circuits.discover import gim_for
+from circuits.gim_advice import gim_for
 from circuits.evaluate import faithfulness
 from circuits.graph import Graph
 from circuits.tasks import make
