@@ -265,6 +265,31 @@ def test_induction_repeats_the_first_half_and_the_corruption_cannot_be_copied(to
         assert all(tok.decode(t).startswith(" ") for t in x + y)
 
 
+@pytest.mark.parametrize("corruption", ["first_half", "last_token"])
+def test_induction_corruptions_keep_the_clean_prompts_and_remove_only_what_they_name(tok, corruption):
+    k = 6
+    default = induction(tok, n=5, length=k, seed=0)
+    task = induction(tok, n=5, length=k, seed=0, corruption=corruption)
+    assert torch.equal(task.clean, default.clean) and torch.equal(task.labels, default.labels)
+    for i in range(5):
+        clean, corrupted = task.clean[i].tolist(), task.corrupted[i].tolist()
+        x = clean[1 : k + 1]
+        differs = [p for p in range(2 * k) if clean[p] != corrupted[p]]
+        if corruption == "first_half":
+            assert differs == list(range(1, k + 1))  # the copied sequence only; the repeat is kept
+            z = corrupted[1 : k + 1]
+            assert len(set(z)) == k and not set(z) & (set(x) | set(task.labels[i].tolist()))
+        else:
+            assert differs == [2 * k - 1]  # the query token only
+            assert corrupted[-1] not in x and corrupted[-1] != int(task.labels[i, 1])
+        assert corrupted[0] == clean[0]
+
+
+def test_induction_rejects_an_unknown_corruption(tok):
+    with pytest.raises(GimlensError, match="corruption must be one of"):
+        induction(tok, n=2, corruption="middle")
+
+
 # ----------------------------------------------------------------------------- KL divergence
 
 

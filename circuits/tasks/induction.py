@@ -1,8 +1,12 @@
 """Induction: `[BOS] x1 .. xk x1 .. x(k-1)` -> `xk` (repeated random tokens).
 
-The corrupted sequence keeps the first half and replaces the second by `k - 1` other random
-tokens `y1 .. y(k-1)`, so nothing can be copied. Labels are `(xk, yk)` with `yk` one more
-fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
+The corrupted sequence removes what induction copies from, so nothing can be copied
+(`corruption`): `"second_half"` (the default) keeps the first half and replaces the second by
+`k - 1` other random tokens `y1 .. y(k-1)`; `"first_half"` replaces the first half by `z1 .. zk`
+and keeps the repeat `x1 .. x(k-1)` (clean and corrupted then differ only where the copied
+sequence is, not at the scored position); `"last_token"` replaces only the final token by
+`y(k-1)` (they differ only at the scored position, the query). Labels are `(xk, yk)` with `yk`
+one more fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
 without replacement (every token in a sequence distinct) from a safe range of the vocabulary: ids
 that decode to a space followed by an ASCII word, never special tokens.
 
@@ -23,7 +27,14 @@ from gimlens.errors import GimlensError
 
 from .base import Task, tokenizer_and_bos
 
-__all__ = ["induction", "word_tokens"]
+__all__ = ["induction", "word_tokens", "CORRUPTIONS"]
+
+#: corrupted sequence (after BOS) from the clean `x`, the fresh `y` and, for `"first_half"`, `z`
+CORRUPTIONS = {
+    "second_half": lambda x, y, z: x + y[:-1],
+    "first_half": lambda x, y, z: z + x[:-1],
+    "last_token": lambda x, y, z: x + x[:-2] + [y[-2]],
+}
 
 
 def word_tokens(tok) -> list[int]:
@@ -44,6 +55,7 @@ def induction(
     *,
     length: int = 10,
     prepend_bos: bool | None = None,
+    corruption: str = "second_half",
 ) -> Task:
     """Repeated random-token sequences with a logit-difference metric (see the module docstring).
 
@@ -53,6 +65,8 @@ def induction(
         seed: seed of the token draws.
         length: `k`, the length of the random sequence (the prompt has `2k - 1` tokens + BOS).
         prepend_bos: override the BOS rule.
+        corruption: `"second_half"`, `"first_half"` or `"last_token"` (module docstring); the
+            clean prompts and labels do not depend on it.
 
     Returns:
         A [`Task`][circuits.tasks.base.Task] named `"induction"` (no padding).
@@ -65,20 +79,27 @@ def induction(
     """
     if n < 1 or length < 2:
         raise GimlensError(f"induction: need n >= 1 and length >= 2, got n={n!r}, length={length!r}")
+    if corruption not in CORRUPTIONS:
+        raise GimlensError(f"induction: corruption must be one of {list(CORRUPTIONS)}, got {corruption!r}")
     tok, bos = tokenizer_and_bos(model_or_tokenizer, prepend_bos)
     pool = word_tokens(tok)
-    if len(pool) < 2 * length:
+    needed = (3 if corruption == "first_half" else 2) * length
+    if len(pool) < needed:
         raise GimlensError(
-            f"induction: the tokenizer has only {len(pool)} word tokens; length={length} needs {2 * length}"
+            f"induction: the tokenizer has only {len(pool)} word tokens; length={length} needs {needed}"
         )
-    rng = random.Random(seed)
+    rng, other = random.Random(seed), random.Random(f"induction-first-half-{seed}")
     head = [bos] if bos is not None else []
     clean, corrupted, labels = [], [], []
     for _ in range(n):
         draw = rng.sample(pool, 2 * length)
         x, y = draw[:length], draw[length:]
+        z = []
+        if corruption == "first_half":  # its own draws: the clean prompts stay those of the default
+            used = set(draw)
+            z = [t for t in other.sample(pool, 3 * length) if t not in used][:length]
         clean.append(head + x + x[:-1])
-        corrupted.append(head + x + y[:-1])
+        corrupted.append(head + CORRUPTIONS[corruption](x, y, z))
         labels.append([x[-1], y[-1]])
     clean_t, corr_t = torch.tensor(clean), torch.tensor(corrupted)
     return Task(
