@@ -41,10 +41,11 @@ from gimlens.runtime import atomic_write  # noqa: E402
 
 
 def induction_scores(model, task, length: int) -> torch.Tensor:
-    """`[layers, heads]` mean attention from the last position to the token after the query
-    token's earlier occurrence (position `offset + length - 1 + 1` with a BOS offset)."""
+    """`[layers, heads]` mean attention from the last position (the query `x(k-1)` of the repeat)
+    to the token after its earlier occurrence: `xk`, at `offset + length - 1` (`offset` 1 with a
+    BOS, else 0)."""
     offset = task.clean.shape[1] - (2 * length - 1)
-    target = offset + length  # x_k: follows the earlier x_(k-1)
+    target = offset + length - 1
     rows = []
     with torch.no_grad():
         _, cache = model.run_with_cache(task.clean, names_filter=lambda n: n.endswith("hook_pattern"))
