@@ -197,8 +197,9 @@ def edge_pruning_curve_run(run: Run, graph: Graph | None = None, *, sizes: Seque
 
     The sparsity target passes through `sizes` from the largest down (`schedule`: the largest
     gets a single search's schedule over the first `LEAD` = 45% of `steps`; then the target moves
-    on through the others, each size holding for a while so the masks settle) and each size's circuit is the `n` largest `log_alpha` at the end of its plateau,
-    pruned, as a single search selects. The warm start (ranked for the largest size) and the
+    on through the others, each size holding for a while so the masks settle) and each size's
+    circuit is the `n` largest `log_alpha` at the end of its plateau, pruned, as a single search
+    selects. The warm start (ranked for the largest size) and the
     run's forwards are shared: the whole curve costs `steps` (default `CURVE_STEPS` = 450, 1.5x a
     single search's 300) forward-and-backward passes of one batch, whatever the number of sizes.
     A size of every valid edge (MIB's 100% point) is the whole graph, not searched for.

@@ -198,7 +198,7 @@ class MIBMetrics:
         return self.absolute.area_from_1
 
 
-def mib_metrics(model, graph: Graph, clean, corrupted=None, metric=None, *,
+def mib_metrics(model, graph: Graph | Mapping[int, Graph], clean, corrupted=None, metric=None, *,
                 fractions: Sequence[float] = MIB_FRACTIONS, selection: Selection | str = "topn",
                 loss: bool = False, ablation: Ablation | str = "corrupted", batch_size: int | None = None,
                 attention_mask: Tensor | None = None) -> MIBMetrics:
