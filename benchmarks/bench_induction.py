@@ -14,7 +14,9 @@ For each `--corruptions` value of `circuits.tasks.induction` (the default `secon
    input, those heads, and every MLP (no other head);
 4. where the attribution puts its mass: the share of EAP-IG-inputs' |scores| on edges out of the
    input node and on edges into the top induction heads;
-5. edge circuits, held out: each `--methods` at `--percents` of the edges (scores on the discovery
+5. (`--how-many 5 20 50`) how large a circuit the task needs: the top shares of edges and of
+   nodes by EAP-IG-inputs scores, held out;
+6. edge circuits, held out: each `--methods` at `--percents` of the edges (scores on the discovery
    prompts, top n), and optionally (`--edge-pruning`) one edge-pruning curve over the same sizes.
 
     PYTHONPATH=. python benchmarks/bench_induction.py --model smollm2 --threads 1 --out induction.md
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_faithfulness import interval, load, normalised  # noqa: E402
 
-from circuits import Graph, attribute, discover, evaluate  # noqa: E402
+from circuits import Graph, attribute, discover, evaluate, faithfulness_curve  # noqa: E402
 from circuits.tasks import induction  # noqa: E402
 from gimlens.runtime import atomic_write  # noqa: E402
 
@@ -80,6 +82,20 @@ def attribution_mass(scores: Graph, heads: list[tuple[int, int]]) -> tuple[float
     return float(a[scores.forward_index(None)].sum()) / total, float((a * into).sum()) / total
 
 
+def how_many(model, train, held, bs, args) -> list[str]:
+    """How large a circuit the task needs: held-out faithfulness of the top `--how-many` percent
+    of edges, and of nodes (`level="node"`), by EAP-IG-inputs scores of the discovery prompts."""
+    scored = attribute(model, Graph.from_model(model), train, method="EAP-IG-inputs", level="node",
+                       batch_size=bs)
+    edges = faithfulness_curve(model, scored, held, sizes=args.how_many, batch_size=bs)
+    nodes = faithfulness_curve(model, scored, held, sizes=args.how_many, batch_size=bs, level="node")
+    return ["How large a circuit it needs (EAP-IG-inputs scores, top share, held out):", "",
+            "| share | " + " | ".join(f"{p:g}%" for p in args.how_many) + " |",
+            "|---" * (len(args.how_many) + 1) + "|",
+            "| of edges | " + " | ".join(f"{v:.3f} ({n})" for v, n in zip(edges.faithfulness, edges.n_edges)) + " |",
+            "| of nodes (heads, MLPs) | " + " | ".join(f"{v:.3f}" for v in nodes.faithfulness) + " |"]
+
+
 def run(model, corruption: str, args, resamples) -> list[str]:
     task = induction(model, n=args.n + args.n_eval, seed=args.seed, length=args.length,
                      corruption=corruption)
@@ -113,6 +129,8 @@ def run(model, corruption: str, args, resamples) -> list[str]:
     lines += ["| method | " + " | ".join(f"{p:g}% of edges" for p in args.percents)
               + " | discovery f | input-edge share of abs. scores | share into the top heads | CPU s |",
               "|---" * (len(args.percents) + 5) + "|"]
+    if args.how_many:
+        lines += how_many(model, train, held, bs, args) + [""]
     sizes = [max(1, int(p / 100 * graph.n_valid_edges)) for p in args.percents]
     train_clean = float(evaluate(model, graph.copy().reset(empty=False), train, batch_size=bs).mean())
     train_base = float(evaluate(model, graph.copy().reset(empty=True), train, batch_size=bs).mean())
@@ -145,13 +163,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--corruptions", nargs="+", default=["second_half", "first_half", "last_token"])
-    parser.add_argument("--methods", nargs="+", default=["EAP", "EAP+GIM", "EAP-IG-inputs"])
+    parser.add_argument("--methods", nargs="*", default=["EAP", "EAP+GIM", "EAP-IG-inputs"])
     parser.add_argument("--edge-pruning", action="store_true", help="also one edge-pruning curve per corruption")
     parser.add_argument("--percents", type=float, nargs="+", default=[1, 5])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--n-eval", type=int, default=64)
     parser.add_argument("--length", type=int, default=10)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--how-many", type=float, nargs="*", default=[],
+                        help="also the faithfulness of the top share (percent) of edges and of nodes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
