@@ -333,7 +333,8 @@ def main() -> None:
             rows.append(row)
             setup = (f"{args.model}: discovery {args.n} / evaluation {args.n_eval} examples per task "
                      f"(disjoint, seed {args.seed}), batch {args.batch_size}, {args.ig_steps} IG steps, "
-                     f"iterative {args.rounds} rounds, edge pruning {args.steps} steps (lr {args.lr}, "
+                     f"iterative {args.rounds} rounds, edge pruning "
+                     f"{f'one curve search of {args.curve_steps}' if args.curve_steps else args.steps} steps (lr {args.lr}, "
                      f"{args.loss} loss, warm start {args.warm_start}"
                      f"{'' if args.warm_gim is None else ' GIM ' + args.warm_gim}), {args.threads} "
                      f"threads. Cells: normalised faithfulness [bootstrap 95% interval, "
