@@ -251,7 +251,7 @@ def test_capitals_labels_are_the_capital_and_the_corrupting_countrys_capital(tok
 
 def test_induction_repeats_the_first_half_and_the_corruption_cannot_be_copied(tok):
     k = 6
-    task = induction(tok, n=5, length=k, seed=0)
+    task = induction(tok, n=5, length=k, seed=0, corruption="second_half")
     special = set(tok.all_special_ids)
     assert task.clean.shape == (5, 2 * k)
     for i in range(5):
@@ -265,11 +265,11 @@ def test_induction_repeats_the_first_half_and_the_corruption_cannot_be_copied(to
         assert all(tok.decode(t).startswith(" ") for t in x + y)
 
 
-@pytest.mark.parametrize("corruption", ["first_half", "last_token"])
+@pytest.mark.parametrize("corruption", ["first_half", "last_token", None])
 def test_induction_corruptions_keep_the_clean_prompts_and_remove_only_what_they_name(tok, corruption):
     k = 6
-    default = induction(tok, n=5, length=k, seed=0)
-    task = induction(tok, n=5, length=k, seed=0, corruption=corruption)
+    default = induction(tok, n=5, length=k, seed=0, corruption="second_half")
+    task = induction(tok, n=5, length=k, seed=0, **({} if corruption is None else {"corruption": corruption}))
     assert torch.equal(task.clean, default.clean) and torch.equal(task.labels, default.labels)
     for i in range(5):
         clean, corrupted = task.clean[i].tolist(), task.corrupted[i].tolist()
@@ -387,7 +387,7 @@ def test_real_model_knows_capitals(real_model):
 
 @pytest.mark.slow
 def test_real_model_does_induction_mostly_on_the_repeated_sequence(real_model):
-    task = induction(real_model, n=48, seed=0)
+    task = induction(real_model, n=48, seed=0, corruption="second_half")  # the whole repeat removed
     clean, _ = _clean_metric(real_model, task)
     corrupted, _ = _clean_metric(real_model, Task(**{**task.__dict__, "clean": task.corrupted}))
     print(f"{real_model.cfg.model_name} induction: logit diff {clean.mean():.3f} (corrupted {corrupted.mean():.3f})")

@@ -1,11 +1,14 @@
 """Induction: `[BOS] x1 .. xk x1 .. x(k-1)` -> `xk` (repeated random tokens).
 
 The corrupted sequence removes what induction copies from, so nothing can be copied
-(`corruption`): `"second_half"` (the default) keeps the first half and replaces the second by
-`k - 1` other random tokens `y1 .. y(k-1)`; `"first_half"` replaces the first half by `z1 .. zk`
-and keeps the repeat `x1 .. x(k-1)` (clean and corrupted then differ only where the copied
-sequence is, not at the scored position); `"last_token"` replaces only the final token by
-`y(k-1)` (they differ only at the scored position, the query). Labels are `(xk, yk)` with `yk`
+(`corruption`): `"last_token"` (the default) replaces only the final token, the query, by
+`y(k-1)` (clean and corrupted differ only at the scored position); `"second_half"` (the default
+before, kept for earlier results) keeps the first half and replaces the whole repeat by `k - 1`
+other random tokens `y1 .. y(k-1)`; `"first_half"` replaces the first half by `z1 .. zk` and keeps
+the repeat `x1 .. x(k-1)` (they differ only where the copied sequence is). On SmolLM2 the
+induction heads carry the effect under each, but only `"last_token"` leaves a circuit small
+enough to find: 5% of edges recover 0.46 held out by EAP-IG-inputs and 0.77 by edge pruning,
+against 0.17 with `"second_half"` (docs/performance.md, "Induction on SmolLM2: a diagnosis"). Labels are `(xk, yk)` with `yk`
 one more fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
 without replacement (every token in a sequence distinct) from a safe range of the vocabulary: ids
 that decode to a space followed by an ASCII word, never special tokens.
@@ -55,7 +58,7 @@ def induction(
     *,
     length: int = 10,
     prepend_bos: bool | None = None,
-    corruption: str = "second_half",
+    corruption: str = "last_token",
 ) -> Task:
     """Repeated random-token sequences with a logit-difference metric (see the module docstring).
 
@@ -65,7 +68,7 @@ def induction(
         seed: seed of the token draws.
         length: `k`, the length of the random sequence (the prompt has `2k - 1` tokens + BOS).
         prepend_bos: override the BOS rule.
-        corruption: `"second_half"`, `"first_half"` or `"last_token"` (module docstring); the
+        corruption: `"last_token"`, `"second_half"` or `"first_half"` (module docstring); the
             clean prompts and labels do not depend on it.
 
     Returns:
@@ -95,7 +98,7 @@ def induction(
         draw = rng.sample(pool, 2 * length)
         x, y = draw[:length], draw[length:]
         z = []
-        if corruption == "first_half":  # its own draws: the clean prompts stay those of the default
+        if corruption == "first_half":  # its own draws: the clean prompts stay those of the others
             used = set(draw)
             z = [t for t in other.sample(pool, 3 * length) if t not in used][:length]
         clean.append(head + x + x[:-1])
