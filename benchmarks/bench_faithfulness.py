@@ -6,7 +6,9 @@ Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for 
   `--n` examples are the *discovery* set (every method sees only these), the last `--n-eval` the
   *evaluation* set (disjoint; nothing is tuned on it);
 - for each method (`--methods`, scoring methods and the search methods `EAP-IG-iterative` and
-  `edge-pruning`), with and without GIM (`--gim off on`), and each circuit size `--percents` (percent
+  `edge-pruning`), with and without GIM (`--gim off on`; on: `discover(gim=True)`'s measured
+  per-method rules, `circuits.gim_advice.gim_for`, e.g. every rule but the q/k/v scales for
+  EAP-IG-inputs), and each circuit size `--percents` (percent
   of the valid edges, `n_edges = int(pct / 100 * N)` as MIB counts): a circuit of at most `n_edges`
   edges is discovered (a scoring method scores once and takes the top n of each size; a search
   method runs once per size), then evaluated by exact edge patching (`circuits.evaluate`,
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 
 from circuits import Graph, attribute, discover, evaluate
+from circuits.gim_advice import gim_for
 from circuits.mib import curve_areas
 from circuits.tasks import make
 from gimlens.runtime import atomic_write
@@ -138,8 +141,9 @@ def run_task(model, task_name: str, args):
                 warm_gim = common["gim"] if args.warm_gim is None else args.warm_gim == "on" or None
                 searched = dict(lr=args.lr, loss=args.loss, progress=args.progress)
                 if method in SCORING:
-                    if scored is None:
-                        scored = attribute(model, Graph.from_model(model), train, method=method, **common)
+                    if scored is None:  # "+ GIM": what discover(gim=True) uses for the method
+                        scored = attribute(model, Graph.from_model(model), train, method=method,
+                                           **dict(common, gim=gim_for(method, common["gim"])))
                     circuit = scored.copy().apply_topn(n_edges, absolute=True)
                 elif method == "EAP-IG-iterative":
                     circuit = discover(model, Graph.from_model(model), train, n_edges=n_edges,
