@@ -207,9 +207,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric=None, *,
             `"riemann_right"`); `None`: EAP-IG's (module docstring).
         activations: `"per_node"` (EAP-IG's) or `"joint"`, for `EAP-IG-activations`.
         gim: `True` (every rule), a [`GIMConfig`][gimlens.gim.GIMConfig] or a dict: gradients
-            follow GIM. A rule measured to make this method's circuits less faithful
-            ([`GIM_HURTS`][circuits.gim_advice.GIM_HURTS]: the q/k/v scales with
-            `EAP-IG-inputs`) warns once; `circuits.discover(gim=True)` leaves it off.
+            follow GIM. GIM measured to make this method's circuits less faithful
+            ([`GIM_HURTS`][circuits.gim_advice.GIM_HURTS]: `EAP-IG-inputs` on some tasks) warns
+            once; `circuits.discover(gim=True)` uses the method's measured rules.
         batch_size: examples per forward pass (`None`: all at once).
         ablation: `"corrupted"`, `"mean"` or `"zero"`.
         attention_mask: `[n, pos]` 1 for real tokens (both runs).

@@ -36,6 +36,8 @@ def _gim_warnings(record):
 
 def test_no_default_switches_on_a_rule_measured_to_hurt_its_method():
     assert "EAP-IG-inputs" in GIM_DEFAULTS and GIM_HURTS["EAP-IG-inputs"]
+    # the q/k/v scales alone were measured to hurt EAP-IG-inputs on IOI: its default leaves them off
+    assert all(GIM_DEFAULTS["EAP-IG-inputs"][f] is None for f in ("q_scale", "k_scale", "v_scale"))
     for method, defaults in GIM_DEFAULTS.items():
         config = GIMConfig().with_overrides(**defaults)
         assert not config.is_off
@@ -47,9 +49,9 @@ def test_no_default_switches_on_a_rule_measured_to_hurt_its_method():
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
 def test_gim_true_uses_the_methods_measured_defaults(llama_model, task, method, fresh):
     expected = GIMConfig().with_overrides(**GIM_DEFAULTS.get(method, {}))
-    assert gim_for(method, True) == expected
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        assert gim_for(method, True) == expected
         got = discover(llama_model, Graph.from_model(llama_model), task, n_edges=20, method=method,
                        gim=True, ig_steps=2)
         ref = attribute(llama_model, Graph.from_model(llama_model), task, method=method, gim=expected,
@@ -61,21 +63,24 @@ def test_gim_true_uses_the_methods_measured_defaults(llama_model, task, method, 
         assert not torch.allclose(got.scores, every_rule.scores)
 
 
-def test_a_rule_measured_to_hurt_warns_once_per_process(llama_model, task, fresh):
+@pytest.mark.parametrize("gim", [True, GIMConfig()])
+def test_gim_measured_to_hurt_warns_once_per_process(llama_model, task, gim, fresh):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(2):
             discover(llama_model, Graph.from_model(llama_model), task, n_edges=20, method="EAP-IG-inputs",
-                     gim=GIMConfig(), ig_steps=2)
+                     gim=gim, ig_steps=2)
     hits = _gim_warnings(record)
     assert len(hits) == len(GIM_HURTS["EAP-IG-inputs"]) >= 1  # once per rule, not once per call
     assert all(w.filename == __file__ for w in hits)  # points at the caller of discover
-    for rule in GIM_HURTS["EAP-IG-inputs"]:
-        assert any(rule in str(w.message) and "EAP-IG-inputs" in str(w.message) for w in hits)
+    for rule, measured in GIM_HURTS["EAP-IG-inputs"].items():
+        label = "GIM was" if rule == "any" else rule
+        assert any(label in str(w.message) and "EAP-IG-inputs" in str(w.message) and measured in str(w.message)
+                   for w in hits)
 
 
-@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP", GIMConfig()), ("EAP-IG-inputs", True),
-                                         ("EAP-IG-inputs", None)])
+@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP", GIMConfig()), ("EAP-IG-inputs", None),
+                                         ("EAP-IG-inputs", GIMConfig.off())])
 def test_a_helping_or_neutral_combination_does_not_warn(llama_model, task, method, gim, fresh):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -106,12 +111,11 @@ def test_attribute_keeps_every_rule_for_gim_true_but_warns_where_measured_to_hur
     torch.testing.assert_close(got.scores, ref.scores)  # gim=True is GIM's definition: every rule
     torch.testing.assert_close(again.scores, ref.scores)
     hits = _gim_warnings(record)
-    assert len(hits) == 1 and "q_scale/k_scale/v_scale" in str(hits[0].message)
+    assert len(hits) == 1 and "EAP-IG-inputs" in str(hits[0].message)
     assert hits[0].filename == __file__  # points at the caller
 
 
-@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP-IG-inputs", GIM_DEFAULTS["EAP-IG-inputs"]),
-                                         ("EAP-IG-inputs", None)])
+@pytest.mark.parametrize("method, gim", [("EAP", True), ("EAP", GIMConfig()), ("EAP-IG-inputs", None)])
 def test_attribute_does_not_warn_where_gim_was_not_measured_to_hurt(llama_model, task, method, gim, fresh):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
