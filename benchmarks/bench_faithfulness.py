@@ -8,7 +8,7 @@ Protocol (after MIB's circuit-localisation track; see `docs/performance.md` for 
 - for each method (`--methods`, scoring methods and the search methods `EAP-IG-iterative` and
   `edge-pruning`), with and without GIM (`--gim off on`; on: `discover(gim=True)`'s measured
   per-method rules, `circuits.gim_advice.gim_for`, e.g. every rule but the q/k/v scales for
-  EAP-IG-inputs), and each circuit size `--percents` (percent
+  EAP-IG-inputs; `--gim every`: every rule), and each circuit size `--percents` (percent
   of the valid edges, `n_edges = int(pct / 100 * N)` as MIB counts): a circuit of at most `n_edges`
   edges is discovered (a scoring method scores once and takes the top n of each size; a search
   method runs once per size), then evaluated by exact edge patching (`circuits.evaluate`,
@@ -52,8 +52,11 @@ from circuits import Graph, attribute, discover, evaluate
 from circuits.gim_advice import gim_for
 from circuits.mib import curve_areas
 from circuits.tasks import make
+from gimlens.gim import GIMConfig
 from gimlens.runtime import atomic_write
 
+#: `--gim` values: off, `discover(gim=True)`'s per-method rules, every rule
+GIM_LABELS = {"off": "", "on": " + GIM", "every": " + GIM (every rule)"}
 SCORING = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
 SEARCH = ("EAP-IG-iterative", "edge-pruning")
 
@@ -132,12 +135,13 @@ def run_task(model, task_name: str, args):
           f"{float(clean.mean()):.3f}, corrupted {float(base.mean()):.3f}", flush=True)
     for method in args.methods:
         for gim in args.gim:
-            label = method + (" + GIM" if gim == "on" else "") + (f" ({args.tag})" if args.tag else "")
+            label = method + GIM_LABELS[gim] + (f" ({args.tag})" if args.tag else "")
             wall, cpu, metrics, kept, on_train = 0.0, 0.0, [], [], []
             scored, curve = None, None
             for n_edges in sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
-                common = dict(gim=gim == "on" or None, ig_steps=args.ig_steps, batch_size=bs)
+                common = dict(gim={"off": None, "on": True, "every": GIMConfig()}[gim], ig_steps=args.ig_steps,
+                              batch_size=bs)
                 warm_gim = common["gim"] if args.warm_gim is None else args.warm_gim == "on" or None
                 searched = dict(lr=args.lr, loss=args.loss, progress=args.progress)
                 if method in SCORING:
@@ -290,7 +294,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-gpt2", help="smollm2, gemma-3-270m, tiny-gpt2, tiny-llama or tiny-qwen2")
     parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "capitals", "induction"])
     parser.add_argument("--methods", nargs="+", default=["EAP", "EAP-IG-inputs", *SEARCH])
-    parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=list(GIM_LABELS),
+                        help="on: discover(gim=True)'s measured per-method rules; every: every rule")
     parser.add_argument("--percents", type=float, nargs="+", default=[0.5, 1, 2, 5])
     parser.add_argument("--n", type=int, default=32, help="discovery examples")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out evaluation examples")
