@@ -55,8 +55,9 @@ from circuits.tasks import make
 from gimlens.gim import GIMConfig
 from gimlens.runtime import atomic_write
 
-#: `--gim` values: off, `discover(gim=True)`'s per-method rules, every rule
-GIM_LABELS = {"off": "", "on": " + GIM", "every": " + GIM (every rule)"}
+#: `--gim` value -> (row label suffix, `gim=` argument): off, `discover(gim=True)`'s per-method
+#: rules, every rule
+GIM_SETTINGS = {"off": ("", None), "on": (" + GIM", True), "every": (" + GIM (every rule)", GIMConfig())}
 SCORING = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")
 SEARCH = ("EAP-IG-iterative", "edge-pruning")
 
@@ -135,13 +136,13 @@ def run_task(model, task_name: str, args):
           f"{float(clean.mean()):.3f}, corrupted {float(base.mean()):.3f}", flush=True)
     for method in args.methods:
         for gim in args.gim:
-            label = method + GIM_LABELS[gim] + (f" ({args.tag})" if args.tag else "")
+            suffix, gim_arg = GIM_SETTINGS[gim]
+            label = method + suffix + (f" ({args.tag})" if args.tag else "")
             wall, cpu, metrics, kept, on_train = 0.0, 0.0, [], [], []
             scored, curve = None, None
             for n_edges in sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
-                common = dict(gim={"off": None, "on": True, "every": GIMConfig()}[gim], ig_steps=args.ig_steps,
-                              batch_size=bs)
+                common = dict(gim=gim_arg, ig_steps=args.ig_steps, batch_size=bs)
                 warm_gim = common["gim"] if args.warm_gim is None else args.warm_gim == "on" or None
                 searched = dict(lr=args.lr, loss=args.loss, progress=args.progress)
                 if method in SCORING:
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-gpt2", help="smollm2, gemma-3-270m, tiny-gpt2, tiny-llama or tiny-qwen2")
     parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "capitals", "induction"])
     parser.add_argument("--methods", nargs="+", default=["EAP", "EAP-IG-inputs", *SEARCH])
-    parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=list(GIM_LABELS),
+    parser.add_argument("--gim", nargs="+", default=["off", "on"], choices=list(GIM_SETTINGS),
                         help="on: discover(gim=True)'s measured per-method rules; every: every rule")
     parser.add_argument("--percents", type=float, nargs="+", default=[0.5, 1, 2, 5])
     parser.add_argument("--n", type=int, default=32, help="discovery examples")

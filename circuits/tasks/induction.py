@@ -8,8 +8,8 @@ other random tokens `y1 .. y(k-1)`; `"first_half"` replaces the first half by `z
 the repeat `x1 .. x(k-1)` (they differ only where the copied sequence is). On SmolLM2 the
 induction heads carry the effect under each, but only `"last_token"` leaves a circuit small
 enough to find: 5% of edges recover 0.46 held out by EAP-IG-inputs and 0.77 by edge pruning,
-against 0.17 with `"second_half"` (docs/performance.md, "Induction on SmolLM2: a diagnosis"). Labels are `(xk, yk)` with `yk`
-one more fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
+against 0.17 with `"second_half"` (docs/performance.md, "Induction on SmolLM2: a diagnosis").
+Labels are `(xk, yk)` with `yk` one more fresh token: the logit difference of the induced token over an unrelated one. Tokens are drawn
 without replacement (every token in a sequence distinct) from a safe range of the vocabulary: ids
 that decode to a space followed by an ASCII word, never special tokens.
 
